@@ -1,0 +1,222 @@
+"""Command line -> RunConfig (a frozen dataclass) -> pipeline.run. Exit codes: 0 ok, 2 bad input."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from src.errors import UserError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # model
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    trust_remote_code: bool = False
+    cache_dir: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    device_map: str | None = None
+    # data
+    data_file: str | None = None
+    dataset: str | None = None
+    max_length: int = 256
+    max_samples: int | None = 16
+    batch_size: int = 4
+    # scoring and ranking
+    metric: str = "grad_x_weight"
+    topk: int = 100
+    mode: str = "per_layer"
+    layers: str | None = None
+    include_embeddings: bool = False
+    save_scores: bool = False
+    hutchinson_samples: int = 8
+    hutchinson_block: bool = False
+    # perturbation
+    perturb: str | None = None
+    controls: tuple[str, ...] = ("random_k", "bottom_k")
+    perturb_scale: float = 0.1
+    bit_position: str = "exponent-msb"
+    perturb_prob: float = 1.0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    # stability
+    stability_check: bool = False
+    stability_fraction: float = 0.5
+    stability_batches: int = 3
+    # output
+    out_dir: str = ""
+    verbose: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from src.sensitivity.metrics import METRICS
+    from src.sensitivity.perturb import PERTURBATIONS
+
+    parser = argparse.ArgumentParser(
+        prog="phase1_runner_enhanced.py",
+        description="Critical Weight Analysis: score every weight of a causal LM, rank the most "
+                    "critical ones, perturb them against random-K and bottom-K controls, and "
+                    "write tables, statistics and a manifest to --out-dir.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=DEFAULT_MODEL,
+                       help="built-in smollm2-135m (offline), a hub id, a local folder, a .gguf "
+                            "file, or random:<preset>|random:<config.json>")
+    model.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    model.add_argument("--trust-remote-code", action="store_true",
+                       help="allow custom model code from the hub")
+    model.add_argument("--cache-dir", help="cache folder (default $XDG_CACHE_HOME/critical-weight-analysis)")
+    model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="auto = bfloat16 on CUDA, float32 on CPU")
+    model.add_argument("--device-map", help="passed to transformers/accelerate, e.g. auto")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-file", help="UTF-8 text: documents separated by blank lines, or one "
+                                          "per line (default: the bundled corpus)")
+    data.add_argument("--dataset", help="NAME[:CONFIG[:SPLIT]] through the datasets library, "
+                                        "e.g. wikitext:wikitext-2-raw-v1:test")
+    data.add_argument("--max-length", type=int, default=256, help="tokens per block")
+    data.add_argument("--max-samples", type=int, default=16,
+                      help="max blocks for calibration and for evaluation (each)")
+    data.add_argument("--batch-size", type=int, default=4, help="blocks per forward pass")
+
+    score = parser.add_argument_group("scoring and ranking")
+    score.add_argument("--metric", default="grad_x_weight",
+                       help=f"one of: {', '.join(METRICS)}")
+    score.add_argument("--topk", type=int, default=100, help="K weights to select")
+    score.add_argument("--mode", default="per_layer", choices=["per_layer", "global"],
+                       help="K per weight tensor, or K over all scored weights")
+    score.add_argument("--layers", help="only these block indices, e.g. 0-3,10")
+    score.add_argument("--include-embeddings", action="store_true",
+                       help="also score embeddings and the output head")
+    score.add_argument("--save-scores", action="store_true",
+                       help="write every score tensor to scores.safetensors")
+    score.add_argument("--hutchinson-samples", type=int, default=8,
+                       help="Rademacher probes per calibration batch (hutchinson_diag)")
+    score.add_argument("--hutchinson-block", action="store_true",
+                       help="hutchinson_diag one transformer block at a time (less memory)")
+
+    perturb = parser.add_argument_group("perturbation")
+    perturb.add_argument("--perturb", help=f"perturb the top-K and controls: {', '.join(PERTURBATIONS)}")
+    perturb.add_argument("--controls", default="random_k,bottom_k",
+                         help="control selections: random_k (alias random), bottom_k (alias bottom)"
+                              ", comma-separated, or none")
+    perturb.add_argument("--perturb-scale", type=float, default=0.1,
+                         help="gauss_noise: noise sd relative to |w|")
+    perturb.add_argument("--bit-position", default="exponent-msb",
+                         help="bit_flip: sign, exponent-msb, mantissa-msb or a bit number")
+    perturb.add_argument("--perturb-prob", type=float, default=1.0,
+                         help="bit_flip: probability of flipping each selected weight")
+    perturb.add_argument("--seeds", default="0,1,2",
+                         help="comma-separated seeds: random-K draws, noise, stability subsets")
+
+    stability = parser.add_argument_group("stability")
+    stability.add_argument("--stability-check", action="store_true",
+                           help="Jaccard/Spearman of top-K across seeds and calibration batches")
+    stability.add_argument("--stability-fraction", type=float, default=0.5,
+                           help="share of calibration blocks each seed rescores")
+    stability.add_argument("--stability-batches", type=int, default=3,
+                           help="disjoint calibration parts compared")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--out-dir", help="output folder (default results/<model>_<metric>_k<K>_<time>)")
+    output.add_argument("--verbose", action="store_true", help="progress bars and more detail")
+    return parser
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"bad {flag} '{text}': use comma-separated integers like 0,1,2") from None
+    if not values:
+        raise UserError(f"{flag} needs at least one integer")
+    return values
+
+
+def _controls(text: str) -> tuple[str, ...]:
+    from src.sensitivity.experiment import CONTROL_ALIASES
+
+    if text.strip().lower() in ("", "none"):
+        return ()
+    names = []
+    for item in text.split(","):
+        item = item.strip()
+        if item not in CONTROL_ALIASES:
+            raise UserError(f"bad --controls entry '{item}': use random_k, bottom_k (or random, bottom)")
+        names.append(CONTROL_ALIASES[item])
+    return tuple(dict.fromkeys(names))
+
+
+def default_out_dir(model: str, metric: str, topk: int) -> str:
+    safe_model = re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-") or "model"
+    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+    return str(Path("results") / f"{safe_model}_{metric}_k{topk}_{stamp}")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    from src.sensitivity.metrics import METRICS
+    from src.sensitivity.perturb import PERTURBATIONS, resolve_bit
+    import torch
+
+    if args.metric not in METRICS:
+        raise UserError(f"unknown --metric '{args.metric}'; choose one of {', '.join(METRICS)}")
+    if args.perturb and args.perturb not in PERTURBATIONS:
+        raise UserError(f"unknown --perturb '{args.perturb}'; choose one of {', '.join(PERTURBATIONS)}")
+    for flag, value, low in (("--topk", args.topk, 1), ("--max-length", args.max_length, 2),
+                             ("--batch-size", args.batch_size, 1),
+                             ("--hutchinson-samples", args.hutchinson_samples, 1)):
+        if value < low:
+            raise UserError(f"{flag} must be at least {low} (got {value})")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise UserError(f"--max-samples must be at least 1 (got {args.max_samples})")
+    if not 0.0 <= args.perturb_prob <= 1.0:
+        raise UserError(f"--perturb-prob must be in [0, 1] (got {args.perturb_prob})")
+    if args.perturb_scale < 0:
+        raise UserError(f"--perturb-scale must be >= 0 (got {args.perturb_scale})")
+    resolve_bit(args.bit_position, torch.float32)  # validates names and numbers early
+    if args.data_file and args.dataset:
+        raise UserError("give either --data-file or --dataset, not both")
+    out_dir = args.out_dir or default_out_dir(args.model, args.metric, args.topk)
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise UserError(f"--out-dir '{out_dir}' exists and is a file; choose a folder")
+    return RunConfig(
+        model=args.model, revision=args.revision, trust_remote_code=args.trust_remote_code,
+        cache_dir=args.cache_dir, device=args.device, dtype=args.dtype, device_map=args.device_map,
+        data_file=args.data_file, dataset=args.dataset, max_length=args.max_length,
+        max_samples=args.max_samples, batch_size=args.batch_size, metric=args.metric,
+        topk=args.topk, mode=args.mode, layers=args.layers,
+        include_embeddings=args.include_embeddings, save_scores=args.save_scores,
+        hutchinson_samples=args.hutchinson_samples, hutchinson_block=args.hutchinson_block,
+        perturb=args.perturb, controls=_controls(args.controls), perturb_scale=args.perturb_scale,
+        bit_position=args.bit_position, perturb_prob=args.perturb_prob,
+        seeds=_int_list(args.seeds, "--seeds"), stability_check=args.stability_check,
+        stability_fraction=args.stability_fraction, stability_batches=args.stability_batches,
+        out_dir=out_dir, verbose=args.verbose)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        from src.pipeline import run
+        run(config)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: weights were restored; outputs written so far are intact", file=sys.stderr)
+        return 130
+    return 0

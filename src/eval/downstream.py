@@ -1,0 +1,381 @@
+"""Zero-shot downstream tasks (HellaSwag, LAMBADA) scored as lm-evaluation-harness scores them.
+
+Every task is reduced to log-likelihood requests ``(context, continuation)``. A request is
+scored by one forward pass over ``context + continuation``: the summed log-probability of the
+continuation tokens under teacher forcing (``loglik``) and whether every continuation token is
+the model's argmax prediction (``is_greedy``).
+
+Tokenization (the harness's ``_encode_pair``): trailing whitespace of the context is moved to
+the front of the continuation; context and continuation are encoded separately without special
+tokens and concatenated; an empty context becomes the tokenizer's EOS token (BOS when there is
+no EOS). The sequence is truncated from the left so that at most ``max_length`` tokens are fed
+(position t predicts token t+1), ``max_length`` being the model's context size.
+
+HellaSwag (``Rowan/hellaswag``, zero-shot): query = preprocess(activity_label + ": " + ctx_a +
+" " + ctx_b.capitalize()); choice_i = preprocess(ending_i); continuation = " " + choice_i, where
+preprocess strips, turns " [title]" into ". ", deletes bracketed artefacts (``[header]``,
+``[step]`` ...) and collapses double spaces. ``acc``: argmax of loglik is the gold ending;
+``acc_norm``: argmax of loglik / len(choice_i), the character length of the ending without the
+leading space, exactly as the harness's ``completion_len``.
+
+LAMBADA (OpenAI variant, ``EleutherAI/lambada_openai``): context = the text before its last
+space, continuation = " " + the last word. ``acc``: every target token is the greedy prediction;
+``perplexity`` = exp(-mean over items of the target loglik) (the harness's aggregation).
+
+Standard errors are the harness's sample standard error of a mean of 0/1 scores,
+sqrt(p(1-p)/(n-1)) (NaN for fewer than two items).
+
+Damaged models: a non-finite loglik (NaN/inf logits) counts as -inf and is never greedy, and a
+multiple-choice item counts as correct only when the gold ending's loglik is finite, so a model
+that outputs NaN scores 0 rather than "whatever index 0 happens to be".
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from src.errors import UserError
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
+DEFAULT_MAX_LENGTH = 2048  # the harness's fallback when the model declares no context size
+
+
+class TaskDataError(UserError, ValueError):
+    """Task data that cannot be used: the one-line message names the file/line and the fix."""
+
+
+# ----------------------------------------------------------------------------- task definitions
+
+def hellaswag_preprocess(text: str) -> str:
+    """The harness's HellaSwag text clean-up (WikiHow bracket artefacts, double spaces)."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def hellaswag_doc(item: dict) -> tuple[str, list[str], int]:
+    """(query, choices, gold index) of one HellaSwag item."""
+    ctx = item["ctx_a"] + " " + item["ctx_b"].capitalize()
+    query = hellaswag_preprocess(item["activity_label"] + ": " + ctx)
+    choices = [hellaswag_preprocess(ending) for ending in item["endings"]]
+    return query, choices, int(item["label"])
+
+
+def _hellaswag_check(item: dict) -> str | None:
+    for field in ("activity_label", "ctx_a", "ctx_b"):
+        if not isinstance(item.get(field), str):
+            return f"field '{field}' must be a string" if field in item else f"missing field '{field}'"
+    endings = item.get("endings")
+    if endings is None:
+        return "missing field 'endings'"
+    if not (isinstance(endings, list) and len(endings) >= 2 and all(isinstance(e, str) for e in endings)):
+        return "field 'endings' must be a list of at least 2 strings"
+    if not all(hellaswag_preprocess(e) for e in endings):
+        return "an ending is empty after preprocessing"
+    label = item.get("label")
+    if label is None:
+        return "missing field 'label'"
+    if isinstance(label, bool) or not (isinstance(label, int) or (isinstance(label, str) and label.isdigit())):
+        return f"field 'label' must be an integer index, got {label!r}"
+    if not 0 <= int(label) < len(endings):
+        return f"field 'label' {label!r} is not an index into the {len(endings)} endings"
+    return None
+
+
+def _hellaswag_requests(item: dict) -> list[tuple[str, str]]:
+    query, choices, _ = hellaswag_doc(item)
+    return [(query, " " + choice) for choice in choices]
+
+
+def _hellaswag_metrics(items: list[dict], results: list[list[tuple[float, bool]]]) -> dict:
+    acc, acc_norm = [], []
+    for item, scored in zip(items, results):
+        _, choices, gold = hellaswag_doc(item)
+        lls = np.array([ll for ll, _ in scored], dtype=np.float64)
+        lengths = np.array([float(len(c)) for c in choices])
+        gold_ok = bool(np.isfinite(lls[gold]))
+        acc.append(float(gold_ok and int(np.argmax(lls)) == gold))
+        acc_norm.append(float(gold_ok and int(np.argmax(lls / lengths)) == gold))
+    return {"acc": _mean(acc), "acc_stderr": mean_stderr(acc),
+            "acc_norm": _mean(acc_norm), "acc_norm_stderr": mean_stderr(acc_norm), "n": len(items)}
+
+
+def lambada_split(text: str) -> tuple[str, str]:
+    """(context, continuation): the text before its last space, and " " + the last word."""
+    words = text.split(" ")
+    return " ".join(words[:-1]), " " + words[-1]
+
+
+def _lambada_check(item: dict) -> str | None:
+    if "text" not in item:
+        return "missing field 'text'"
+    if not isinstance(item["text"], str) or not item["text"].strip():
+        return "field 'text' must be a non-empty string"
+    return None
+
+
+def _lambada_requests(item: dict) -> list[tuple[str, str]]:
+    return [lambada_split(item["text"])]
+
+
+def _lambada_metrics(items: list[dict], results: list[list[tuple[float, bool]]]) -> dict:
+    lls = [scored[0][0] for scored in results]
+    acc = [float(scored[0][1]) for scored in results]
+    return {"acc": _mean(acc), "acc_stderr": mean_stderr(acc),
+            "perplexity": perplexity(lls), "n": len(items)}
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything task-specific; adding a task is one entry in ``TASKS``."""
+    name: str
+    hub: tuple[str, str | None, str]  # (dataset path, config, split) for datasets.load_dataset
+    check: Callable[[dict], str | None]  # None when the item is usable, else what is wrong
+    requests: Callable[[dict], list[tuple[str, str]]]  # (context, continuation) pairs of an item
+    metrics: Callable[[list[dict], list[list[tuple[float, bool]]]], dict]
+
+    @property
+    def bundled_path(self) -> Path:
+        return DATA_DIR / f"{self.name}_samples.jsonl"
+
+
+TASKS: dict[str, Task] = {
+    "hellaswag": Task("hellaswag", ("Rowan/hellaswag", None, "validation"),
+                      _hellaswag_check, _hellaswag_requests, _hellaswag_metrics),
+    "lambada": Task("lambada", ("EleutherAI/lambada_openai", "default", "test"),
+                    _lambada_check, _lambada_requests, _lambada_metrics),
+}
+
+
+def get_task(task_name: str) -> Task:
+    if task_name not in TASKS:
+        raise TaskDataError(f"unknown downstream task '{task_name}'; available: {', '.join(TASKS)}")
+    return TASKS[task_name]
+
+
+# ----------------------------------------------------------------------------- metrics helpers
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def mean_stderr(values: list[float]) -> float:
+    """Sample standard error of the mean (ddof=1), sqrt(p(1-p)/(n-1)) for 0/1 values."""
+    if len(values) < 2:
+        return float("nan")
+    return float(np.std(values, ddof=1) / math.sqrt(len(values)))
+
+
+def perplexity(logliks: list[float]) -> float:
+    """exp(-mean(loglik)); inf when it overflows or any loglik is -inf."""
+    if not logliks:
+        return float("nan")
+    neg_mean = -float(np.mean(logliks))
+    return math.exp(neg_mean) if neg_mean < 700 else float("inf")
+
+
+# ----------------------------------------------------------------------------- data loading
+
+def load_task_items(task_name: str, source: str | Path = "bundled", n_samples: int | None = None,
+                    seed: int = 0) -> list[dict]:
+    """Items of a task from "bundled" samples, "hub" (datasets.load_dataset) or a JSONL path.
+
+    ``n_samples`` keeps N items picked by a seeded permutation, returned in their original order
+    (all items when N is larger than what is available).
+    """
+    task = get_task(task_name)
+    if str(source) == "bundled":
+        items = _read_jsonl(task, task.bundled_path)
+    elif str(source) == "hub":
+        items = _load_hub(task)
+    else:
+        items = _read_jsonl(task, Path(source).expanduser())
+    return select_items(items, n_samples, seed)
+
+
+def select_items(items: list[dict], n_samples: int | None, seed: int = 0) -> list[dict]:
+    if n_samples is None or n_samples >= len(items):
+        return list(items)
+    if n_samples < 1:
+        raise TaskDataError(f"the number of task samples must be at least 1, got {n_samples}")
+    picked = np.random.default_rng(seed).permutation(len(items))[:n_samples]
+    return [items[i] for i in sorted(picked.tolist())]
+
+
+def _read_jsonl(task: Task, path: Path) -> list[dict]:
+    hint = f"expected JSONL with one {task.name} item per line"
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise TaskDataError(f"{task.name} data file {path} {what}; {hint}")
+    items = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if line.strip():
+                items.append(_parse_line(task, path, lineno, line))
+    if not items:
+        raise TaskDataError(f"{task.name} data file {path} is empty; {hint}")
+    return items
+
+
+def _parse_line(task: Task, path: Path, lineno: int, line: str) -> dict:
+    where = f"{task.name} data file {path}, line {lineno}"
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TaskDataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+    if not isinstance(item, dict):
+        raise TaskDataError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    problem = task.check(item)
+    if problem:
+        raise TaskDataError(f"{where}: {problem}")
+    return item
+
+
+def _load_hub(task: Task) -> list[dict]:
+    path, config, split = task.hub
+    try:
+        import datasets
+        rows = datasets.load_dataset(path, config, split=split)
+    except Exception as exc:  # any failure to reach/parse the hub becomes one user-facing line
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise TaskDataError(
+            f"cannot load {task.name} from the Hugging Face hub ({path}, split {split}): "
+            f"{type(exc).__name__}: {reason}; use the bundled samples or a local JSONL via "
+            f"--task-data {task.name}=PATH") from exc
+    items = [dict(row) for row in rows]
+    for index, item in enumerate(items):
+        problem = task.check(item)
+        if problem:
+            raise TaskDataError(f"{task.name} hub dataset {path}, row {index}: {problem}")
+    if not items:
+        raise TaskDataError(f"{task.name} hub dataset {path} split {split} is empty")
+    return items
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def _input_device(model) -> torch.device:
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    if embeddings is not None:
+        return embeddings.weight.device
+    return next(model.parameters()).device
+
+
+def model_max_length(model, tokenizer) -> int:
+    """The context size the harness would use: model config, then tokenizer, then 2048."""
+    config = getattr(model, "config", None)
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 10**9:
+        return value
+    return DEFAULT_MAX_LENGTH
+
+
+def _context_token(tokenizer) -> int:
+    for token_id in (tokenizer.eos_token_id, tokenizer.bos_token_id):
+        if token_id is not None:
+            return token_id
+    raise ValueError("an empty context needs an EOS or BOS token, and the tokenizer has neither")
+
+
+def encode_requests(tokenizer, requests: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """Token ids (context, continuation) of each request, following the harness's conventions."""
+    pairs = []
+    for context, continuation in requests:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        pairs.append((context, continuation))
+    texts = sorted({text for pair in pairs for text in pair if text})
+    ids = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
+    encoded = []
+    for context, continuation in pairs:
+        if not ids.get(continuation):
+            raise ValueError(f"continuation {continuation!r} encodes to no tokens")
+        context_ids = list(ids[context]) if context else [_context_token(tokenizer)]
+        encoded.append((context_ids, list(ids[continuation])))
+    return encoded
+
+
+def _score_batch(model, sequences: list[list[int]], n_scored: list[int], device) -> list[tuple[float, bool]]:
+    """Loglik and greedy flag of the last ``n_scored[i]`` tokens of each (right-padded) sequence."""
+    lengths = torch.tensor([len(s) - 1 for s in sequences])
+    width = int(lengths.max())
+    tokens = torch.zeros(len(sequences), width + 1, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        tokens[row, :len(seq)] = torch.tensor(seq)
+    positions = torch.arange(width)[None, :]
+    attention = positions < lengths[:, None]
+    scored = attention & (positions >= (lengths - torch.tensor(n_scored))[:, None])
+    logits = model(input_ids=tokens[:, :-1].to(device), attention_mask=attention.long().to(device)).logits
+    logprobs = torch.log_softmax(logits[scored.to(logits.device)].float(), dim=-1)
+    targets = tokens[:, 1:][scored].to(logprobs.device)
+    token_ll = logprobs.gather(-1, targets[:, None]).squeeze(-1).double()
+    missed = (logprobs.argmax(-1) != targets) | ~torch.isfinite(token_ll)
+    rows = torch.arange(len(sequences))[:, None].expand_as(scored)[scored].to(logprobs.device)
+    ll = torch.zeros(len(sequences), dtype=torch.float64, device=logprobs.device).index_add_(0, rows, token_ll)
+    misses = torch.zeros(len(sequences), dtype=torch.long, device=logprobs.device).index_add_(0, rows, missed.long())
+    ll = torch.nan_to_num(ll, nan=-math.inf, posinf=-math.inf)
+    return [(float(v), int(m) == 0) for v, m in zip(ll.tolist(), misses.tolist())]
+
+
+@torch.inference_mode()
+def score_requests(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 8,
+                   max_length: int | None = None, desc: str = "loglikelihood") -> list[tuple[float, bool]]:
+    """(loglik, is_greedy) of each (context, continuation) request, in the order given."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    max_length = max_length or model_max_length(model, tokenizer)
+    sequences, n_scored = [], []
+    for context_ids, continuation_ids in encode_requests(tokenizer, requests):
+        sequence = (context_ids + continuation_ids)[-(max_length + 1):]
+        sequences.append(sequence)
+        n_scored.append(min(len(continuation_ids), len(sequence) - 1))
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))  # longest first
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    device = _input_device(model)
+    results: list[tuple[float, bool] | None] = [None] * len(sequences)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2):
+            scores = _score_batch(model, [sequences[i] for i in batch], [n_scored[i] for i in batch], device)
+            for index, score in zip(batch, scores):
+                results[index] = score
+    finally:
+        model.train(was_training)
+    return results
+
+
+def evaluate_task(model, tokenizer, task_name: str, items: list[dict], batch_size: int = 8) -> dict:
+    """Metrics of one task over ``items`` (as returned by ``load_task_items``)."""
+    task = get_task(task_name)
+    if not items:
+        raise TaskDataError(f"no {task_name} items to evaluate")
+    per_item = [task.requests(item) for item in items]
+    flat = [request for requests in per_item for request in requests]
+    scores = score_requests(model, tokenizer, flat, batch_size=batch_size, desc=task_name)
+    grouped, start = [], 0
+    for requests in per_item:
+        grouped.append(scores[start:start + len(requests)])
+        start += len(requests)
+    return task.metrics(items, grouped)
+
+
+def evaluate_tasks(model, tokenizer, items_by_task: dict[str, list[dict]], batch_size: int = 8) -> dict[str, dict]:
+    """{task: metrics} for each task in ``items_by_task``."""
+    return {name: evaluate_task(model, tokenizer, name, items, batch_size)
+            for name, items in items_by_task.items()}

@@ -1,0 +1,147 @@
+"""The perturbation experiment: damage top-K, and equally many control weights, and compare.
+
+Conditions: the top-K selection and each control (``random_k``: drawn anew per seed from the same
+eligible weights and mode; ``bottom_k``: the K lowest |score|). A condition whose selection and
+perturbation are both deterministic (e.g. top-K with ``zero``) is evaluated once, with
+``seed: null``; otherwise once per seed. The baseline is evaluated once.
+
+Statistics per selection: mean ± sd of perplexity over seeds; ``effect_ratio`` = |top-K Δppl| /
+mean over random-K draws of |Δppl| (absolute changes, so a control that happens to lower the
+perplexity slightly cannot flip the sign); a z-score and an empirical p-value (share of random-K draws at least as
+damaging as top-K, (1 + #{random ≥ top}) / (1 + n)); and per condition a paired bootstrap 95%
+interval of Δppl over evaluation blocks (blocks resampled with replacement).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from src.eval.perplexity import EvalResult, perplexity_of
+from src.sensitivity.perturb import (PerturbOptions, fingerprint, perturbation_is_stochastic,
+                                     perturbed, selected_bits_equal, snapshot_selected)
+from src.sensitivity.rank import Selection, bottom_k, random_k, selection_size
+
+CONTROL_ALIASES = {"random": "random_k", "random_k": "random_k", "bottom": "bottom_k",
+                   "bottom_k": "bottom_k"}
+BOOTSTRAP_SAMPLES = 1000
+
+
+@dataclass
+class Condition:
+    selection_name: str   # top_k | random_k | bottom_k
+    seed: int | None
+    selection: Selection
+
+
+def build_conditions(top_selection: Selection, scores, k: int, mode: str, controls: list[str],
+                     seeds: list[int], method: str, options: PerturbOptions) -> list[Condition]:
+    stochastic = perturbation_is_stochastic(method, options)
+    fixed_seeds = seeds if stochastic else [None]
+    conditions = [Condition("top_k", s, top_selection) for s in fixed_seeds]
+    sizes = {name: s.numel() for name, s in scores.items()}
+    for control in controls:
+        if control == "random_k":
+            conditions += [Condition("random_k", s, random_k(sizes, k, mode, seed=s)) for s in seeds]
+        elif control == "bottom_k":
+            bottom = bottom_k(scores, k, mode)
+            conditions += [Condition("bottom_k", s, bottom) for s in fixed_seeds]
+    return conditions
+
+
+def run_conditions(params, conditions: list[Condition], method: str, options: PerturbOptions,
+                   evaluate: Callable[[], EvalResult], baseline: EvalResult,
+                   on_condition: Callable | None = None) -> tuple[list[dict], bool]:
+    """Evaluate every condition; returns (rows, restore_verified for all)."""
+    reference = fingerprint(params)
+    rows, all_restored = [], True
+    for condition in conditions:
+        before = snapshot_selected(params, condition.selection)
+        with perturbed(params, condition.selection, method, options, seed=condition.seed or 0):
+            result = evaluate()
+            extra = on_condition(condition) if on_condition else None
+        restored = selected_bits_equal(params, condition.selection, before) and \
+            fingerprint(params) == reference
+        all_restored &= restored
+        row = condition_row(condition, method, result, baseline, restored)
+        if extra:
+            row.update(extra)
+        rows.append(row)
+    return rows, all_restored
+
+
+def condition_row(condition: Condition, method, result: EvalResult, baseline: EvalResult,
+                  restored: bool) -> dict:
+    low, high = bootstrap_delta_ppl(baseline, result)
+    return {
+        "selection": condition.selection_name, "seed": condition.seed, "method": method,
+        "n_weights": selection_size(condition.selection), **result.summary(),
+        "delta_perplexity": result.perplexity - baseline.perplexity,
+        "ppl_ratio": ratio(result.perplexity, baseline.perplexity),
+        "delta_perplexity_ci95": [low, high], "restore_verified": restored,
+    }
+
+
+def ratio(a: float, b: float) -> float:
+    if math.isinf(a) and math.isinf(b):
+        return math.nan
+    return a / b if b else math.inf
+
+
+def bootstrap_delta_ppl(baseline: EvalResult, result: EvalResult, n_samples: int = BOOTSTRAP_SAMPLES,
+                        seed: int = 0) -> tuple[float, float]:
+    """Paired percentile bootstrap (95%) of perplexity change over evaluation blocks."""
+    n_blocks = baseline.block_tokens.numel()
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, n_blocks, size=(n_samples, n_blocks))
+    tokens = baseline.block_tokens.numpy()[picks].sum(axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        base = np.exp(baseline.block_nll_sum.numpy()[picks].sum(axis=1) / tokens)
+        cond = np.exp(result.block_nll_sum.numpy()[picks].sum(axis=1) / tokens)
+        delta = cond - base
+    if not np.all(np.isfinite(delta)):
+        return (math.inf, math.inf) if np.all(np.isinf(cond)) else (math.nan, math.nan)
+    low, high = np.percentile(delta, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def mean_sd(values) -> tuple[float, float]:
+    """Mean and sample sd; a mean over any infinite value is inf (sd then NaN)."""
+    arr = np.asarray(values, dtype=float)
+    if not np.all(np.isfinite(arr)):
+        return (math.inf if np.any(np.isinf(arr)) else math.nan), math.nan
+    return float(arr.mean()), (float(arr.std(ddof=1)) if arr.size > 1 else 0.0)
+
+
+def summarize(rows: list[dict], baseline_ppl: float) -> dict:
+    """Per selection: mean ± sd of perplexity over seeds; top-K against the random-K draws."""
+    by_selection: dict[str, list[float]] = {}
+    for row in rows:
+        by_selection.setdefault(row["selection"], []).append(row["perplexity"])
+    summary = {}
+    for name, values in by_selection.items():
+        mean, sd = mean_sd(values)
+        summary[name] = {"n": len(values), "mean_perplexity": mean, "sd_perplexity": sd,
+                         "mean_delta_perplexity": mean - baseline_ppl}
+    if "top_k" in by_selection and "random_k" in by_selection:
+        top_mean, _ = mean_sd(by_selection["top_k"])
+        summary["top_vs_random"] = compare_to_random(top_mean, by_selection["random_k"],
+                                                     baseline_ppl)
+    return summary
+
+
+def compare_to_random(top_ppl: float, random_ppls: list[float], baseline_ppl: float) -> dict:
+    random_arr = np.asarray(random_ppls, dtype=float)
+    random_mean, random_sd = mean_sd(random_arr)
+    random_delta = random_mean - baseline_ppl
+    top_delta = top_ppl - baseline_ppl
+    random_abs_delta, _ = mean_sd(np.abs(random_arr - baseline_ppl))
+    effect_ratio = abs(top_delta) / random_abs_delta if random_abs_delta != 0 else math.inf
+    z = (top_ppl - random_mean) / random_sd if random_sd > 0 else math.nan
+    p_value = (1 + int(np.sum(random_arr >= top_ppl))) / (1 + len(random_arr))
+    return {"top_k_delta_perplexity": top_delta, "random_k_mean_delta_perplexity": random_delta,
+            "random_k_mean_abs_delta_perplexity": random_abs_delta, "effect_ratio": effect_ratio, "z_score": z, "empirical_p_value": p_value,
+            "n_random_draws": len(random_arr)}

@@ -1,0 +1,120 @@
+"""Hutchinson estimate of diag(H), H = ∂²L/∂w², L = mean next-token NLL over calibration tokens.
+
+For a Rademacher probe z (entries ±1), E[z ⊙ (H z)] = diag(H). Per calibration batch b the
+first-order graph is built once (create_graph=True) and reused for all probes of that batch;
+each probe costs one Hessian-vector product (a double backward). Batch b's sample is weighted by
+its share of tokens n_b / N, so the estimate is exactly the token-mean objective's diagonal in
+expectation, also for a short last batch.
+
+A weighted running mean/variance (West's incremental algorithm, a weighted Welford) gives a
+per-weight standard error of the estimate.
+
+Probes are a deterministic function of (seed, parameter name, batch index, probe index), so
+block mode (``hutchinson_block``: only one transformer block's weights require grad at a time)
+draws the same z per weight as whole-model mode; the two differ only through the cross-block
+terms z_B ⊙ H_BA z_A, which vanish in expectation.
+
+Fused SDPA / flash attention kernels have no double backward: the model is switched to the
+"eager" attention implementation while probing and switched back afterwards.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+
+from src.eval.perplexity import masked_nll_sum
+from src.models.components import layer_index
+
+
+@contextmanager
+def double_backward_attention(model):
+    """Switch to eager attention (has a double backward); restore the original afterwards."""
+    original = getattr(model.config, "_attn_implementation", None)
+    switch = original not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(original)
+
+
+def rademacher_like(param: torch.Tensor, seed: int, name: str, batch_index: int,
+                    probe_index: int) -> torch.Tensor:
+    from src.sensitivity.metrics import _stable_seed
+    generator = torch.Generator(device=param.device)
+    generator.manual_seed(_stable_seed(seed, name, batch_index, probe_index))
+    signs = torch.randint(0, 2, param.shape, generator=generator, device=param.device,
+                          dtype=torch.int8)
+    return (signs * 2 - 1).to(param.dtype)
+
+
+class WeightedWelford:
+    """Running weighted mean and variance per element (float32)."""
+
+    def __init__(self, shape, device):
+        self.mean = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.m2 = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.weight_sum = 0.0
+        self.weight_sq_sum = 0.0
+
+    def update(self, sample: torch.Tensor, weight: float) -> None:
+        self.weight_sum += weight
+        self.weight_sq_sum += weight * weight
+        delta = sample - self.mean
+        self.mean.add_(delta, alpha=weight / self.weight_sum)
+        self.m2.addcmul_(delta, sample - self.mean, value=weight)
+
+    def standard_error(self) -> torch.Tensor:
+        """sqrt(unbiased weighted variance / effective sample size); NaN with one sample."""
+        n_eff = self.weight_sum ** 2 / self.weight_sq_sum if self.weight_sq_sum else 0.0
+        if n_eff <= 1.0:
+            return torch.full_like(self.mean, math.nan)
+        variance = self.m2 / self.weight_sum * (n_eff / (n_eff - 1.0))
+        return (variance / n_eff).sqrt()
+
+
+def parameter_groups(params: dict, block_mode: bool) -> list[dict]:
+    """One group with everything, or one group per transformer block (others together)."""
+    if not block_mode:
+        return [params]
+    groups: dict = {}
+    for name, p in params.items():
+        groups.setdefault(layer_index(name), {})[name] = p
+    return [groups[key] for key in sorted(groups, key=lambda k: (k is None, k or 0))]
+
+
+def hutchinson_diagonal(job):
+    """(signed diagonal estimate, standard error), both Scores."""
+    from src.sensitivity.metrics import gradients_only_on, _batches
+
+    model = job.model
+    total_tokens = job.blocks.n_predicted_tokens()
+    stats = {}
+    with double_backward_attention(model):
+        for group in parameter_groups(job.params, job.hutchinson_block):
+            names, tensors = list(group), list(group.values())
+            for name, p in group.items():
+                stats[name] = WeightedWelford(p.shape, p.device)
+            with gradients_only_on(model, group):
+                for batch_index, (input_ids, mask) in enumerate(_batches(job, "hutchinson")):
+                    n_tokens = int((mask[:, 1:] * mask[:, :-1]).sum())
+                    loss = masked_nll_sum(model(input_ids=input_ids, attention_mask=mask).logits,
+                                          input_ids, mask) / n_tokens
+                    grads = torch.autograd.grad(loss, tensors, create_graph=True)
+                    weight = n_tokens / total_tokens / job.hutchinson_samples
+                    for probe_index in range(job.hutchinson_samples):
+                        probes = [rademacher_like(p, job.seed, n, batch_index, probe_index)
+                                  for n, p in zip(names, tensors)]
+                        last = probe_index == job.hutchinson_samples - 1
+                        hvps = torch.autograd.grad(grads, tensors, grad_outputs=probes,
+                                                   retain_graph=not last)
+                        for name, z, hz in zip(names, probes, hvps):
+                            stats[name].update(z.float() * hz.float(), weight)
+                    del grads, loss
+    mean = {name: s.mean for name, s in stats.items()}
+    stderr = {name: s.standard_error() for name, s in stats.items()}
+    return mean, stderr

@@ -1,0 +1,165 @@
+"""Perturbations of selected weights, applied in a context manager that restores exact bits.
+
+Registry ``PERTURBATIONS``: name -> function(values, generator, options) -> new values, where
+``values`` are the selected weights (1-D, in the parameter's dtype):
+
+* ``zero``        w -> 0
+* ``sign_flip``   w -> -w
+* ``gauss_noise`` w -> w + ε, ε ~ N(0, (s·|w|)²), s = ``scale`` (relative noise)
+* ``bit_flip``    XOR of one IEEE-754 bit on the integer view of the dtype (fp32 / bf16 / fp16),
+                  each selected weight flipped with probability ``prob``. ``bit`` is a number
+                  (0 = least significant mantissa bit) or ``sign`` / ``exponent-msb`` /
+                  ``mantissa-msb``; default ``exponent-msb``.
+
+``perturbed(params, selection, method, ...)`` saves the original values of exactly the selected
+weights (no model copy), writes the perturbed values, and restores the saved values on exit,
+also on an exception or KeyboardInterrupt.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from src.errors import UserError
+from src.sensitivity.rank import Selection
+
+# dtype -> (integer view, sign bit, exponent MSB, mantissa MSB)
+FLOAT_LAYOUT = {
+    torch.float32: (torch.int32, 31, 30, 22),
+    torch.bfloat16: (torch.int16, 15, 14, 6),
+    torch.float16: (torch.int16, 15, 14, 9),
+}
+BIT_NAMES = ("sign", "exponent-msb", "mantissa-msb")
+
+
+@dataclass(frozen=True)
+class PerturbOptions:
+    scale: float = 0.1          # gauss_noise: relative noise s
+    bit: str | int = "exponent-msb"
+    prob: float = 1.0           # bit_flip: probability that each selected weight is flipped
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    fn: Callable
+    description: str
+    stochastic: Callable[[PerturbOptions], bool]
+
+
+PERTURBATIONS: dict[str, Perturbation] = {}
+
+
+def register(name, description, stochastic=lambda options: False):
+    def wrap(fn):
+        PERTURBATIONS[name] = Perturbation(fn, description, stochastic)
+        return fn
+    return wrap
+
+
+@register("zero", "set to 0")
+def _zero(values, generator, options):
+    return torch.zeros_like(values)
+
+
+@register("sign_flip", "negate")
+def _sign_flip(values, generator, options):
+    return -values
+
+
+@register("gauss_noise", "add N(0, (scale*|w|)^2) noise", stochastic=lambda o: True)
+def _gauss_noise(values, generator, options):
+    noise = torch.randn(values.shape, generator=generator, device=values.device)
+    return (values.float() + noise * options.scale * values.float().abs()).to(values.dtype)
+
+
+@register("bit_flip", "flip one IEEE-754 bit", stochastic=lambda o: o.prob < 1.0)
+def _bit_flip(values, generator, options):
+    int_dtype, *_ = FLOAT_LAYOUT[_check_float(values.dtype)]
+    bit = resolve_bit(options.bit, values.dtype)
+    as_int = values.view(int_dtype)
+    mask = torch.full_like(as_int, _int_mask(bit, int_dtype))
+    if options.prob < 1.0:
+        chosen = torch.rand(values.shape, generator=generator, device=values.device) < options.prob
+        mask = torch.where(chosen, mask, torch.zeros_like(mask))
+    return (as_int ^ mask).view(values.dtype)
+
+
+def _check_float(dtype):
+    if dtype not in FLOAT_LAYOUT:
+        raise UserError(f"bit_flip supports float32, bfloat16 and float16 weights, not {dtype}")
+    return dtype
+
+
+def _int_mask(bit: int, int_dtype) -> int:
+    """1 << bit as a signed integer of the view's width (the sign bit is negative)."""
+    width = 32 if int_dtype == torch.int32 else 16
+    value = 1 << bit
+    return value - (1 << width) if bit == width - 1 else value
+
+
+def resolve_bit(bit, dtype) -> int:
+    """Bit number for a name or number, validated for ``dtype``."""
+    int_dtype, sign, exponent_msb, mantissa_msb = FLOAT_LAYOUT[_check_float(dtype)]
+    named = {"sign": sign, "exponent-msb": exponent_msb, "mantissa-msb": mantissa_msb}
+    if isinstance(bit, str) and bit in named:
+        return named[bit]
+    try:
+        number = int(bit)
+    except (TypeError, ValueError):
+        raise UserError(f"bad --bit-position '{bit}': use a number or one of "
+                        f"{', '.join(BIT_NAMES)}") from None
+    if not 0 <= number <= sign:
+        raise UserError(f"--bit-position {number} is outside 0..{sign} for {dtype}")
+    return number
+
+
+def perturbation_is_stochastic(method: str, options: PerturbOptions) -> bool:
+    return PERTURBATIONS[method].stochastic(options)
+
+
+@contextmanager
+def perturbed(params: dict[str, torch.nn.Parameter], selection: Selection, method: str,
+              options: PerturbOptions = PerturbOptions(), seed: int = 0):
+    """Apply ``method`` to the selected weights; restore their exact bits on exit."""
+    if method not in PERTURBATIONS:
+        raise UserError(f"unknown perturbation '{method}'; choose one of {', '.join(PERTURBATIONS)}")
+    fn = PERTURBATIONS[method].fn
+    saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        with torch.no_grad():
+            for position, (name, idx) in enumerate(selection.items()):
+                flat = params[name].data.view(-1)
+                idx = idx.to(flat.device)
+                saved[name] = (idx, flat[idx].clone())
+                generator = torch.Generator(device=flat.device).manual_seed(seed * 1009 + position)
+                flat[idx] = fn(saved[name][1].clone(), generator, options)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, (idx, original) in saved.items():
+                params[name].data.view(-1)[idx] = original
+
+
+def fingerprint(params: dict[str, torch.nn.Parameter]) -> list[int]:
+    """Checksum of each tensor's bits (int64 sum of the integer view); one host sync in all."""
+    sums = [p.detach().view(FLOAT_LAYOUT[_check_float(p.dtype)][0]).sum(dtype=torch.int64)
+            for p in params.values()]
+    return torch.stack([s.cpu() for s in sums]).tolist()
+
+
+def selected_bits_equal(params, selection: Selection, reference: dict[str, torch.Tensor]) -> bool:
+    """True when the selected weights' bits equal ``reference`` (saved before perturbing)."""
+    for name, idx in selection.items():
+        current = params[name].detach().view(-1)[idx.to(params[name].device)]
+        int_dtype = FLOAT_LAYOUT[current.dtype][0]
+        if not torch.equal(current.view(int_dtype), reference[name].to(current.device).view(int_dtype)):
+            return False
+    return True
+
+
+def snapshot_selected(params, selection: Selection) -> dict[str, torch.Tensor]:
+    return {name: params[name].detach().view(-1)[idx.to(params[name].device)].clone()
+            for name, idx in selection.items()}

@@ -1,0 +1,105 @@
+"""How stable is a top-K set? Jaccard and rank agreement across seeds and calibration batches.
+
+(a) across seeds: seed s draws its own random subset (``fraction`` of the calibration blocks),
+    rescores and re-ranks; (b) across batches: the calibration blocks are cut into ``n_batches``
+    disjoint contiguous parts, each scored on its own. Every pair of top-K sets is compared by
+    Jaccard |A∩B| / |A∪B|, and every pair of score vectors by Spearman correlation over the
+    union of all the top-K sets of that family (ranked by |score|).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from src.errors import UserError
+from src.sensitivity.metrics import ScoringJob, compute_scores
+from src.sensitivity.rank import Selection, top_k
+
+
+def jaccard(a: Selection, b: Selection) -> float:
+    intersection = 0
+    for name in set(a) & set(b):
+        intersection += int(torch.isin(a[name], b[name].to(a[name].device)).sum())
+    size_a = sum(int(v.numel()) for v in a.values())
+    size_b = sum(int(v.numel()) for v in b.values())
+    union = size_a + size_b - intersection
+    return intersection / union if union else 1.0
+
+
+def union_positions(selections: list[Selection]) -> dict[str, torch.Tensor]:
+    names = dict.fromkeys(name for s in selections for name in s)
+    return {name: torch.unique(torch.cat([s[name].cpu() for s in selections if name in s]))
+            for name in names}
+
+
+def gather(scores: dict[str, torch.Tensor], positions: dict[str, torch.Tensor]) -> np.ndarray:
+    parts = [scores[name].reshape(-1)[idx.to(scores[name].device)].abs().float().cpu()
+             for name, idx in positions.items()]
+    return torch.cat(parts).numpy()
+
+
+def pairwise(values: list, measure) -> dict:
+    pairs = [{"a": i, "b": j, "value": float(measure(values[i], values[j]))}
+             for i, j in itertools.combinations(range(len(values)), 2)]
+    numbers = [p["value"] for p in pairs if math.isfinite(p["value"])]
+    return {"mean": float(np.mean(numbers)) if numbers else None,
+            "std": float(np.std(numbers)) if numbers else None, "pairs": pairs}
+
+
+def compare_rankings(score_sets: list[dict], selections: list[Selection], labels: list) -> dict:
+    union = union_positions(selections)
+    vectors = [gather(scores, union) for scores in score_sets]
+
+    def rho(x, y):
+        return spearmanr(x, y).statistic if len(x) > 1 else math.nan
+
+    jac = pairwise(selections, jaccard)
+    spear = pairwise(vectors, rho)
+    for pair_list in (jac["pairs"], spear["pairs"]):
+        for pair in pair_list:
+            pair["a"], pair["b"] = labels[pair["a"]], labels[pair["b"]]
+    return {"labels": labels, "jaccard": jac, "spearman": spear,
+            "union_size": int(sum(v.numel() for v in union.values()))}
+
+
+def _score_subset(job: ScoringJob, metric: str, index, seed: int, k: int, mode: str):
+    sub_job = ScoringJob(**{**job.__dict__, "blocks": job.blocks.subset(index), "seed": seed})
+    scores = compute_scores(sub_job, metric).scores
+    scores = {name: s.cpu() for name, s in scores.items()}  # offload: several sets are kept
+    return scores, top_k(scores, k, mode)
+
+
+def stability_check(job: ScoringJob, metric: str, k: int, mode: str, seeds: list[int],
+                    fraction: float, n_batches: int) -> dict:
+    n_blocks = len(job.blocks)
+    if not 0.0 < fraction <= 1.0:
+        raise UserError(f"--stability-fraction must be in (0, 1], got {fraction}")
+    if n_batches < 2 or n_batches > n_blocks:
+        raise UserError(f"--stability-batches must be between 2 and the number of calibration "
+                        f"blocks ({n_blocks}); got {n_batches}")
+    subset_size = max(1, round(fraction * n_blocks))
+    seed_scores, seed_selections = [], []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        index = torch.randperm(n_blocks, generator=generator)[:subset_size].sort().values
+        scores, selection = _score_subset(job, metric, index, seed, k, mode)
+        seed_scores.append(scores)
+        seed_selections.append(selection)
+    batch_scores, batch_selections = [], []
+    for part in np.array_split(np.arange(n_blocks), n_batches):
+        scores, selection = _score_subset(job, metric, part.tolist(), job.seed, k, mode)
+        batch_scores.append(scores)
+        batch_selections.append(selection)
+    return {
+        "metric": metric, "k": k, "mode": mode,
+        "across_seeds": {"fraction": fraction, "blocks_per_seed": subset_size,
+                         **compare_rankings(seed_scores, seed_selections, list(seeds))},
+        "across_batches": {"n_batches": n_batches,
+                           "blocks_per_batch": [len(p) for p in np.array_split(np.arange(n_blocks), n_batches)],
+                           **compare_rankings(batch_scores, batch_selections,
+                                              [f"batch{i}" for i in range(n_batches)])},
+    }
