@@ -72,3 +72,14 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> Path
 
 def is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def update_json(path, key: str, value) -> Path:
+    """Set one top-level key of a JSON object file (created if missing), atomically.
+
+    Lets several optional analyses share ``enhanced_analysis.json``, one key each.
+    """
+    path = Path(path)
+    data = read_json(path) if path.is_file() else {}
+    data[key] = value
+    return write_json(path, data)

@@ -1,0 +1,51 @@
+"""Shared fixtures. The built-in model is loaded once per pytest session (from the cache after
+the first run ever); tiny random presets are cheap and built per test module."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = ROOT / "phase1_runner_enhanced.py"
+
+
+def load(spec: str | None, **kwargs):
+    from src.models.loader import load_model
+
+    model, tokenizer, info = load_model(spec, device="cpu", dtype="float32", **kwargs)
+    return SimpleNamespace(model=model, tokenizer=tokenizer, info=info)
+
+
+@pytest.fixture(scope="session")
+def builtin():
+    """The built-in SmolLM2-135M (shared: tests must leave its weights as they found them)."""
+    return load(None)
+
+
+@pytest.fixture(scope="session")
+def builtin_data(builtin):
+    from src.data.loading import prepare_data
+
+    return prepare_data(builtin.tokenizer, max_length=64, max_samples=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch.manual_seed(0)
+    return load("random:tiny-llama")
+
+
+def run_cli(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess; returns the completed process (text output)."""
+    return subprocess.run([sys.executable, str(RUNNER), *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
