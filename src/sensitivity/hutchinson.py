@@ -87,6 +87,20 @@ def parameter_groups(params: dict, block_mode: bool) -> list[dict]:
     return [groups[key] for key in sorted(groups, key=lambda k: (k is None, k or 0))]
 
 
+def probe_batch(loss, names, tensors, stats: dict, *, seed: int, batch_index: int,
+                n_probes: int, weight: float) -> None:
+    """Fold ``n_probes`` samples z ⊙ (H z) of one batch's ``loss`` into ``stats`` (each with
+    ``weight``), reusing one first-order graph for all probes."""
+    grads = torch.autograd.grad(loss, tensors, create_graph=True)
+    for probe_index in range(n_probes):
+        probes = [rademacher_like(t, seed, n, batch_index, probe_index)
+                  for n, t in zip(names, tensors)]
+        hvps = torch.autograd.grad(grads, tensors, grad_outputs=probes,
+                                   retain_graph=probe_index < n_probes - 1)
+        for name, z, hz in zip(names, probes, hvps):
+            stats[name].update(z.float() * hz.float(), weight)
+
+
 def hutchinson_diagonal(job):
     """(signed diagonal estimate, standard error), both Scores."""
     from src.sensitivity.metrics import gradients_only_on, _batches
@@ -102,19 +116,11 @@ def hutchinson_diagonal(job):
             with gradients_only_on(model, group):
                 for batch_index, (input_ids, mask) in enumerate(_batches(job, "hutchinson")):
                     n_tokens = int((mask[:, 1:] * mask[:, :-1]).sum())
-                    loss = masked_nll_sum(model(input_ids=input_ids, attention_mask=mask).logits,
-                                          input_ids, mask) / n_tokens
-                    grads = torch.autograd.grad(loss, tensors, create_graph=True)
-                    weight = n_tokens / total_tokens / job.hutchinson_samples
-                    for probe_index in range(job.hutchinson_samples):
-                        probes = [rademacher_like(p, job.seed, n, batch_index, probe_index)
-                                  for n, p in zip(names, tensors)]
-                        last = probe_index == job.hutchinson_samples - 1
-                        hvps = torch.autograd.grad(grads, tensors, grad_outputs=probes,
-                                                   retain_graph=not last)
-                        for name, z, hz in zip(names, probes, hvps):
-                            stats[name].update(z.float() * hz.float(), weight)
-                    del grads, loss
+                    logits = model(input_ids=input_ids, attention_mask=mask).logits
+                    loss = masked_nll_sum(logits, input_ids, mask) / n_tokens
+                    probe_batch(loss, names, tensors, stats, seed=job.seed,
+                                batch_index=batch_index, n_probes=job.hutchinson_samples,
+                                weight=n_tokens / total_tokens / job.hutchinson_samples)
     mean = {name: s.mean for name, s in stats.items()}
     stderr = {name: s.standard_error() for name, s in stats.items()}
     return mean, stderr

@@ -1,0 +1,220 @@
+"""Each metric against an independent computation on tiny models."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from src.data.loading import TokenBlocks
+from src.sensitivity import hutchinson
+from src.sensitivity.metrics import METRICS, ScoringJob, compute_scores, eligible_parameters
+
+VOCAB = 32
+
+
+def micro_llama(hidden=8, intermediate=12, layers=1, seed=0):
+    """A Llama small enough for an exact Hessian (a few hundred scored weights)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=64, tie_word_embeddings=False,
+                         attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # larger weights than the default init, so curvature is not tiny
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(8.0)
+    return model
+
+
+def blocks(n=6, length=10, seed=1, pad_last=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, length), generator=generator)
+    mask = torch.ones_like(ids)
+    if pad_last:
+        mask[-1, -pad_last:] = 0
+    return TokenBlocks(ids, mask)
+
+
+def direct_mean_loss(model, data: TokenBlocks):
+    """Token-mean NLL over all valid predicted positions, written out independently."""
+    logits = model(input_ids=data.input_ids, attention_mask=data.attention_mask).logits
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = log_probs.gather(-1, data.input_ids[:, 1:, None]).squeeze(-1)
+    valid = (data.attention_mask[:, 1:] * data.attention_mask[:, :-1]).bool()
+    return -picked[valid].mean()
+
+
+def job_for(model, data, **kwargs):
+    params = eligible_parameters(model)
+    return ScoringJob(model=model, params=params, blocks=data, **kwargs)
+
+
+def test_registry_has_the_six_metrics():
+    assert set(METRICS) >= {"grad_x_weight", "grad_squared", "hutchinson_diag", "magnitude",
+                            "act_mag", "random"}
+
+
+def test_grad_x_weight_matches_autograd_over_all_tokens():
+    model, data = micro_llama(), blocks(pad_last=3)
+    scores = compute_scores(job_for(model, data, batch_size=4), "grad_x_weight").scores
+    name = "model.layers.0.mlp.down_proj.weight"
+    weight = dict(model.named_parameters())[name]
+    grad, = torch.autograd.grad(direct_mean_loss(model, data), weight)
+    torch.testing.assert_close(scores[name], (grad * weight).abs().detach(), rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_grad_squared_is_mean_of_per_sequence_squared_gradients():
+    model, data = micro_llama(), blocks(n=5, pad_last=4)
+    scores = compute_scores(job_for(model, data, batch_size=2), "grad_squared").scores
+    name = "model.layers.0.self_attn.q_proj.weight"
+    weight = dict(model.named_parameters())[name]
+    expected = torch.zeros_like(weight)
+    for i in range(len(data)):
+        grad, = torch.autograd.grad(direct_mean_loss(model, data.subset([i])), weight)
+        expected += grad ** 2
+    torch.testing.assert_close(scores[name], expected / len(data), rtol=1e-4, atol=1e-9)
+    # the square of the summed gradient is a different quantity
+    grad_all, = torch.autograd.grad(direct_mean_loss(model, data), weight)
+    assert not torch.allclose(scores[name], grad_all ** 2, rtol=1e-2)
+
+
+def test_act_mag_matches_manual_input_norms():
+    model, data = micro_llama(), blocks(pad_last=2)
+    scores = compute_scores(job_for(model, data, batch_size=3), "act_mag").scores
+    captured = []
+    mlp = model.model.layers[0].mlp
+    handle = mlp.down_proj.register_forward_hook(lambda m, i, o: captured.append(i[0].detach()))
+    with torch.no_grad():
+        model(input_ids=data.input_ids, attention_mask=data.attention_mask)
+    handle.remove()
+    x = captured[0][data.attention_mask.bool()]  # real tokens only
+    column_norm = x.pow(2).sum(0).sqrt()
+    expected = mlp.down_proj.weight.detach().abs() * column_norm[None, :]
+    torch.testing.assert_close(scores["model.layers.0.mlp.down_proj.weight"], expected,
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_act_mag_on_gpt2_conv1d_uses_input_rows():
+    from tests.conftest import load
+    tiny = load("random:tiny-gpt2")
+    ids = torch.randint(0, 1000, (2, 8))
+    data = TokenBlocks(ids, torch.ones_like(ids))
+    scores = compute_scores(job_for(tiny.model, data), "act_mag").scores
+    captured = []
+    fc = tiny.model.transformer.h[0].mlp.c_fc  # Conv1D weight is [in, out]
+    handle = fc.register_forward_hook(lambda m, i, o: captured.append(i[0].detach()))
+    with torch.no_grad():
+        tiny.model(input_ids=ids)
+    handle.remove()
+    norm = captured[0].reshape(-1, captured[0].shape[-1]).pow(2).sum(0).sqrt()
+    torch.testing.assert_close(scores["transformer.h.0.mlp.c_fc.weight"],
+                               fc.weight.detach().abs() * norm[:, None], rtol=1e-4, atol=1e-6)
+
+
+def test_magnitude_and_random():
+    model, data = micro_llama(), blocks()
+    mag = compute_scores(job_for(model, data), "magnitude").scores
+    for name, p in eligible_parameters(model).items():
+        assert torch.equal(mag[name], p.detach().abs())
+    first = compute_scores(job_for(model, data, seed=3), "random").scores
+    again = compute_scores(job_for(model, data, seed=3), "random").scores
+    other = compute_scores(job_for(model, data, seed=4), "random").scores
+    name = next(iter(first))
+    assert torch.equal(first[name], again[name])
+    assert not torch.equal(first[name], other[name])
+    assert 0.0 <= float(first[name].min()) and float(first[name].max()) < 1.0
+
+
+def test_scoring_leaves_requires_grad_and_mode_unchanged():
+    model, data = micro_llama(), blocks()
+    model.train()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    compute_scores(job_for(model, data), "grad_x_weight")
+    assert model.training
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- Hutchinson
+
+def exact_hessian_diagonal(model, data, names):
+    """diag of the exact Hessian of the token-mean NLL, one HVP per unit vector."""
+    params = dict(model.named_parameters())
+    tensors = [params[n] for n in names]
+    with hutchinson.double_backward_attention(model):
+        loss = direct_mean_loss(model, data)
+        grads = torch.autograd.grad(loss, tensors, create_graph=True)
+        flat_grad = torch.cat([g.reshape(-1) for g in grads])
+        diagonal = torch.empty_like(flat_grad)
+        for i in range(flat_grad.numel()):
+            row = torch.autograd.grad(flat_grad[i], tensors, retain_graph=True)
+            diagonal[i] = torch.cat([r.reshape(-1) for r in row])[i]
+    out, start = {}, 0
+    for n, t in zip(names, tensors):
+        out[n] = diagonal[start:start + t.numel()].view_as(t).detach()
+        start += t.numel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def hessian_case():
+    model = micro_llama(hidden=8, intermediate=8)
+    data = blocks(n=2, length=8)
+    names = ["model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.v_proj.weight"]
+    return model, data, names, exact_hessian_diagonal(model, data, names)
+
+
+def relative_error(estimate, exact):
+    num = sum(float((estimate[n] - exact[n]).norm() ** 2) for n in exact) ** 0.5
+    den = sum(float(exact[n].norm() ** 2) for n in exact) ** 0.5
+    return num / den
+
+
+def test_hutchinson_converges_to_exact_diagonal(hessian_case):
+    model, data, names, exact = hessian_case
+    params = {n: dict(model.named_parameters())[n] for n in names}
+    errors = {}
+    for probes in (64, 4096):
+        job = ScoringJob(model=model, params=params, blocks=data, batch_size=2,
+                         hutchinson_samples=probes, seed=0)
+        errors[probes] = relative_error(compute_scores(job, "hutchinson_diag").scores, exact)
+    assert errors[4096] < 0.35 * errors[64], errors
+    assert errors[4096] < 0.15, errors
+
+
+def test_hutchinson_is_exact_on_a_separable_quadratic():
+    # L(w) = sum a_i w_i^2 has H = diag(2a), and z * (H z) = 2a for every Rademacher z.
+    weight = torch.nn.Parameter(torch.randn(5, 7))
+    curvature = torch.rand(5, 7) * 3
+    stats = {"w": hutchinson.WeightedWelford(weight.shape, weight.device)}
+    loss = (curvature * weight ** 2).sum()
+    hutchinson.probe_batch(loss, ["w"], [weight], stats, seed=0, batch_index=0, n_probes=3,
+                           weight=1 / 3)
+    torch.testing.assert_close(stats["w"].mean, 2 * curvature)
+    assert torch.all(stats["w"].standard_error() < 1e-5)
+
+
+def test_hutchinson_block_mode_matches_whole_model(hessian_case):
+    model = micro_llama(hidden=8, intermediate=8, layers=2, seed=5)
+    data = blocks(n=2, length=8)
+    params = eligible_parameters(model)
+    results = {}
+    for block in (False, True):
+        job = ScoringJob(model=model, params=params, blocks=data, batch_size=2,
+                         hutchinson_samples=1500, hutchinson_block=block, seed=7)
+        results[block] = compute_scores(job, "hutchinson_diag").scores
+    # same probes per weight; only cross-block terms (zero in expectation) differ
+    assert relative_error(results[True], results[False]) < 0.2
+
+
+def test_hutchinson_restores_attention_and_reports_stderr():
+    model, data = micro_llama(), blocks(n=4)
+    assert model.config._attn_implementation == "sdpa"
+    out = compute_scores(job_for(model, data, hutchinson_samples=4, batch_size=2),
+                         "hutchinson_diag")
+    assert model.config._attn_implementation == "sdpa"
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert out.extra["stderr"][name].shape == out.scores[name].shape
+    assert torch.all(out.extra["stderr"][name] >= 0)
+    assert (out.scores[name] < 0).any(), "signed estimate keeps negative curvature"
