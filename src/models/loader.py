@@ -241,10 +241,12 @@ def builtin_tokenizer(cache: Path):
 
 # ----------------------------------------------------------------------------- other sources
 
-def _load_pretrained(path_or_id, torch_dtype, device_map, revision, trust_remote_code):
+def _load_pretrained(path_or_id, torch_dtype, device_map, revision, trust_remote_code,
+                     local_files_only=False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code,
+                  local_files_only=local_files_only)
     tokenizer = AutoTokenizer.from_pretrained(path_or_id, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch_dtype,
                                                  device_map=device_map, **kwargs)
@@ -263,6 +265,16 @@ def _load_gguf_file(path: Path, torch_dtype, device_map):
 
 
 def _load_from_hub(model_id, torch_dtype, device_map, revision, trust_remote_code):
+    """Local HF cache first (no network); otherwise the hub, after a quick reachability check
+    so that an offline machine gets one clear line at once instead of minutes of retries."""
+    in_local_cache = True
+    try:
+        return _load_pretrained(model_id, torch_dtype, device_map, revision, trust_remote_code,
+                                local_files_only=True)
+    except OSError:
+        in_local_cache = False
+    if not in_local_cache and not hub_reachable():
+        raise UserError(_hub_error_line(model_id, ConnectionError("hub unreachable")))
     try:
         return _load_pretrained(model_id, torch_dtype, device_map, revision, trust_remote_code)
     except OSError as error:
@@ -272,6 +284,24 @@ def _load_from_hub(model_id, torch_dtype, device_map, revision, trust_remote_cod
             raise UserError(f"'{model_id}' contains custom code: add --trust-remote-code if you "
                             f"trust it") from None
         raise
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """False when HF_HUB_OFFLINE is set or the hub endpoint cannot be connected to quickly."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _hub_error_line(model_id: str, error: Exception) -> str:

@@ -1,0 +1,101 @@
+"""Model loading: built-in (cached), every random family, local folders, .gguf, errors."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from src.errors import UserError
+from src.models import loader
+from src.models.presets import PRESETS
+from tests.conftest import load
+
+
+def test_builtin_model_loads_with_its_tokenizer(builtin):
+    info = builtin.info
+    assert info["source"] == "builtin" and info["architecture"] == "llama"
+    assert 130e6 < info["n_parameters"] < 140e6
+    assert info["tied_embeddings"] and info["max_context"] == 8192
+    ids = builtin.tokenizer("The cat sat on the mat.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = builtin.model(input_ids=ids).logits
+    assert torch.isfinite(logits).all()
+    assert not builtin.model.training
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p.startswith("tiny-")])
+def test_each_random_family_builds_and_runs(preset):
+    tiny = load(f"random:{preset}")
+    assert tiny.info["source"] == "random"
+    embedding_rows = tiny.model.get_input_embeddings().weight.shape[0]
+    assert embedding_rows >= len(tiny.tokenizer)
+    ids = tiny.tokenizer(["a short test sentence", "another one"], return_tensors="pt",
+                         padding=True)
+    with torch.no_grad():
+        logits = tiny.model(**ids).logits
+    assert logits.shape[-1] == embedding_rows and torch.isfinite(logits).all()
+
+
+def test_random_model_from_config_json_and_without_builtin_tokenizer(tmp_path, monkeypatch):
+    config = tmp_path / "config.json"
+    config.write_text('{"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2, '
+                      '"n_positions": 64, "vocab_size": 9000}')
+    monkeypatch.setattr(loader, "builtin_tokenizer", lambda cache: None)  # as on a GPU machine
+    tiny = load(f"random:{config}")
+    assert len(tiny.tokenizer) <= 9000
+    ids = tiny.tokenizer("offline tokenizer works", return_tensors="pt")["input_ids"]
+    assert int(ids.max()) < 9000
+    with pytest.raises(UserError, match="unknown random preset"):
+        load("random:no-such-preset")
+
+
+def test_local_folder_and_gguf_file(builtin):
+    folder = loader.builtin_cache_folder(loader.default_cache_dir())
+    local = load(str(folder))
+    assert local.info["source"] == "local"
+    gguf = loader.builtin_gguf_path()
+    from_gguf = load(str(gguf))
+    assert from_gguf.info["source"] == "gguf"
+    name = "model.layers.3.mlp.down_proj.weight"
+    reference = dict(builtin.model.named_parameters())[name]
+    assert torch.equal(dict(local.model.named_parameters())[name], reference)
+    assert torch.equal(dict(from_gguf.model.named_parameters())[name], reference)
+
+
+def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, builtin):
+    source = loader.builtin_cache_folder(loader.default_cache_dir())
+    cache = tmp_path / "cache"
+    target = loader.builtin_cache_folder(cache)
+    shutil.copytree(source, target)
+    assert loader._cache_is_valid(target)
+    weights = next(target.glob("*.safetensors"))
+    with open(weights, "r+b") as handle:  # flip one byte in the middle of the weights
+        handle.seek(weights.stat().st_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    assert not loader._cache_is_valid(target)
+    reloaded = load(None, cache_dir=str(cache))  # rebuilds from the GGUF, then loads
+    assert loader._cache_is_valid(target)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(dict(reloaded.model.named_parameters())[name],
+                       dict(builtin.model.named_parameters())[name])
+    (target / loader.CACHE_MARKER).unlink()  # a partial cache (no marker) is never loaded
+    assert not loader._cache_is_valid(target)
+
+
+def test_cache_dir_honours_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert loader.default_cache_dir() == tmp_path / "critical-weight-analysis"
+
+
+def test_device_and_dtype_resolution():
+    assert loader.resolve_device("cpu").type == "cpu"
+    assert loader.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert loader.resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(UserError, match="bad --device"):
+        loader.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            loader.resolve_device("cuda:0")
