@@ -112,8 +112,7 @@ def test_hellaswag_preprocess_rules():
 
 
 def test_hellaswag_query_choices_and_requests():
-    item = hs_item("A man boils water.", "then he", ["adds pasta [step] and salt.", "sleeps."], "1",
-                   activity="Cooking [header]")
+    item = hs_item("A man [step] boils water.", "then he", ["adds pasta [step] and salt.", "sleeps."], "1")
     query, choices, gold = ds.hellaswag_doc(item)
     assert query == "Cooking: A man boils water. Then he"
     assert choices == ["adds pasta and salt.", "sleeps."]
@@ -131,7 +130,7 @@ def test_lambada_split():
 
 def test_rigged_model_forces_the_chosen_ending(tok, tiny):
     ctx_a, ctx_b = "The chef cuts an onion.", "then she"
-    winner = "fries purple elephants quickly."
+    winner = "fries purple elephants quickly"
     others = ["seven wooden chairs broke.", "my uncle sells lamps.", "rain fell on Tuesday."]
     query = ds.hellaswag_doc(hs_item(ctx_a, ctx_b, [winner], 0))[0]
     winner_ids = enc(tok, " " + winner)
@@ -215,7 +214,8 @@ def test_batched_scores_equal_one_at_a_time(tok, tiny):
     assert [g for _, g in many] == [g for _, g in one]
     reference = [reference_score(tiny, tok, c, x) for c, x in requests]
     np.testing.assert_allclose([ll for ll, _ in many], [ll for ll, _ in reference], atol=1e-4, rtol=0)
-    assert ds.evaluate_task(tiny, tok, "lambada", lb, batch_size=1) == ds.evaluate_task(tiny, tok, "lambada", lb, batch_size=7)
+    assert ds.evaluate_task(tiny, tok, "lambada", lb, batch_size=7) == pytest.approx(
+        ds.evaluate_task(tiny, tok, "lambada", lb, batch_size=1), rel=1e-6)
 
 
 def test_empty_context_trailing_space_and_left_truncation(tok, tiny):
