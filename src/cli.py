@@ -50,6 +50,9 @@ class RunConfig:
     stability_check: bool = False
     stability_fraction: float = 0.5
     stability_batches: int = 3
+    # plots (src/utils/visualize.py)
+    save_plots: bool = False
+    plot_formats: tuple[str, ...] = ("png",)
     # output
     out_dir: str = ""
     verbose: bool = False
@@ -129,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     stability.add_argument("--stability-batches", type=int, default=3,
                            help="disjoint calibration parts compared")
 
+    plots = parser.add_argument_group("plots", "figures written to <out-dir>/plots/ at the end "
+                                               "of the run (src/utils/visualize.py)")
+    plots.add_argument("--save-plots", action="store_true",
+                       help="draw the score distribution per component, the layer x component "
+                            "heatmap, where the top-K weights sit, perturbation effects with "
+                            "bootstrap intervals, stability, and the plots of optional analyses "
+                            "that ran")
+    plots.add_argument("--plot-format",
+                       help="--save-plots: comma-separated file formats: png, pdf, svg "
+                            "(default png)")
+
     output = parser.add_argument_group("output")
     output.add_argument("--out-dir", help="output folder (default results/<model>_<metric>_k<K>_<time>)")
     output.add_argument("--verbose", action="store_true", help="progress bars and more detail")
@@ -157,6 +171,16 @@ def _controls(text: str) -> tuple[str, ...]:
             raise UserError(f"bad --controls entry '{item}': use random_k, bottom_k (or random, bottom)")
         names.append(CONTROL_ALIASES[item])
     return tuple(dict.fromkeys(names))
+
+
+def _plot_formats(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.plot_format is None:
+        return RunConfig.plot_formats
+    if not args.save_plots:
+        raise UserError("--plot-format has no effect without --save-plots")
+    from src.utils.visualize import parse_formats  # matplotlib only when plotting
+
+    return parse_formats(args.plot_format)
 
 
 def default_out_dir(model: str, metric: str, topk: int) -> str:
@@ -203,6 +227,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         bit_position=args.bit_position, perturb_prob=args.perturb_prob,
         seeds=_int_list(args.seeds, "--seeds"), stability_check=args.stability_check,
         stability_fraction=args.stability_fraction, stability_batches=args.stability_batches,
+        save_plots=args.save_plots, plot_formats=_plot_formats(args),
         out_dir=out_dir, verbose=args.verbose)
 
 

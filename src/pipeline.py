@@ -132,6 +132,14 @@ def run_steps(config, model, params, data, out_dir: Path, timer, model_info) -> 
         write_json(out_dir / "stability_results.json", stab)
         report_console.stability(stab)
         results["stability"] = stab
+
+    if config.save_plots:  # keep last: draws the outputs of every step above
+        from src.utils import visualize  # matplotlib only when plotting
+
+        with timer.step("plots"):
+            results["plots"] = visualize.save_run_plots(
+                out_dir, config.plot_formats, metric=config.metric, mode=config.mode,
+                k=config.topk, scores=scores, metas=metas, table=table)
     return results
 
 

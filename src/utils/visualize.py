@@ -1,0 +1,527 @@
+"""Every plot of a run (``--save-plots``) and the shared figure style of the report script.
+
+Each plot is one entry of ``RUN_PLOTS`` (name -> function(RunArtifacts) -> Figure). A plot whose
+input is absent (no ``--perturb``, no ``--stability-check``, an optional analysis that did not
+run) raises ``SkipPlot`` with the reason; ``save_run_plots`` prints it and moves on.
+
+Conventions: the Agg backend (no display needed); the seaborn "colorblind" palette for
+categories and viridis (perceptually uniform, colour-blind safe) for heatmaps; every figure has a
+title and axis labels with units and is closed right after saving. Score distributions are
+histograms of log10 |score| computed with ``torch.histc`` on the score tensors (on their device),
+never from Python lists of weights; ranking is by |score|, so signed metrics are drawn as |score|.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import seaborn as sns  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from src.errors import UserError  # noqa: E402
+from src.models.components import COMPONENTS  # noqa: E402
+from src.utils.io import read_json  # noqa: E402
+
+PLOT_FORMATS = ("png", "pdf", "svg")
+PALETTE = sns.color_palette("colorblind")
+HEATMAP_CMAP = "viridis"
+DIVERGING_CMAP = "vlag"
+SELECTION_ORDER = ("top_k", "random_k", "bottom_k")
+SELECTION_COLOURS = {"top_k": PALETTE[3], "random_k": PALETTE[0], "bottom_k": PALETTE[2]}
+DPI = 130
+
+# What one score means, for axis labels. Loss = token-mean NLL in nats.
+METRIC_UNITS = {
+    "grad_x_weight": "|mean grad x weight| (nats, first-order loss change)",
+    "grad_squared": "empirical Fisher diagonal (nats² per weight unit²)",
+    "hutchinson_diag": "|Hessian diagonal estimate| (nats per weight unit²)",
+    "magnitude": "|w| (weight units)",
+    "act_mag": "|W| x input-channel L2 norm (activation units)",
+    "random": "uniform random score (unitless)",
+}
+
+
+class SkipPlot(Exception):
+    """The plot's input is absent; the message says what is missing and how to get it."""
+
+
+@dataclass
+class RunArtifacts:
+    """Everything a run's plots may draw on: in-memory tensors (only during the run) + files."""
+    out_dir: Path
+    metric: str | None = None
+    mode: str | None = None
+    k: int | None = None
+    scores: dict | None = None          # name -> fp32 score tensor (stored layout)
+    metas: dict | None = None           # name -> ParamMeta
+    table: object | None = None         # top_weights DataFrame
+    files: dict = field(default_factory=dict)  # contract file name -> parsed JSON
+
+    def need(self, file_name: str, how: str) -> dict:
+        if file_name not in self.files:
+            raise SkipPlot(f"no {file_name} ({how})")
+        return self.files[file_name]
+
+    def analysis(self, key: str, how: str) -> dict:
+        enhanced = self.need("enhanced_analysis.json", how)
+        if not isinstance(enhanced.get(key), dict):
+            raise SkipPlot(f"no '{key}' in enhanced_analysis.json ({how})")
+        return enhanced[key]
+
+
+RUN_PLOTS: dict[str, Callable[[RunArtifacts], plt.Figure]] = {}
+
+
+def plot(name: str):
+    def add(function):
+        RUN_PLOTS[name] = function
+        return function
+    return add
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    formats = tuple(dict.fromkeys(f.strip().lower() for f in text.split(",") if f.strip()))
+    bad = [f for f in formats if f not in PLOT_FORMATS]
+    if not formats or bad:
+        raise UserError(f"bad --plot-format '{text}': use a comma-separated list of "
+                        f"{', '.join(PLOT_FORMATS)}")
+    return formats
+
+
+CONTRACT_JSON = ("perturbation_results.json", "stability_results.json", "enhanced_analysis.json",
+                 "downstream_results.json", "sensitivity_stats.json")
+
+
+def read_run_files(out_dir: Path) -> dict:
+    return {name: read_json(Path(out_dir) / name) for name in CONTRACT_JSON
+            if (Path(out_dir) / name).is_file()}
+
+
+def save_run_plots(out_dir, formats=("png",), *, metric=None, mode=None, k=None, scores=None,
+                   metas=None, table=None) -> list[str]:
+    """Draw every plot whose input exists into out_dir/plots/; returns the written paths."""
+    out_dir = Path(out_dir)
+    artifacts = RunArtifacts(out_dir, metric, mode, k, scores, metas, table,
+                             read_run_files(out_dir))
+    written = []
+    for name, draw in RUN_PLOTS.items():
+        try:
+            figure = draw(artifacts)
+        except SkipPlot as reason:
+            print(f"[cwa] plot {name} skipped: {reason}")
+            continue
+        written += save_figure(figure, out_dir / "plots" / name, formats)
+    print(f"[cwa] {len(written)} plot files in {out_dir / 'plots'}")
+    return written
+
+
+def save_figure(figure: plt.Figure, stem: Path, formats=("png",)) -> list[str]:
+    """Save one figure in each format (stem + .fmt) and close it."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    try:
+        for fmt in formats:
+            path = stem.with_name(f"{stem.name}.{fmt}")
+            figure.savefig(path, dpi=DPI, bbox_inches="tight")
+            paths.append(str(path))
+    finally:
+        plt.close(figure)
+    return paths
+
+
+def metric_label(metric: str | None) -> str:
+    return METRIC_UNITS.get(metric or "", f"|{metric or 'score'}|")
+
+
+# ----------------------------------------------------------------------------- score summaries
+
+FP32_EXPONENT_BIAS = 127
+
+
+@dataclass
+class LogHistograms:
+    """Octave histograms of |score|: bin i holds 2**log2_low[i] <= |score| < 2**(log2_low[i]+1)."""
+    log2_edges: np.ndarray                 # [bins + 1] base-2 logarithms of the bin edges
+    counts: dict[str, np.ndarray]          # component -> [bins] weights per bin
+    zeros: dict[str, int]                  # component -> weights with |score| < 2**-126 (0 too)
+    nonfinite: dict[str, int]              # component -> inf / NaN scores
+    numel: dict[str, int]                  # component -> scored weights
+
+    @property
+    def edges(self) -> np.ndarray:
+        return 2.0 ** self.log2_edges
+
+
+def log_histograms(scores: dict, metas: dict) -> LogHistograms:
+    """Exact log-scaled histograms of |score| per component, one octave per bin.
+
+    The octave of an fp32 value is its 8-bit exponent field, so the histogram is a
+    ``torch.bincount`` of ``(bits >> 23) & 0xFF`` over the score tensor's integer view: one pass,
+    on the tensor's device, no data-dependent range. Exponent 0 holds zeros (and subnormals,
+    below 1.2e-38), exponent 255 infinities and NaN; both are reported separately.
+    """
+    per_component: dict[str, torch.Tensor] = {}
+    numel: dict[str, int] = {}
+    for name, score in scores.items():
+        component = metas[name].component
+        exponent = score.detach().float().contiguous().view(torch.int32) >> 23
+        exponent.bitwise_and_(0xFF)  # drop the sign bit: octave of |score|
+        counts = torch.bincount(exponent.reshape(-1), minlength=256).cpu()  # devices may differ
+        per_component[component] = per_component.get(component, 0) + counts
+        numel[component] = numel.get(component, 0) + score.numel()
+    components = list(per_component)
+    table = torch.stack([per_component[c] for c in components]).numpy()  # [C, 256]
+    used = np.nonzero(table[:, 1:255].sum(axis=0))[0] + 1
+    if used.size == 0:
+        raise SkipPlot("every score is zero or non-finite")
+    first, last = int(used[0]), int(used[-1])
+    log2_edges = np.arange(first, last + 2, dtype=float) - FP32_EXPONENT_BIAS
+    return LogHistograms(
+        log2_edges, {c: table[i, first:last + 1] for i, c in enumerate(components)},
+        {c: int(table[i, 0]) for i, c in enumerate(components)},
+        {c: int(table[i, 255]) for i, c in enumerate(components)}, numel)
+
+
+def mean_abs_by_cell(scores: dict, metas: dict) -> dict[tuple, tuple[float, int]]:
+    """(layer, component) -> (mean |score| over the cell's weights, weights in the cell)."""
+    names = list(scores)
+    sums = [torch.linalg.vector_norm(scores[n].detach().float(), ord=1).cpu() for n in names]
+    sums = torch.stack(sums).tolist()
+    cells: dict[tuple, list] = {}
+    for name, total in zip(names, sums):
+        cell = cells.setdefault((metas[name].layer, metas[name].component), [0.0, 0])
+        cell[0] += total
+        cell[1] += scores[name].numel()
+    return {key: (total / count, count) for key, (total, count) in cells.items()}
+
+
+def ordered_components(present) -> list[str]:
+    present = set(present)
+    return [c for c in COMPONENTS if c in present] + sorted(present - set(COMPONENTS))
+
+
+def layer_rows(layers) -> list:
+    """Block indices ascending, then None (weights outside the block stack)."""
+    known = sorted({layer for layer in layers if layer is not None})
+    return known + ([None] if any(layer is None for layer in layers) else [])
+
+
+def _layer_label(layer) -> str:
+    return "outside blocks" if layer is None else str(layer)
+
+
+def _grid(cells: dict[tuple, float]) -> tuple[np.ndarray, list, list[str]]:
+    layers = layer_rows([key[0] for key in cells])
+    components = ordered_components(key[1] for key in cells)
+    grid = np.full((len(layers), len(components)), np.nan)
+    for (layer, component), value in cells.items():
+        grid[layers.index(layer), components.index(component)] = value
+    return grid, layers, components
+
+
+def _draw_heatmap(ax, grid, layers, components, colour_label, norm=None, annotate=None,
+                  integer=False):
+    masked = np.ma.masked_invalid(grid)
+    image = ax.imshow(masked, aspect="auto", cmap=HEATMAP_CMAP, norm=norm, interpolation="nearest")
+    ax.set_xticks(range(len(components)), components, rotation=35, ha="right")
+    step = max(1, len(layers) // 16)
+    ticks = list(range(0, len(layers), step))
+    ax.set_yticks(ticks, [_layer_label(layers[i]) for i in ticks])
+    ax.set_xlabel("component")
+    ax.set_ylabel("transformer block (layer index)")
+    ax.set_facecolor("#f0f0f0")
+    colourbar = ax.figure.colorbar(image, ax=ax)
+    colourbar.set_label(colour_label)
+    if integer:
+        colourbar.locator = MaxNLocator(integer=True)
+        colourbar.update_ticks()
+    if annotate is not None and grid.size <= 400:
+        for (i, j), value in np.ndenumerate(annotate):
+            if np.isfinite(value) and value > 0:
+                ax.text(j, i, f"{int(value)}", ha="center", va="center", fontsize=7,
+                        color="white" if np.isfinite(grid[i, j]) else "black")
+    return image
+
+
+def _need_scores(art: RunArtifacts) -> None:
+    if art.scores is None or art.metas is None:
+        raise SkipPlot("score tensors are only available while the run is in memory")
+
+
+# ----------------------------------------------------------------------------- core plots
+
+@plot("sensitivity_distribution")
+def sensitivity_distribution(art: RunArtifacts) -> plt.Figure:
+    _need_scores(art)
+    hists = log_histograms(art.scores, art.metas)
+    components = ordered_components(hists.counts)
+    n_cols = min(3, len(components))
+    n_rows = math.ceil(len(components) / n_cols)
+    figure, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.1 * n_rows + 0.8),
+                                squeeze=False)
+    threshold = _topk_threshold(art)
+    for ax, component, colour in zip(axes.flat, components, _cycle(len(components))):
+        counts = hists.counts[component].astype(float)
+        ax.stairs(np.where(counts > 0, counts, np.nan), hists.edges, fill=True, color=colour,
+                  alpha=0.85)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(hists.edges[0], hists.edges[-1])
+        ax.set_title(f"{component}: {_count(hists.numel[component])} weights"
+                     + _excluded_note(hists, component), fontsize=9)
+        ax.set_ylabel("weights per octave (log)", fontsize=8)
+        ax.set_xlabel("|score|, log scale", fontsize=8)
+        if threshold is not None:
+            ax.axvline(threshold, color="black", linestyle="--", linewidth=1,
+                       label=f"top-{art.k} threshold")
+            ax.legend(fontsize=7, loc="upper left")
+    for ax in axes.flat[len(components):]:
+        ax.set_visible(False)
+    figure.suptitle(f"Sensitivity distribution per component ({art.metric}): "
+                    f"{metric_label(art.metric)}\nhistogram bins = one octave (factor 2) each")
+    figure.tight_layout()
+    return figure
+
+
+def _excluded_note(hists: LogHistograms, component: str) -> str:
+    notes = []
+    if hists.zeros[component]:
+        notes.append(f"{_count(hists.zeros[component])} zero")
+    if hists.nonfinite[component]:
+        notes.append(f"{_count(hists.nonfinite[component])} inf/NaN")
+    return f" ({', '.join(notes)}, not drawn)" if notes else ""
+
+
+def _topk_threshold(art: RunArtifacts) -> float | None:
+    """Smallest |score| inside the global top-K (per-tensor thresholds differ: not drawn)."""
+    if art.mode != "global" or art.table is None or len(art.table) == 0:
+        return None
+    return float(art.table["score"].abs().min())
+
+
+@plot("layer_component_heatmap")
+def layer_component_heatmap(art: RunArtifacts) -> plt.Figure:
+    _need_scores(art)
+    cells = mean_abs_by_cell(art.scores, art.metas)
+    grid, layers, components = _grid({key: mean for key, (mean, _) in cells.items()})
+    positive = grid[np.isfinite(grid) & (grid > 0)]
+    norm = LogNorm(positive.min(), positive.max()) if positive.size else None
+    figure, ax = plt.subplots(figsize=(1.0 * len(components) + 3.5, 0.22 * len(layers) + 2.5))
+    _draw_heatmap(ax, np.where(grid > 0, grid, np.nan), layers, components,
+                  f"mean {metric_label(art.metric)}, log colour", norm=norm)
+    ax.set_title(f"Mean sensitivity by layer and component ({art.metric})")
+    figure.tight_layout()
+    return figure
+
+
+@plot("topk_location")
+def topk_location(art: RunArtifacts) -> plt.Figure:
+    table = _top_table(art)
+    layers = table["layer"].map(lambda v: None if v != v else int(v))  # NaN -> outside blocks
+    keys = list(zip(layers, table["component"]))
+    magnitudes = table["score"].abs().to_numpy()
+    counts = {cell: 0.0 for cell in _scored_cells(art)}
+    score_sums: dict[tuple, float] = {}
+    for key, magnitude in zip(keys, magnitudes):
+        counts[key] = counts.get(key, 0.0) + 1
+        score_sums[key] = score_sums.get(key, 0.0) + float(magnitude)
+    count_grid, layer_list, components = _grid(counts)
+    figure, ax = plt.subplots(figsize=(1.0 * len(components) + 3.5,
+                                       0.22 * len(layer_list) + 2.5))
+    occupied = {key for key, n in counts.items() if n}
+    if art.mode == "per_layer":
+        mean_grid, _, _ = _grid({key: score_sums[key] / counts[key] for key in occupied})
+        positive = mean_grid[np.isfinite(mean_grid) & (mean_grid > 0)]
+        norm = LogNorm(positive.min(), positive.max()) if positive.size else None
+        _draw_heatmap(ax, np.where(mean_grid > 0, mean_grid, np.nan), layer_list, components,
+                      f"mean {metric_label(art.metric)}\nof the selected weights", norm=norm,
+                      annotate=count_grid)
+        ax.set_title(f"Top-{art.k} per tensor (per_layer mode): numbers = selected weights, "
+                     f"colour = their mean score", fontsize=10)
+    else:
+        _draw_heatmap(ax, np.where(count_grid > 0, count_grid, np.nan), layer_list, components,
+                      "selected weights (count); grey = none", annotate=count_grid,
+                      integer=True)
+        ax.set_title(f"Where the global top-{len(table)} weights sit: "
+                     f"{len({k[0] for k in occupied})} of {len(layer_list)} layers, "
+                     f"{len({k[1] for k in occupied})} of {len(components)} components",
+                     fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def _top_table(art: RunArtifacts):
+    if art.table is not None:
+        return art.table
+    path = art.out_dir / "top_weights.csv"
+    if not path.is_file():
+        raise SkipPlot("no top_weights.csv")
+    import pandas as pd
+    return pd.read_csv(path)
+
+
+def _scored_cells(art: RunArtifacts) -> set[tuple]:
+    """Every (layer, component) that was scored, so the grid shows the whole model."""
+    if art.metas is not None:
+        return {(m.layer, m.component) for m in art.metas.values()}
+    stats = art.files.get("sensitivity_stats.json", {}).get("parameters", {})
+    return {(p["layer"], p["component"]) for p in stats.values()}
+
+
+@plot("perturbation_effects")
+def perturbation_effects(art: RunArtifacts) -> plt.Figure:
+    results = art.need("perturbation_results.json", "run with --perturb")
+    rows = results["conditions"]
+    baseline = results["baseline"]["perplexity"]
+    selections = [s for s in SELECTION_ORDER if any(r["selection"] == s for r in rows)]
+    selections += sorted({r["selection"] for r in rows} - set(selections))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6),
+                                         gridspec_kw={"width_ratios": [1, 1.6]})
+    _perplexity_panel(left, rows, selections, baseline)
+    _delta_panel(right, rows, selections)
+    comparison = results.get("summary", {}).get("top_vs_random")
+    subtitle = ""
+    if comparison:
+        subtitle = (f"\neffect ratio {_num(comparison['effect_ratio'])}, empirical p = "
+                    f"{comparison['empirical_p_value']:.3g} over "
+                    f"{comparison['n_random_draws']} random-K draws")
+    figure.suptitle(f"Perturbation '{results['method']}' of K={results['k']} weights "
+                    f"({results['mode']}, {results['metric']}); baseline perplexity "
+                    f"{baseline:.3f}{subtitle}", fontsize=11)
+    figure.tight_layout()
+    return figure
+
+
+def _perplexity_panel(ax, rows, selections, baseline):
+    finite = [r["perplexity"] for r in rows if _finite(r["perplexity"])] + [baseline]
+    top = max(finite) * 3
+    for x, name in enumerate(selections):
+        values = np.array([r["perplexity"] for r in rows if r["selection"] == name], dtype=float)
+        jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
+        shown = np.where(np.isfinite(values), values, top)
+        ax.scatter(x + jitter, shown, color=SELECTION_COLOURS.get(name, PALETTE[7]), s=36,
+                   zorder=3, edgecolor="black", linewidth=0.4,
+                   label=f"{name} (n={len(values)})")
+        for xi, value in zip(x + jitter, values):
+            if not np.isfinite(value):
+                ax.annotate("inf" if np.isinf(value) else "nan", (xi, top), ha="center",
+                            va="bottom", fontsize=8)
+        if len(values) > 1 and np.all(np.isfinite(values)):
+            mean, sd = values.mean(), values.std(ddof=1)
+            ax.errorbar(x + 0.25, mean, yerr=sd, fmt="_", color="black", capsize=4, zorder=4)
+    ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label="baseline")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(selections)), selections)
+    ax.set_xlim(-0.6, len(selections) - 0.4)
+    ax.set_ylabel("perplexity after perturbation (log scale)")
+    ax.set_xlabel("selection (each dot = one seed; bar = mean ± sd)")
+    ax.set_title("Perplexity per condition", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+
+
+def _delta_panel(ax, rows, selections):
+    ordered = [r for name in selections for r in rows if r["selection"] == name]
+    deltas = np.array([r["delta_perplexity"] for r in ordered], dtype=float)
+    intervals = np.array([r.get("delta_perplexity_ci95") or [np.nan, np.nan] for r in ordered],
+                         dtype=float)
+    magnitudes = np.abs(np.concatenate([deltas, intervals.ravel()]))
+    magnitudes = magnitudes[np.isfinite(magnitudes) & (magnitudes > 0)]
+    linthresh = 10 ** math.floor(math.log10(magnitudes.min())) if magnitudes.size else 1.0
+    top = magnitudes.max() * 3 if magnitudes.size else 1.0
+    for x, (row, delta, (low, high)) in enumerate(zip(ordered, deltas, intervals)):
+        colour = SELECTION_COLOURS.get(row["selection"], PALETTE[7])
+        if np.isfinite(delta):
+            err = [[delta - low], [high - delta]] if np.isfinite(low) and np.isfinite(high) else None
+            ax.errorbar(x, delta, yerr=err, fmt="o", color=colour, capsize=4,
+                        markeredgecolor="black", markeredgewidth=0.4)
+        else:
+            ax.scatter(x, top, marker="^", color=colour)
+            ax.annotate("inf", (x, top), ha="center", va="bottom", fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_yscale("symlog", linthresh=linthresh)
+    reach = np.concatenate([deltas, intervals.ravel()])
+    reach = reach[np.isfinite(reach)]
+    if reach.size:
+        ax.set_ylim(min(reach.min() * 3, -linthresh), max(reach.max() * 3, top, linthresh))
+    labels = [r["selection"] + ("" if r["seed"] is None else f"\nseed {r['seed']}")
+              for r in ordered]
+    ax.set_xticks(range(len(ordered)), labels, fontsize=7)
+    ax.set_ylabel(f"Δ perplexity vs baseline (symlog, linear below {linthresh:g})")
+    ax.set_xlabel("condition")
+    ax.set_title("Δ perplexity with paired bootstrap 95% interval over evaluation blocks",
+                 fontsize=10)
+
+
+@plot("stability")
+def stability_plot(art: RunArtifacts) -> plt.Figure:
+    results = art.need("stability_results.json", "run with --stability-check")
+    families = [f for f in ("across_seeds", "across_batches") if f in results]
+    figure, axes = plt.subplots(2, len(families), figsize=(5.2 * len(families), 8.2),
+                                squeeze=False)
+    for column, family in enumerate(families):
+        block = results[family]
+        for row, (measure, cmap, low) in enumerate((("jaccard", HEATMAP_CMAP, 0.0),
+                                                    ("spearman", DIVERGING_CMAP, -1.0))):
+            ax = axes[row, column]
+            matrix = _pair_matrix(block["labels"], block[measure]["pairs"])
+            sns.heatmap(matrix, ax=ax, vmin=low, vmax=1.0, cmap=cmap, annot=len(matrix) <= 10,
+                        fmt=".2f", square=True, cbar_kws={"label": _measure_label(measure)},
+                        xticklabels=block["labels"], yticklabels=block["labels"])
+            mean = block[measure]["mean"]
+            what = "seed" if family == "across_seeds" else "calibration part"
+            ax.set_title(f"{_measure_label(measure)} {family.replace('_', ' ')}: mean "
+                         f"{'n/a' if mean is None else f'{mean:.3f}'}", fontsize=10)
+            ax.set_xlabel(what)
+            ax.set_ylabel(what)
+    figure.suptitle(f"Stability of the top-{results['k']} set ({results['metric']}, "
+                    f"{results['mode']})")
+    figure.tight_layout()
+    return figure
+
+
+def _measure_label(measure: str) -> str:
+    return {"jaccard": "Jaccard |A∩B|/|A∪B|", "spearman": "Spearman ρ of |score|"}[measure]
+
+
+def _pair_matrix(labels: list, pairs: list[dict]) -> np.ndarray:
+    index = {str(label): i for i, label in enumerate(labels)}
+    matrix = np.eye(len(labels))
+    for pair in pairs:
+        i, j = index[str(pair["a"])], index[str(pair["b"])]
+        matrix[i, j] = matrix[j, i] = pair["value"] if pair["value"] is not None else np.nan
+    return matrix
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _cycle(n: int) -> list:
+    return [PALETTE[i % len(PALETTE)] for i in range(n)]
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _num(value) -> str:
+    if not _finite(value):
+        return str(value)
+    return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.3e}"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
