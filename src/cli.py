@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from src.analysis.super_weights import MAX_WEIGHTS as SUPER_WEIGHT_MAX, SPIKE_THRESHOLD
 from src.errors import UserError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -50,6 +51,10 @@ class RunConfig:
     stability_check: bool = False
     stability_fraction: float = 0.5
     stability_batches: int = 3
+    # super weights (src/analysis/super_weights.py)
+    super_weights: bool = False
+    super_weight_max: int = SUPER_WEIGHT_MAX
+    spike_threshold: float = SPIKE_THRESHOLD
     # plots (src/utils/visualize.py)
     save_plots: bool = False
     plot_formats: tuple[str, ...] = ("png",)
@@ -143,10 +148,39 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--save-plots: comma-separated file formats: png, pdf, svg "
                             "(default png)")
 
+    supers = parser.add_argument_group(
+        "super weights", "single MLP output-projection weights behind massive activations "
+                         "(Yu et al. 2024); results go to enhanced_analysis.json: super_weights")
+    supers.add_argument("--super-weights", action="store_true",
+                        help="hook every block's MLP output projection on the calibration "
+                             "blocks, take (row = spiking output channel, col = largest input "
+                             "channel) of the spiking layer, zero it and detect again; then zero "
+                             "each candidate against same-tensor random (per --seeds) and "
+                             "largest-|w| controls on the evaluation blocks, and report where "
+                             "the confirmed ones rank under --metric")
+    supers.add_argument("--super-weight-max", type=int, default=SUPER_WEIGHT_MAX,
+                        help="--super-weights: stop after this many candidates")
+    supers.add_argument("--spike-threshold", type=float, default=SPIKE_THRESHOLD,
+                        help="--super-weights: a layer spikes when its largest |output| "
+                             "activation is at least this many times the median over its output "
+                             "channels of their peak |activation|")
+
     output = parser.add_argument_group("output")
     output.add_argument("--out-dir", help="output folder (default results/<model>_<metric>_k<K>_<time>)")
     output.add_argument("--verbose", action="store_true", help="progress bars and more detail")
     return parser
+
+
+def _check_super_weight_flags(args: argparse.Namespace) -> None:
+    if not args.super_weights and (args.super_weight_max != SUPER_WEIGHT_MAX
+                                   or args.spike_threshold != SPIKE_THRESHOLD):
+        raise UserError("--super-weight-max and --spike-threshold have no effect without "
+                        "--super-weights")
+    if args.super_weight_max < 1:
+        raise UserError(f"--super-weight-max must be at least 1 (got {args.super_weight_max})")
+    if not args.spike_threshold > 1.0:
+        raise UserError(f"--spike-threshold must be > 1: it is a ratio to the layer's median "
+                        f"channel (got {args.spike_threshold})")
 
 
 def _int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -210,6 +244,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.perturb_scale < 0:
         raise UserError(f"--perturb-scale must be >= 0 (got {args.perturb_scale})")
     resolve_bit(args.bit_position, torch.float32)  # validates names and numbers early
+    _check_super_weight_flags(args)
     if args.data_file and args.dataset:
         raise UserError("give either --data-file or --dataset, not both")
     out_dir = args.out_dir or default_out_dir(args.model, args.metric, args.topk)
@@ -227,6 +262,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         bit_position=args.bit_position, perturb_prob=args.perturb_prob,
         seeds=_int_list(args.seeds, "--seeds"), stability_check=args.stability_check,
         stability_fraction=args.stability_fraction, stability_batches=args.stability_batches,
+        super_weights=args.super_weights, super_weight_max=args.super_weight_max,
+        spike_threshold=args.spike_threshold,
         save_plots=args.save_plots, plot_formats=_plot_formats(args),
         out_dir=out_dir, verbose=args.verbose)
 

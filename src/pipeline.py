@@ -17,6 +17,7 @@ from src.data.loading import prepare_data
 from src.errors import UserError
 from src.eval.perplexity import evaluate
 from src.models.components import describe_parameters
+from src.analysis import super_weights
 from src.models.loader import load_model
 from src.sensitivity import experiment, stability
 from src.sensitivity.metrics import (METRICS, ScoringJob, compute_scores, eligible_parameters,
@@ -24,7 +25,7 @@ from src.sensitivity.metrics import (METRICS, ScoringJob, compute_scores, eligib
 from src.sensitivity.perturb import PerturbOptions, resolve_bit
 from src.sensitivity.rank import check_k, selection_table, top_k
 from src.utils import manifest, report_console
-from src.utils.io import write_csv, write_json, write_safetensors
+from src.utils.io import update_json, write_csv, write_json, write_safetensors
 
 
 def seed_everything(seed: int) -> None:
@@ -140,6 +141,17 @@ def run_steps(config, model, params, data, out_dir: Path, timer, model_info) -> 
             results["plots"] = visualize.save_run_plots(
                 out_dir, config.plot_formats, metric=config.metric, mode=config.mode,
                 k=config.topk, scores=scores, metas=metas, table=table)
+
+    if config.super_weights:
+        with timer.step("super_weights"):
+            found = super_weights.analyze(
+                model, data.calibration, data.evaluation, config.batch_size,
+                threshold=config.spike_threshold, max_weights=config.super_weight_max,
+                seeds=config.seeds, baseline_ppl=baseline.perplexity, scores=scores,
+                metric=config.metric, progress=progress)
+        update_json(out_dir / "enhanced_analysis.json", "super_weights", found)
+        super_weights.print_report(found)
+        results["super_weights"] = found
     return results
 
 
