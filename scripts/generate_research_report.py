@@ -174,6 +174,13 @@ def read_runs(inputs: list[Path]) -> tuple[list[Run], list[tuple[str, str]]]:
 
 # ----------------------------------------------------------------------------- numbers
 
+def ppl(value) -> str:
+    """Perplexity with two decimals (scientific beyond 1e5)."""
+    if isinstance(value, float) and math.isfinite(value) and abs(value) < 1e5:
+        return f"{value:.2f}"
+    return fmt(value)
+
+
 def fmt(value, digits: int = 4) -> str:
     if value is None:
         return "—"
@@ -208,8 +215,8 @@ def mean_sd_text(stats: dict | None) -> str:
     if not stats:
         return "—"
     if stats["n"] > 1:
-        return f"{fmt(stats['mean_perplexity'])} ± {fmt(stats['sd_perplexity'], 2)} (n={stats['n']})"
-    return fmt(stats["mean_perplexity"])
+        return f"{ppl(stats['mean_perplexity'])} ± {fmt(stats['sd_perplexity'], 2)} (n={stats['n']})"
+    return ppl(stats["mean_perplexity"])
 
 
 def jaccard_of(run: Run, family: str):
@@ -227,7 +234,7 @@ def run_row(run: Run) -> dict:
     if run.perturbation:
         summary = run.summary
         comparison = summary.get("top_vs_random") or {}
-        row.update({"baseline ppl": fmt(run.perturbation["baseline"]["perplexity"]),
+        row.update({"baseline ppl": ppl(run.perturbation["baseline"]["perplexity"]),
                     "top-K ppl": mean_sd_text(summary.get("top_k")),
                     "random-K ppl (mean ± sd)": mean_sd_text(summary.get("random_k")),
                     "bottom-K ppl": mean_sd_text(summary.get("bottom_k")),
@@ -275,7 +282,7 @@ def perturbation_findings(run: Run) -> list[str]:
     top_row = next(r for r in p["conditions"] if r["selection"] == "top_k")
     low, high = top_row.get("delta_perplexity_ci95") or (math.nan, math.nan)
     text = (f"{_method_phrase(run).capitalize()} the top-{p['k']} {p['metric']} weights "
-            f"({p['mode']}) of {run.get('model')} {change} ({fmt(base)} → {fmt(top)}; "
+            f"({p['mode']}) of {run.get('model')} {change} ({ppl(base)} → {ppl(top)}; "
             f"Δppl 95% bootstrap interval [{fmt(low, 3)}, {fmt(high, 3)}])")
     ratios = ppl_ratios(run)
     parts = []
@@ -339,7 +346,9 @@ def stability_findings(run: Run) -> list[str]:
         verdict = ("stable" if value >= 0.8 else "moderately stable" if value >= 0.5
                    else "unstable")
         size = block.get(size_key)
-        size_text = f"{min(size)}–{max(size)}" if isinstance(size, list) else size
+        size_text = size
+        if isinstance(size, list):
+            size_text = f"{min(size)}" if min(size) == max(size) else f"{min(size)}–{max(size)}"
         rho = block.get("spearman", {}).get("mean")
         findings.append(
             f"Top-{s['k']} sets are {verdict} across {what}: mean Jaccard {value:.3f} over "
@@ -377,9 +386,9 @@ def location_findings(run: Run) -> list[str]:
         if len(groups):
             (component, index), best = groups.index[0], groups.iloc[0]
             layer_list = ", ".join(str(int(v)) for v in best["layers"] if v == v)
-            findings.append(f"{int(best['n'])} of {k} share {name} {index} of {component} "
+            findings.append(f"{int(best['n'])} of {k} sit on {name} {index} of {component} "
                             f"(layer(s) {layer_list}): the selection concentrates on one "
-                            f"channel rather than spreading over the matrix.")
+                            f"{'output' if axis == 'row' else 'input'} channel.")
     return findings
 
 
@@ -462,8 +471,11 @@ def plot_by(runs: list[Run], key: str, title: str):
     offsets = {"top_k": -0.22, "random_k": 0.0, "bottom_k": 0.22}
     seen = set()
     points = []
+    members: dict[str, int] = {}
     for run, ratios in _ratio_points(runs):
-        x = groups.index(str(run.get(key)))
+        group = str(run.get(key))
+        x = groups.index(group) + 0.04 * (members.get(group, 0) % 5 - 2)  # runs side by side
+        members[group] = members.get(group, 0) + 1
         for selection, values in ratios.items():
             values = np.asarray(values, dtype=float)
             shown = float(np.mean(values)) if np.all(np.isfinite(values)) else math.inf
@@ -479,9 +491,10 @@ def plot_by(runs: list[Run], key: str, title: str):
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="baseline (ratio 1)")
     ax.set_yscale("log")
     ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right")
-    ax.set_xlabel(key)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_xlabel(f"{key} (one dot per run and selection, mean over seeds; ▲ = inf)")
     ax.set_ylabel("perplexity / baseline perplexity (log scale)")
-    ax.set_title(title + " (one dot per run and selection; seeds averaged; ▲ = inf)", fontsize=10)
+    ax.set_title(title, fontsize=11)
     ax.legend(fontsize=8)
     figure.tight_layout()
     return figure

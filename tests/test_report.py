@@ -1,0 +1,166 @@
+"""scripts/generate_research_report.py on real run folders of the built-in model.
+
+Two small runs are made once per module (grad_x_weight with stability and plots, magnitude
+without), in two inputs under the same folder name; the report's numbers are checked against the
+runs' own JSON/CSV files.
+"""
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from tests.conftest import ROOT, run_cli
+
+REPORT = ROOT / "scripts" / "generate_research_report.py"
+SMALL = ("--max-length", "32", "--max-samples", "2", "--topk", "5", "--mode", "global",
+         "--perturb", "zero", "--seeds", "0,1")
+
+
+def _load_report_module():
+    spec = importlib.util.spec_from_file_location("generate_research_report", REPORT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _load_report_module()
+
+
+def run_report(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPORT), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("report_runs")
+    first, second = base / "in1" / "run", base / "in2" / "run"  # same name, two inputs
+    done = run_cli(*SMALL, "--metric", "grad_x_weight", "--stability-check",
+                   "--stability-batches", "2", "--save-plots", "--out-dir", first)
+    assert done.returncode == 0, done.stderr
+    done = run_cli(*SMALL, "--metric", "magnitude", "--out-dir", second)
+    assert done.returncode == 0, done.stderr
+    return base, first, second
+
+
+def _json(path):
+    return json.loads(path.read_text())
+
+
+def test_report_tables_findings_and_plots(runs, tmp_path):
+    base, first, second = runs
+    done = run_report("--input-dirs", base / "in1", base / "in2", "--output", tmp_path / "r")
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "r.md").read_text()
+    # both same-named runs are there, under distinct labels
+    assert "| in1/run |" in text and "| in2/run |" in text
+    for folder, label in ((first, "in1/run"), (second, "in2/run")):
+        results = _json(folder / "perturbation_results.json")
+        base_ppl = results["baseline"]["perplexity"]
+        top = next(r for r in results["conditions"] if r["selection"] == "top_k")
+        randoms = [r["perplexity"] for r in results["conditions"] if r["selection"] == "random_k"]
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+        assert f"| {base_ppl:.2f} |" in row and f"| {top['perplexity']:.2f} |" in row
+        mean = sum(randoms) / len(randoms)
+        assert f"{mean:.2f} ± " in row and "(n=2)" in row
+        # the finding is computed from these numbers
+        ratio = top["perplexity"] / base_ppl
+        move = max(abs(p / base_ppl - 1) for p in randoms)
+        finding = next(line for line in text.splitlines()
+                       if line.startswith(f"- {label}: Zeroing the top-5"))
+        assert report.times(ratio) in finding and report.pct(move) in finding
+        assert f"{base_ppl:.2f} → {top['perplexity']:.2f}" in finding
+    jaccard = _json(first / "stability_results.json")["across_seeds"]["jaccard"]["mean"]
+    assert f"mean Jaccard {jaccard:.3f}" in text
+    # top-K overlap between the two metrics, computed independently from the CSVs
+    sets = [set(zip(*pd.read_csv(f / "top_weights.csv")[["parameter", "flat_index"]].T.values))
+            for f in (first, second)]
+    shared = len(sets[0] & sets[1])
+    assert (f"grad_x_weight and magnitude agree on {shared} of 5 top-K weights "
+            f"(Jaccard {shared / len(sets[0] | sets[1]):.3f})") in text
+    # each run links its own plots; cross-run figures exist
+    for plot in (first / "plots").glob("*.png"):
+        assert f"]({os.path.relpath(plot, tmp_path)})" in text
+    assert "No plots in this run" in text  # the magnitude run had no --save-plots
+    for name in ("by_model", "by_metric", "by_k"):
+        figure = tmp_path / "r_figures" / f"{name}.png"
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"r_figures/{name}.png" in text
+
+
+def test_html_is_self_contained(runs, tmp_path):
+    base, first, _ = runs
+    done = run_report("--input-dirs", base, "--output", tmp_path / "r", "--format", "html")
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "r.md").exists()
+    page = (tmp_path / "r.html").read_text()
+    images = re.findall(r"<img [^>]*src='([^']*)'", page)
+    n_run_plots = len(list((first / "plots").glob("*.png")))
+    assert n_run_plots >= 4 and len(images) == 3 + n_run_plots
+    for src in images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_broken_json_is_reported_and_skipped(runs, tmp_path):
+    base, first, _ = runs
+    broken = tmp_path / "inputs" / "broken_run"
+    shutil.copytree(first, broken)
+    (broken / "stability_results.json").write_text('{"k": 5, "across_seeds": ')
+    good = tmp_path / "inputs" / "good_run"
+    shutil.copytree(first, good)
+    done = run_report("--input-dirs", tmp_path / "inputs", "--output", tmp_path / "r",
+                      "--format", "md")
+    assert done.returncode == 0, done.stderr
+    assert "broken_run" in done.stderr and "stability_results.json is not valid JSON" in done.stderr
+    text = (tmp_path / "r.md").read_text()
+    assert "| good_run |" in text and "| broken_run |" not in text
+    left_out = text.split("## Folders left out", 1)[1]
+    assert "broken_run" in left_out and "not valid JSON (line 1" in left_out
+
+
+def test_no_readable_run_exits_2(runs, tmp_path):
+    base, _, second = runs
+    broken = tmp_path / "only" / "run"
+    shutil.copytree(second, broken)
+    (broken / "config.json").write_text("{not json")
+    done = run_report("--input-dirs", tmp_path / "only", "--output", tmp_path / "r")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: no readable finished runs")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = run_report("--input-dirs", empty, "--output", tmp_path / "r")
+    assert done.returncode == 2 and "no run folders" in done.stderr
+    done = run_report("--input-dirs", empty, "--output", tmp_path / "r", "--format", "pdf")
+    assert done.returncode == 2 and "bad --format" in done.stderr
+
+
+def test_unique_labels_never_collide(tmp_path):
+    a, b, c = tmp_path / "x" / "results", tmp_path / "y" / "results", tmp_path / "z"
+    pairs = [(a, a / "run"), (b, b / "run"), (c, c / "run"), (c, c / "other")]
+    labels = report.unique_labels(pairs)
+    assert len(set(labels)) == 4
+    assert labels == ["input1/results/run", "input2/results/run", "z/run", "other"]
+
+
+def test_significance_sentence_states_the_attainable_p():
+    summary = {"top_vs_random": {"n_random_draws": 2, "empirical_p_value": 1 / 3,
+                                 "effect_ratio": 1234.0}}
+    lines = report._significance(summary, {"delta_perplexity_ci95": [1.0, 2.0]})
+    assert "excludes zero" in lines[0]
+    assert "more damaging than 2 of 2" in lines[1] and "at least 19 seeds" in lines[1]
+    summary["top_vs_random"].update(n_random_draws=20, empirical_p_value=1 / 21)
+    lines = report._significance(summary, {"delta_perplexity_ci95": [-1.0, 2.0]})
+    assert "includes zero" in lines[0] and "significant at the 5% level" in lines[1]
+    assert math.isclose(1 / 21, summary["top_vs_random"]["empirical_p_value"])

@@ -1,0 +1,112 @@
+"""Plots: numbers behind them checked against independent computations, and a real --save-plots
+run of the built-in model (per_layer mode, png + pdf)."""
+from __future__ import annotations
+
+import json
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+
+from src.errors import UserError
+from src.models.components import ParamMeta
+from src.utils import visualize
+from tests.conftest import run_cli
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CORE_PLOTS = ("sensitivity_distribution", "layer_component_heatmap", "topk_location",
+              "perturbation_effects")
+
+
+def _metas(shapes: dict[str, tuple]) -> dict[str, ParamMeta]:
+    from src.models.components import component_of, layer_index
+
+    return {n: ParamMeta(n, layer_index(n), component_of(n), s, False) for n, s in shapes.items()}
+
+
+def test_log_histograms_match_numpy_octaves():
+    generator = torch.Generator().manual_seed(0)
+    scores = {"model.layers.0.mlp.down_proj.weight": torch.randn(64, 32, generator=generator)
+              * 10 ** torch.randint(-12, 3, (64, 32), generator=generator).float(),
+              "model.layers.1.mlp.down_proj.weight": torch.rand(16, 8, generator=generator),
+              "model.layers.0.self_attn.q_proj.weight": torch.randn(8, 8, generator=generator)}
+    scores["model.layers.1.mlp.down_proj.weight"][0, :3] = 0.0
+    scores["model.layers.0.self_attn.q_proj.weight"][1, 1] = math.inf
+    hists = visualize.log_histograms(scores, _metas({n: tuple(s.shape) for n, s in scores.items()}))
+    for component, names in (("mlp_down", ["model.layers.0.mlp.down_proj.weight",
+                                           "model.layers.1.mlp.down_proj.weight"]),
+                             ("attn_q", ["model.layers.0.self_attn.q_proj.weight"])):
+        values = np.abs(np.concatenate([scores[n].numpy().ravel() for n in names]))
+        finite = values[np.isfinite(values) & (values > 0)]
+        octaves = np.floor(np.log2(finite)).astype(int)  # bin: 2**e <= |s| < 2**(e+1)
+        expected = np.bincount(octaves - int(hists.log2_edges[0]),
+                               minlength=len(hists.log2_edges) - 1)
+        np.testing.assert_array_equal(hists.counts[component], expected)
+        assert hists.zeros[component] == int((values == 0).sum())
+        assert hists.nonfinite[component] == int((~np.isfinite(values)).sum())
+        assert hists.numel[component] == values.size
+    assert hists.edges[0] <= min(np.abs(s[s != 0]).min() for s in
+                                 (t.numpy() for t in scores.values()))
+
+
+def test_mean_abs_by_cell_weights_by_numel():
+    scores = {"model.layers.0.mlp.up_proj.weight": torch.full((4, 4), -2.0),
+              "model.layers.0.mlp.gate_proj.weight": torch.ones(2, 2),
+              "model.layers.3.mlp.up_proj.weight": torch.tensor([[1.0, -3.0]])}
+    cells = visualize.mean_abs_by_cell(scores, _metas({n: tuple(s.shape) for n, s in scores.items()}))
+    assert cells[(0, "mlp_up")] == (2.0, 16)
+    assert cells[(0, "mlp_gate")] == (1.0, 4)
+    assert cells[(3, "mlp_up")] == (2.0, 2)
+
+
+def test_parse_formats_and_figures_are_closed(tmp_path):
+    assert visualize.parse_formats("png, PDF,png") == ("png", "pdf")
+    for bad in ("jpg", "", "png,gif"):
+        with pytest.raises(UserError):
+            visualize.parse_formats(bad)
+    figure, ax = plt.subplots()
+    ax.plot([1, 2], [3, 4])
+    paths = visualize.save_figure(figure, tmp_path / "sub" / "line", ("png", "svg"))
+    assert [p.rsplit(".", 1)[1] for p in paths] == ["png", "svg"]
+    assert not plt.fignum_exists(figure.number)
+
+
+def test_missing_inputs_are_skipped_with_a_note(tmp_path, capsys):
+    written = visualize.save_run_plots(tmp_path, ("png",), metric="magnitude", mode="global", k=3)
+    assert written == []
+    out = capsys.readouterr().out
+    assert "plot perturbation_effects skipped: no perturbation_results.json" in out
+    assert "plot stability skipped: no stability_results.json" in out
+    assert "plot sensitivity_distribution skipped" in out
+
+
+@pytest.fixture(scope="module")
+def plotted_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plots") / "run"
+    done = run_cli("--max-length", "32", "--max-samples", "2", "--topk", "3", "--mode",
+                   "per_layer", "--layers", "0-3", "--perturb", "sign_flip", "--seeds", "0,1",
+                   "--save-plots", "--plot-format", "png,pdf", "--out-dir", out)
+    assert done.returncode == 0, done.stderr
+    return out, done.stdout
+
+
+def test_save_plots_run_writes_non_empty_png_and_pdf(plotted_run):
+    out, stdout = plotted_run
+    for name in CORE_PLOTS:
+        png, pdf = out / "plots" / f"{name}.png", out / "plots" / f"{name}.pdf"
+        assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 10_000
+        assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1_000
+    assert "plot stability skipped: no stability_results.json" in stdout
+    manifest = json.loads((out / "experiment_manifest.json").read_text())
+    listed = {f["path"] for f in manifest["output_files"]}
+    assert {f"plots/{name}.png" for name in CORE_PLOTS} <= listed
+    assert "plots" in manifest["timings_seconds"]
+
+
+def test_plot_format_without_save_plots_is_an_error(cli, tmp_path):
+    done = cli("--plot-format", "pdf", "--out-dir", tmp_path / "x")
+    assert done.returncode == 2
+    assert "--plot-format has no effect without --save-plots" in done.stderr
+    assert not (tmp_path / "x").exists()
