@@ -55,6 +55,21 @@ class RunConfig:
     super_weights: bool = False
     super_weight_max: int = SUPER_WEIGHT_MAX
     spike_threshold: float = SPIKE_THRESHOLD
+    # advanced analysis (src/analysis)
+    weight_analysis: bool = False
+    clustering_method: str | None = None
+    n_clusters: int | None = None
+    dbscan_eps: float | None = None
+    compare_metrics: tuple[str, ...] = ()
+    architecture_analysis: bool = False
+    temporal_stability: bool = False
+    conditions_data: tuple[str, ...] = ()
+    drift_threshold: float = 0.5
+    temporal_k: tuple[int, ...] = ()
+    advanced_perturbations: tuple[str, ...] = ()
+    progressive_k: tuple[int, ...] = (1, 10, 100, 1000, 10000)
+    target_components: tuple[str, ...] = ()
+    target_layers: str | None = None
     # plots (src/utils/visualize.py)
     save_plots: bool = False
     plot_formats: tuple[str, ...] = ("png",)
@@ -137,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     stability.add_argument("--stability-batches", type=int, default=3,
                            help="disjoint calibration parts compared")
 
+    add_analysis_arguments(parser)
+
     plots = parser.add_argument_group("plots", "figures written to <out-dir>/plots/ at the end "
                                                "of the run (src/utils/visualize.py)")
     plots.add_argument("--save-plots", action="store_true",
@@ -169,6 +186,128 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--out-dir", help="output folder (default results/<model>_<metric>_k<K>_<time>)")
     output.add_argument("--verbose", action="store_true", help="progress bars and more detail")
     return parser
+
+
+def add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
+    """Advanced analyses (src/analysis); results go to enhanced_analysis.json, one key each."""
+    group = parser.add_argument_group(
+        "advanced analysis", "results go to enhanced_analysis.json, one key per analysis")
+    group.add_argument("--weight-analysis", action="store_true",
+                       help="per-tensor sensitivity profiles (quantiles, share of score held by "
+                            "the top 0.01%%/1%%), clustering of tensors by profile, and hotspots "
+                            "(rows / input channels where top-K weights bunch up)")
+    group.add_argument("--clustering-method", choices=["kmeans", "dbscan"],
+                       help="how tensors are clustered by profile (default kmeans)")
+    group.add_argument("--n-clusters", type=int, help="kmeans: number of clusters (default 4)")
+    group.add_argument("--dbscan-eps", type=float,
+                       help="dbscan: neighbourhood radius in standardised feature units "
+                            "(default: 90th percentile of the 2nd-nearest-tensor distance)")
+    group.add_argument("--compare-metrics",
+                       help="comma-separated metrics to score the same calibration data with, "
+                            "e.g. grad_x_weight,magnitude,act_mag: Spearman, top-K Jaccard and "
+                            "per-layer correlation for every pair")
+    group.add_argument("--architecture-analysis", action="store_true",
+                       help="score mass, top-K counts and enrichment per component and per "
+                            "layer; depth trend; q/k/v/o and MLP comparison (fused q/k/v split)")
+    group.add_argument("--temporal-stability", action="store_true",
+                       help="rescore under calibration prefixes, seed subsets and "
+                            "--conditions-data files; pairwise Jaccard/Spearman and drift")
+    group.add_argument("--conditions-data", nargs="+", metavar="FILE",
+                       help="--temporal-stability: extra text files, one snapshot each")
+    group.add_argument("--drift-threshold", type=float,
+                       help="--temporal-stability: flag consecutive snapshots whose drift "
+                            "(1 - top-K Jaccard) exceeds this (default 0.5)")
+    group.add_argument("--temporal-k",
+                       help="--temporal-stability: comma-separated K values to compare at "
+                            "(default: --topk)")
+    group.add_argument("--advanced-perturbations",
+                       help="comma-separated: progressive (K-vs-perplexity curve, top-K vs "
+                            "random-K), clustered (top-K of one tensor cluster at a time), "
+                            "targeted (top-K of the --target-* set and of each targeted "
+                            "component); method: --perturb, else zero")
+    group.add_argument("--progressive-k",
+                       help="progressive: comma-separated K values, capped at the eligible "
+                            "weights (default 1,10,100,1000,10000)")
+    group.add_argument("--target-components",
+                       help="restrict the eligible weights of the whole run to these components, "
+                            "e.g. mlp_down,attn_q")
+    group.add_argument("--target-layers",
+                       help="restrict the eligible weights of the whole run to these blocks, "
+                            "e.g. 0-3,10 (intersected with --layers)")
+
+
+ADVANCED_PERTURBATIONS = ("progressive", "clustered", "targeted")
+
+
+def _analysis_fields(args: argparse.Namespace) -> dict:
+    """Validated advanced-analysis settings; a setting that would have no effect is an error."""
+    from src.analysis.advanced_perturbations import eligible_restriction
+    from src.sensitivity.metrics import METRICS
+
+    compare = _name_list(args.compare_metrics, "--compare-metrics", METRICS)
+    if args.compare_metrics is not None and len(compare) < 2:
+        raise UserError("--compare-metrics needs at least two different metrics, e.g. "
+                        "grad_x_weight,magnitude")
+    advanced = _name_list(args.advanced_perturbations, "--advanced-perturbations",
+                          ADVANCED_PERTURBATIONS)
+    clusters_used = args.weight_analysis or "clustered" in advanced
+    _needs(args.clustering_method, clusters_used, "--clustering-method",
+           "--weight-analysis or --advanced-perturbations clustered")
+    _needs(args.n_clusters, clusters_used and (args.clustering_method or "kmeans") == "kmeans",
+           "--n-clusters", "--clustering-method kmeans with --weight-analysis or clustered")
+    _needs(args.dbscan_eps, clusters_used and args.clustering_method == "dbscan",
+           "--dbscan-eps", "--clustering-method dbscan")
+    for flag, value in (("--conditions-data", args.conditions_data),
+                        ("--drift-threshold", args.drift_threshold),
+                        ("--temporal-k", args.temporal_k)):
+        _needs(value, args.temporal_stability, flag, "--temporal-stability")
+    _needs(args.progressive_k, "progressive" in advanced, "--progressive-k",
+           "--advanced-perturbations progressive")
+    targets = bool(args.target_components or args.target_layers)
+    if "targeted" in advanced and not targets:
+        raise UserError("--advanced-perturbations targeted needs --target-components and/or "
+                        "--target-layers")
+    if args.n_clusters is not None and args.n_clusters < 2:
+        raise UserError(f"--n-clusters must be at least 2 (got {args.n_clusters})")
+    if args.dbscan_eps is not None and args.dbscan_eps <= 0:
+        raise UserError(f"--dbscan-eps must be > 0 (got {args.dbscan_eps})")
+    drift = 0.5 if args.drift_threshold is None else args.drift_threshold
+    if not 0.0 <= drift <= 1.0:
+        raise UserError(f"--drift-threshold must be in [0, 1] (got {drift})")
+    for path in args.conditions_data or ():
+        if not Path(path).is_file():
+            raise UserError(f"--conditions-data '{path}' does not exist or is not a file")
+    progressive_k = _int_list(args.progressive_k, "--progressive-k") if args.progressive_k \
+        else RunConfig.progressive_k
+    temporal_k = _int_list(args.temporal_k, "--temporal-k") if args.temporal_k else ()
+    for flag, values in (("--progressive-k", progressive_k), ("--temporal-k", temporal_k)):
+        if any(k < 1 for k in values):
+            raise UserError(f"{flag} values must be at least 1")
+    target_components = tuple(x.strip() for x in (args.target_components or "").split(",")
+                              if x.strip())
+    eligible_restriction(args.layers, args.target_layers, target_components,
+                         args.include_embeddings)  # validates names early
+    return dict(weight_analysis=args.weight_analysis, clustering_method=args.clustering_method,
+                n_clusters=args.n_clusters, dbscan_eps=args.dbscan_eps, compare_metrics=compare,
+                architecture_analysis=args.architecture_analysis,
+                temporal_stability=args.temporal_stability,
+                conditions_data=tuple(args.conditions_data or ()), drift_threshold=drift,
+                temporal_k=temporal_k, advanced_perturbations=advanced,
+                progressive_k=progressive_k, target_components=target_components,
+                target_layers=args.target_layers)
+
+
+def _name_list(text: str | None, flag: str, allowed) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(x.strip() for x in (text or "").split(",") if x.strip()))
+    for name in names:
+        if name not in allowed:
+            raise UserError(f"unknown {flag} entry '{name}'; choose from {', '.join(allowed)}")
+    return names
+
+
+def _needs(value, used: bool, flag: str, requirement: str) -> None:
+    if value is not None and not used:
+        raise UserError(f"{flag} has no effect without {requirement}")
 
 
 def _check_super_weight_flags(args: argparse.Namespace) -> None:
@@ -265,7 +404,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         super_weights=args.super_weights, super_weight_max=args.super_weight_max,
         spike_threshold=args.spike_threshold,
         save_plots=args.save_plots, plot_formats=_plot_formats(args),
-        out_dir=out_dir, verbose=args.verbose)
+        out_dir=out_dir, verbose=args.verbose, **_analysis_fields(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,9 +19,12 @@ from src.eval.perplexity import evaluate
 from src.models.components import describe_parameters
 from src.analysis import super_weights
 from src.models.loader import load_model
+from src.analysis.advanced_perturbations import eligible_restriction
+from src.analysis.context import AnalysisContext
+from src.analysis.steps import analysis_steps, print_lines
 from src.sensitivity import experiment, stability
 from src.sensitivity.metrics import (METRICS, ScoringJob, compute_scores, eligible_parameters,
-                                     parse_layers, tied_parameter_names)
+                                     tied_parameter_names)
 from src.sensitivity.perturb import PerturbOptions, resolve_bit
 from src.sensitivity.rank import check_k, selection_table, top_k
 from src.utils import manifest, report_console
@@ -48,7 +51,8 @@ def run(config: RunConfig) -> dict:
     with timer.step("prepare_data"):
         data = prepare_data(tokenizer, data_file=config.data_file, dataset=config.dataset,
                             max_length=config.max_length, max_samples=config.max_samples)
-    params = eligible_parameters(model, config.include_embeddings, parse_layers(config.layers))
+    params = eligible_parameters(model, config.include_embeddings, *eligible_restriction(
+        config.layers, config.target_layers, config.target_components, config.include_embeddings))
     check_k({n: p.numel() for n, p in params.items()}, config.topk, config.mode)
     if config.perturb == "bit_flip":
         for p in params.values():
@@ -59,7 +63,8 @@ def run(config: RunConfig) -> dict:
     data_info = describe_data(data)
     state = {"success": False, "error": None}
     try:
-        results = run_steps(config, model, params, data, out_dir, timer, model_info)
+        results = run_steps(config, model, params, data, out_dir, timer, model_info,
+                            tokenizer=tokenizer)
         state["success"] = True
         return results
     except BaseException as error:
@@ -75,7 +80,8 @@ def run(config: RunConfig) -> dict:
         write_json(out_dir / "experiment_manifest.json", record)
 
 
-def run_steps(config, model, params, data, out_dir: Path, timer, model_info) -> dict:
+def run_steps(config, model, params, data, out_dir: Path, timer, model_info,
+              tokenizer=None) -> dict:
     progress = config.verbose
     with timer.step("baseline_eval"):
         baseline = evaluate(model, data.evaluation, config.batch_size, progress)
@@ -133,6 +139,14 @@ def run_steps(config, model, params, data, out_dir: Path, timer, model_info) -> 
         write_json(out_dir / "stability_results.json", stab)
         report_console.stability(stab)
         results["stability"] = stab
+
+    analyses = AnalysisContext(config, model, params, scores, selection, metas, job, data,
+                               baseline, tokenizer)
+    for key, analysis in analysis_steps(config):
+        with timer.step(key):
+            results[key] = analysis(analyses)
+        update_json(out_dir / "enhanced_analysis.json", key, results[key])
+        print_lines(key, results[key])
 
     if config.save_plots:  # keep last: draws the outputs of every step above
         from src.utils import visualize  # matplotlib only when plotting

@@ -109,17 +109,61 @@ def from_out_in(meta: ParamMeta, row: int, col: int) -> int:
     return row * meta.stored_shape[-1] + col
 
 
-def fused_qkv_part(meta: ParamMeta, rows: torch.Tensor, model_type: str, n_heads: int) -> list[str]:
-    """Split the output rows of a fused q/k/v weight into 'attn_q' / 'attn_k' / 'attn_v'.
+# model_type -> layout of the output rows of its fused q/k/v weight (see fused_qkv_row_parts).
+FUSED_QKV_LAYOUTS: dict[str, str] = {
+    "gpt2": "concatenated", "phi3": "concatenated", "mpt": "concatenated",
+    "gpt_neox": "per_head", "bloom": "per_head",
+}
 
-    GPT-2 ``c_attn`` concatenates [q; k; v] along the output; GPT-NeoX ``query_key_value`` is
-    laid out per head as [head, (q, k, v), head_dim].
+
+def attention_heads(config) -> tuple[int, int]:
+    """(query heads, key/value heads) of a transformers config (n_kv = n_heads without GQA)."""
+    n_heads = next(getattr(config, a) for a in ("num_attention_heads", "n_head", "n_heads")
+                   if getattr(config, a, None))
+    n_kv = next((getattr(config, a) for a in ("num_key_value_heads", "n_head_kv", "kv_n_heads")
+                 if getattr(config, a, None)), n_heads)
+    if getattr(config, "multi_query", False):
+        n_kv = 1
+    return int(n_heads), int(n_kv)
+
+
+def fused_qkv_row_parts(meta: ParamMeta, model_type: str, n_heads: int,
+                        n_kv_heads: int | None = None) -> torch.Tensor | None:
+    """Part of every output row of a fused q/k/v weight: LongTensor [n_out], 0=q, 1=k, 2=v.
+
+    ``concatenated`` (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``): rows are [q; k; v] with
+    n_heads*head_dim query rows and n_kv_heads*head_dim rows each for k and v.
+    ``per_head`` (GPT-NeoX/Bloom ``query_key_value``): rows are [head, (q, k, v), head_dim].
+    Returns None for a model type whose layout is not known (the weight stays ``attn_qkv``).
     """
+    layout = FUSED_QKV_LAYOUTS.get(model_type)
+    if layout is None:
+        return None
+    n_kv_heads = n_kv_heads or n_heads
     n_out = meta.shape_out_in[0]
-    parts = ("attn_q", "attn_k", "attn_v")
-    if model_type == "gpt_neox":
+    rows = torch.arange(n_out)
+    if layout == "per_head":
+        if n_kv_heads != n_heads or n_out % (3 * n_heads):
+            raise ValueError(f"{meta.name}: {n_out} rows do not fit [head, (q,k,v), head_dim] "
+                             f"with {n_heads} heads")
         head_dim = n_out // (3 * n_heads)
-        which = (rows % (3 * head_dim)) // head_dim
-    else:
-        which = rows // (n_out // 3)
-    return [parts[int(i)] for i in which.tolist()]
+        return (rows % (3 * head_dim)) // head_dim
+    head_dim, remainder = divmod(n_out, n_heads + 2 * n_kv_heads)
+    if remainder:
+        raise ValueError(f"{meta.name}: {n_out} rows do not fit [q; k; v] with {n_heads} query "
+                         f"and {n_kv_heads} key/value heads")
+    q_rows, kv_rows = n_heads * head_dim, n_kv_heads * head_dim
+    return (rows >= q_rows).long() + (rows >= q_rows + kv_rows).long()
+
+
+def fused_qkv_part(meta: ParamMeta, rows: torch.Tensor, model_type: str, n_heads: int,
+                   n_kv_heads: int | None = None) -> list[str]:
+    """'attn_q' / 'attn_k' / 'attn_v' for output rows ([out, in] convention) of a fused weight.
+
+    For a few rows (table output); whole-tensor work uses ``fused_qkv_row_parts``.
+    """
+    parts = fused_qkv_row_parts(meta, model_type, n_heads, n_kv_heads)
+    if parts is None:
+        raise ValueError(f"fused q/k/v layout of model type '{model_type}' is not known")
+    names = ("attn_q", "attn_k", "attn_v")
+    return [names[int(i)] for i in parts[torch.as_tensor(rows).cpu()].tolist()]
