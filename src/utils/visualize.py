@@ -504,6 +504,242 @@ def _pair_matrix(labels: list, pairs: list[dict]) -> np.ndarray:
     return matrix
 
 
+# ----------------------------------------------------------------------------- optional analyses
+
+@plot("progressive_curve")
+def progressive_curve(art: RunArtifacts) -> plt.Figure:
+    section = art.analysis("progressive_perturbation", "run with --advanced-perturbations "
+                                                       "progressive")
+    curve, baseline = section["curve"], section["baseline"]["perplexity"]
+    ks = np.asarray(curve["k"], dtype=float)
+    top = np.asarray(curve["top_k_perplexity"], dtype=float)
+    rnd = np.asarray(curve["random_k_mean_perplexity"], dtype=float)
+    sd = np.nan_to_num(np.asarray(curve["random_k_sd_perplexity"], dtype=float))
+    ceiling = np.nanmax(np.concatenate([top[np.isfinite(top)], rnd[np.isfinite(rnd)],
+                                        [baseline]])) * 3
+    figure, ax = plt.subplots(figsize=(7.5, 4.8))
+    intervals = [_top_interval(point, baseline) for point in section["points"]]
+    low = np.array([i[0] for i in intervals])
+    high = np.array([i[1] for i in intervals])
+    finite = np.isfinite(top)
+    ax.plot(ks[finite], top[finite], "-o", color=SELECTION_COLOURS["top_k"], label="top-K",
+            markeredgecolor="black", markeredgewidth=0.4)
+    if not finite.all():
+        ax.scatter(ks[~finite], np.full((~finite).sum(), ceiling), marker="^",
+                   color=SELECTION_COLOURS["top_k"], edgecolor="black", linewidth=0.4,
+                   label="top-K perplexity inf")
+    usable = np.isfinite(low) & np.isfinite(high) & np.isfinite(top)
+    ax.fill_between(ks[usable], low[usable], high[usable], color=SELECTION_COLOURS["top_k"],
+                    alpha=0.2, label="top-K bootstrap 95% interval")
+    ax.errorbar(ks, np.where(np.isfinite(rnd), rnd, ceiling), yerr=sd, fmt="--s",
+                color=SELECTION_COLOURS["random_k"], capsize=3,
+                label=f"random-K mean ± sd ({len(section.get('seeds', []))} seeds)")
+    for k, value in zip(ks, top):
+        if not np.isfinite(value):
+            ax.annotate("inf", (k, ceiling), ha="center", va="bottom", fontsize=8)
+    ax.axhline(baseline, color="black", linestyle=":", label="baseline")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("K (weights perturbed, log scale)")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(f"Progressive '{section['method']}' ({section['mode']}): damage against K")
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def _top_interval(point: dict, baseline: float) -> tuple[float, float]:
+    """Perplexity interval of the top-K condition: baseline + its Δppl bootstrap interval."""
+    row = next((r for r in point.get("conditions", []) if r["selection"] == "top_k"), None)
+    if row is None or not row.get("delta_perplexity_ci95"):
+        return math.nan, math.nan
+    low, high = row["delta_perplexity_ci95"]
+    return baseline + low, baseline + high
+
+
+@plot("architecture_depth")
+def architecture_depth(art: RunArtifacts) -> plt.Figure:
+    section = art.analysis("architecture", "run with --architecture-analysis")
+    by_layer = {int(k): v for k, v in section["by_layer"].items() if str(k).lstrip("-").isdigit()}
+    layers = sorted(by_layer)
+    if not layers:
+        raise SkipPlot("the architecture analysis has no per-layer numbers")
+    mean = [by_layer[i]["mean_score"] for i in layers]
+    enrichment = [by_layer[i].get("enrichment", math.nan) for i in layers]
+    depth = section.get("depth", {})
+    figure, (upper, lower) = plt.subplots(2, 1, figsize=(9, 6.4), sharex=True)
+    upper.plot(layers, mean, "-o", color=PALETTE[0], markersize=4)
+    upper.set_yscale("log")
+    upper.set_ylabel(f"mean {art.metric or section.get('metric')} score\n(log scale)")
+    rho = depth.get("spearman_layer_vs_mean_score", {})
+    upper.set_title(f"Sensitivity over depth ({section.get('metric')}): Spearman ρ(layer, mean "
+                    f"score) = {_num(rho.get('rho'))}, p = {_num(rho.get('p_value'))}",
+                    fontsize=10)
+    lower.bar(layers, enrichment, color=PALETTE[1], edgecolor="black", linewidth=0.3)
+    lower.axhline(1.0, color="black", linestyle="--", linewidth=1, label="uniform share (1)")
+    lower.set_ylabel("top-K enrichment\n(count / count expected by size)")
+    lower.set_xlabel("transformer block (layer index)")
+    rho = depth.get("spearman_layer_vs_topk_count", {})
+    lower.set_title(f"Where the top-{section.get('k')} weights sit over depth: Spearman "
+                    f"ρ(layer, top-K count) = {_num(rho.get('rho'))}", fontsize=10)
+    lower.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+@plot("super_weight_spikes")
+def super_weight_spikes(art: RunArtifacts) -> plt.Figure:
+    section = art.analysis("super_weights", "run with --super-weights")
+    threshold = section["method"]["spike_threshold"]
+    candidates = section.get("candidates", [])
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8),
+                                         gridspec_kw={"width_ratios": [1.6, 1]})
+    passes = section.get("passes") or [section["layers"]]
+    for index, layers in enumerate(passes):
+        label = "intact model" if index == 0 else f"after zeroing {index} candidate(s)"
+        style = "-o" if index == 0 else ":"
+        left.plot([l["layer"] for l in layers], [l["output_ratio"] for l in layers], style,
+                  color=PALETTE[index % len(PALETTE)], markersize=4, label=label)
+    left.axhline(threshold, color="black", linestyle="--", linewidth=1,
+                 label=f"spike threshold {threshold:g}x")
+    for c in candidates:
+        left.annotate(f"[{c['row']}, {c['col']}]", (c["layer"], c["output_ratio"]),
+                      textcoords="offset points", xytext=(4, 6), fontsize=7)
+    left.set_yscale("log")
+    left.set_xlabel("transformer block (layer index)")
+    left.set_ylabel("max |MLP output| / median channel peak\n(log scale)")
+    left.set_title("Activation spikes at the MLP output projection", fontsize=10)
+    left.legend(fontsize=7)
+    _super_weight_effects(right, candidates, section)
+    figure.suptitle(f"Super weights: {section['n_candidates']} candidate(s), "
+                    f"{section['n_confirmed']} confirmed against same-tensor controls "
+                    f"(baseline perplexity {section['baseline_perplexity']:.3f})", fontsize=11)
+    figure.tight_layout()
+    return figure
+
+
+def _super_weight_effects(ax, candidates: list[dict], section: dict) -> None:
+    if not candidates:
+        ax.text(0.5, 0.5, "no layer crossed the spike threshold", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    labels = [f"L{c['layer']} [{c['row']},{c['col']}]" + ("\nconfirmed" if c.get("confirmed")
+                                                           else "") for c in candidates]
+    alone = np.array([c["alone"]["ratio"] for c in candidates], dtype=float)
+    control = np.array([c["controls"]["max_control_ratio"] for c in candidates], dtype=float)
+    x = np.arange(len(candidates))
+    top = np.nanmax(np.concatenate([alone[np.isfinite(alone)], control[np.isfinite(control)],
+                                    [1.0]])) * 3
+    ax.bar(x - 0.2, np.where(np.isfinite(alone), alone, top), 0.4, label="candidate zeroed",
+           color=SELECTION_COLOURS["top_k"], edgecolor="black", linewidth=0.3)
+    ax.bar(x + 0.2, np.where(np.isfinite(control), control, top), 0.4,
+           label="worst control zeroed", color=SELECTION_COLOURS["random_k"], edgecolor="black",
+           linewidth=0.3)
+    ax.axhline(1.0, color="black", linestyle=":", linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel("perplexity / baseline (log scale)")
+    ax.set_xlabel("candidate: layer [row, col] in [out, in]")
+    ax.set_title("Causal check on the evaluation blocks", fontsize=10)
+    ax.legend(fontsize=7)
+
+
+@plot("metric_correlation")
+def metric_correlation(art: RunArtifacts) -> plt.Figure:
+    section = art.analysis("metric_correlation", "run with --compare-metrics")
+    metrics = list(section["metrics"])
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    for ax, (key, label, cmap, low) in zip(axes, (
+            ("spearman", "Spearman ρ of scores", DIVERGING_CMAP, -1.0),
+            ("jaccard", f"Jaccard of top-{section.get('k')} sets", HEATMAP_CMAP, 0.0))):
+        matrix = np.eye(len(metrics))
+        for pair in section["pairs"]:
+            i, j = metrics.index(pair["a"]), metrics.index(pair["b"])
+            value = pair.get(key)
+            matrix[i, j] = matrix[j, i] = np.nan if value is None else value
+        sns.heatmap(matrix, ax=ax, vmin=low, vmax=1.0, cmap=cmap, annot=True, fmt=".2f",
+                    square=True, xticklabels=metrics, yticklabels=metrics,
+                    cbar_kws={"label": label})
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("metric")
+        ax.set_ylabel("metric")
+    figure.suptitle(f"Agreement between metrics on the same calibration data "
+                    f"({section.get('mode')} top-{section.get('k')})")
+    figure.tight_layout()
+    return figure
+
+
+@plot("temporal_drift")
+def temporal_drift(art: RunArtifacts) -> plt.Figure:
+    section = art.analysis("temporal_stability", "run with --temporal-stability")
+    families = {name: fam for name, fam in section["drift"].items()
+                if isinstance(fam, dict) and fam.get("steps")}
+    if not families:
+        raise SkipPlot("the temporal-stability analysis has fewer than two snapshots per family")
+    figure, axes = plt.subplots(1, len(families), figsize=(5.2 * len(families), 4.4),
+                                squeeze=False)
+    threshold = section.get("drift_threshold")
+    for ax, (name, family) in zip(axes[0], families.items()):
+        steps = family["steps"]
+        for index, k in enumerate(sorted({step["k"] for step in steps})):
+            chosen = [s for s in steps if s["k"] == k]
+            ax.plot(range(len(chosen)), [s["drift"] for s in chosen], "-o",
+                    color=PALETTE[index % len(PALETTE)], label=f"K={k}")
+        labels = [f"{s['from']}\n→ {s['to']}" for s in steps if s["k"] == steps[0]["k"]]
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        if threshold is not None:
+            ax.axhline(threshold, color="black", linestyle="--", linewidth=1,
+                       label=f"flag threshold {threshold:g}")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("drift = 1 − Jaccard of top-K sets")
+        ax.set_xlabel("consecutive snapshots")
+        ax.set_title(f"{name.replace('_', ' ')}: mean drift {_num(family.get('mean_drift'))}",
+                     fontsize=10)
+        ax.legend(fontsize=7)
+    figure.suptitle(f"Top-K drift between calibration snapshots ({section.get('metric')})")
+    figure.tight_layout()
+    return figure
+
+
+@plot("weight_clusters")
+def weight_clusters(art: RunArtifacts) -> plt.Figure:
+    section = art.analysis("weight_analysis", "run with --weight-analysis")
+    profiles, clustering = section["profiles"], section.get("clustering") or {}
+    labels = clustering.get("labels") or {}
+    tail_key = "top_share_1pct"
+    tail = {(p["layer"], p["component"]): p.get(tail_key) for p in profiles.values()}
+    clusters = {(profiles[n]["layer"], profiles[n]["component"]): lab for n, lab in labels.items()
+                if n in profiles}
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 0.2 * len({k[0] for k in tail}) + 3))
+    tail_grid, layers, components = _grid({k: v for k, v in tail.items() if v is not None})
+    _draw_heatmap(right, tail_grid, layers, components,
+                  "share of the tensor's score held by its top 1% of weights")
+    right.set_title("Heavy tails: score share of the top 1% of weights (0.01 = none)",
+                    fontsize=10)
+    if clusters:
+        names = sorted(set(clusters.values()), key=str)
+        grid, layers_c, components_c = _grid({k: float(names.index(v)) for k, v in clusters.items()})
+        cmap = matplotlib.colors.ListedColormap(_cycle(len(names)))
+        image = left.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap,
+                            vmin=-0.5, vmax=len(names) - 0.5, interpolation="nearest")
+        left.set_xticks(range(len(components_c)), components_c, rotation=35, ha="right")
+        step = max(1, len(layers_c) // 16)
+        left.set_yticks(range(0, len(layers_c), step),
+                        [_layer_label(layers_c[i]) for i in range(0, len(layers_c), step)])
+        left.set_xlabel("component")
+        left.set_ylabel("transformer block (layer index)")
+        bar = figure.colorbar(image, ax=left, ticks=range(len(names)))
+        bar.ax.set_yticklabels([str(n) for n in names])
+        bar.set_label("cluster")
+        left.set_title(f"Tensors clustered by sensitivity profile ({clustering.get('method')}, "
+                       f"silhouette {_num(clustering.get('silhouette'))})", fontsize=10)
+    else:
+        left.set_axis_off()
+    figure.tight_layout()
+    return figure
+
+
 # ----------------------------------------------------------------------------- helpers
 
 def _cycle(n: int) -> list:
