@@ -214,13 +214,17 @@ def test_line_hotspots_in_out_in_coordinates():
 
 
 def test_channel_hotspots_count_reads_and_writes_of_the_residual_stream():
-    metas = {"q": meta("q", 0, "attn_q", (8, 4)), "down": meta("down", 0, "mlp_down", (4, 6))}
+    metas = {"q": meta("q", 0, "attn_q", (8, 4)), "down": meta("down", 0, "mlp_down", (4, 6)),
+             "o": meta("o", 0, "attn_o", (4, 4))}   # o_proj: input = heads, not the residual
     selection = {"q": torch.tensor([2, 6, 10]),      # [out, in=4]: cols 2, 2, 2 -> reads channel 2
-                 "down": torch.tensor([6, 7, 0])}    # [out=4, in=6]: rows 1, 1, 0 -> writes 1, 1, 0
+                 "down": torch.tensor([6, 7, 0]),    # [out=4, in=6]: rows 1, 1, 0 -> writes 1, 1, 0
+                 "o": torch.tensor([0, 4, 8, 12])}   # rows 0..3 written; col 0 is not a "read"
     result = wa.channel_hotspots(selection, metas, hidden=4)
-    assert result["reads"]["top_channels"][0] == {"channel": 2, "count": 3, "n_tensors": 1,
-                                                  "fold_over_uniform": 3 / (3 / 4)}
-    assert [c["channel"] for c in result["writes"]["top_channels"]] == [1, 0]
+    assert result["reads"]["n_weights"] == 3
+    assert result["reads"]["top_channels"] == [{"channel": 2, "count": 3, "n_tensors": 1,
+                                                "fold_over_uniform": 3 / (3 / 4)}]
+    writes = {c["channel"]: c["count"] for c in result["writes"]["top_channels"]}
+    assert writes == {0: 2, 1: 3, 2: 1, 3: 1} and result["writes"]["n_weights"] == 7
 
 
 # ----------------------------------------------------------------------------- temporal drift

@@ -196,18 +196,26 @@ def line_hotspots(selection: Selection, metas: dict[str, ParamMeta], top: int = 
     return sorted(found, key=lambda h: (-h["fold_over_uniform"], -h["count"]))[:top]
 
 
+# Components whose input is the (normalised) residual stream, and those whose output is added to
+# it. Norms scale each channel, so channel j means the same hidden unit on both sides. A shape
+# test would not do: o_proj's input (the heads' output) can have the hidden size too.
+READS_RESIDUAL = ("attn_q", "attn_k", "attn_v", "attn_qkv", "mlp_gate", "mlp_up", "head")
+WRITES_RESIDUAL = ("attn_o", "mlp_down")
+
+
 def channel_hotspots(selection: Selection, metas: dict[str, ParamMeta], hidden: int,
                      top: int = N_HOTSPOTS) -> dict:
-    """Residual-stream channels shared by top-K weights across tensors: weights whose input is
-    the hidden state (``reads``: column = channel) or whose output is (``writes``: row = channel)."""
+    """Residual-stream channels shared by top-K weights across tensors: ``reads`` counts the
+    input channel (column) of weights that read the residual stream, ``writes`` the output
+    channel (row) of weights that write it; ``fold_over_uniform`` = count / (n / hidden)."""
     result = {}
-    for role, axis in (("reads", 1), ("writes", 0)):
+    for role, axis, components in (("reads", 1, READS_RESIDUAL), ("writes", 0, WRITES_RESIDUAL)):
         counts = torch.zeros(hidden, dtype=torch.long)
         tensors = torch.zeros(hidden, dtype=torch.long)
         n_total = 0
         for name, idx in selection.items():
             meta = metas[name]
-            if len(meta.shape_out_in) != 2 or meta.shape_out_in[axis] != hidden:
+            if meta.component not in components or meta.shape_out_in[axis] != hidden:
                 continue
             coords = to_out_in(meta, idx.cpu())[axis]
             per_channel = torch.bincount(coords, minlength=hidden)
@@ -215,13 +223,13 @@ def channel_hotspots(selection: Selection, metas: dict[str, ParamMeta], hidden: 
             tensors += (per_channel > 0).long()
             n_total += idx.numel()
         order = torch.argsort(counts, descending=True, stable=True)[:top]
-        expected = n_total / hidden if hidden else math.nan
-        result[role] = {"n_weights": n_total, "expected_per_channel": expected,
-                        "top_channels": [{"channel": int(c), "count": int(counts[c]),
-                                          "n_tensors": int(tensors[c]),
-                                          "fold_over_uniform": (int(counts[c]) / expected
-                                                                if expected else None)}
-                                         for c in order.tolist() if int(counts[c]) > 0]}
+        expected = n_total / hidden
+        result[role] = {"components": list(components), "n_weights": n_total,
+                        "expected_per_channel": expected,
+                        "top_channels": [{"channel": int(ch), "count": int(counts[ch]),
+                                          "n_tensors": int(tensors[ch]),
+                                          "fold_over_uniform": int(counts[ch]) / expected}
+                                         for ch in order.tolist() if int(counts[ch]) > 0]}
     return result
 
 
