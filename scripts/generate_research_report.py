@@ -206,8 +206,11 @@ def pct(value: float) -> str:
 
 
 def times(value: float) -> str:
+    """A ratio as "3.91x" (four decimals near 1, where three digits would read "1x")."""
     if not math.isfinite(value):
-        return "to infinity"
+        return "inf (overflow)" if value > 0 else str(value)
+    if abs(value - 1) < 0.01:
+        return f"{value:.4f}x"
     return f"{value:.3g}x" if value < 1e4 else f"{value:.3e}x"
 
 
@@ -277,7 +280,8 @@ def perturbation_findings(run: Run) -> list[str]:
     base = p["baseline"]["perplexity"]
     top = summary["top_k"]["mean_perplexity"]
     ratio = top / base
-    change = ("raised perplexity " + times(ratio)) if ratio > 1 else \
+    change = ("raised perplexity " + times(ratio)) if math.isfinite(ratio) and ratio > 1 else \
+        "made perplexity overflow to inf" if ratio > 1 else \
         (f"lowered perplexity by {pct(1 - ratio)}" if ratio < 1 else "left perplexity unchanged")
     top_row = next(r for r in p["conditions"] if r["selection"] == "top_k")
     low, high = top_row.get("delta_perplexity_ci95") or (math.nan, math.nan)
@@ -390,6 +394,137 @@ def location_findings(run: Run) -> list[str]:
                             f"(layer(s) {layer_list}): the selection concentrates on one "
                             f"{'output' if axis == 'row' else 'input'} channel.")
     return findings
+
+
+def downstream_findings(run: Run) -> list[str]:
+    """Per task and accuracy metric: baseline ± stderr against each condition's mean."""
+    d = run.downstream
+    if not d or not isinstance(d.get("baseline"), dict):
+        return []
+    out = []
+    for task, base in d["baseline"].items():
+        for metric in ("acc", "acc_norm"):
+            if metric not in base:
+                continue
+            parts = []
+            for selection in ("top_k", "random_k", "bottom_k"):
+                values = [c["tasks"][task][metric] for c in d.get("conditions", [])
+                          if c["selection"] == selection and task in c.get("tasks", {})]
+                if values:
+                    parts.append(f"{selection} {float(np.mean(values)):.3f}")
+            stderr = base.get(f"{metric}_stderr")
+            error = f" ± {stderr:.3f}" if isinstance(stderr, float) and math.isfinite(stderr) else ""
+            out.append(f"{task} {metric} (n={base.get('n')}): baseline {base[metric]:.3f}{error}"
+                       + (f"; perturbed: {', '.join(parts)}" if parts else "") + ".")
+    return out
+
+
+def super_weight_findings(section: dict) -> list[str]:
+    lines = [f"Super weights: {section['n_candidates']} candidate(s) from activation spikes "
+             f"(threshold {section['method']['spike_threshold']:g}x the layer median), "
+             f"{section['n_confirmed']} confirmed against same-tensor controls."]
+    for c in section.get("candidates", []):
+        lines.append(f"{c.get('parameter') or 'layer ' + str(c['layer'])} [{c['row']}, {c['col']}] "
+                     f"(spike {fmt(c.get('output_ratio'), 3)}x): zeroing it alone gives "
+                     f"perplexity {times(c['alone']['ratio'])} the baseline, the worst control "
+                     f"{times(c['controls']['max_control_ratio'])}"
+                     + (" (confirmed)" if c.get("confirmed") else " (not confirmed)")
+                     + _metric_rank_text(c.get("metric_rank"), section["method"].get("metric"))
+                     + ".")
+    return lines
+
+
+def _metric_rank_text(rank: dict | None, metric: str | None) -> str:
+    if not rank:
+        return ""
+    return (f"; {metric} ranks it {rank['rank_global']:,} of {rank['n_global']:,} scored weights "
+            f"({rank['rank_in_tensor']:,} in its tensor)")
+
+
+def progressive_findings(section: dict) -> list[str]:
+    curve, base = section["curve"], section["baseline"]["perplexity"]
+    top = [f"{times(p / base)} at K={k}" for k, p in zip(curve["k"], curve["top_k_perplexity"])]
+    moves = [abs(p / base - 1) for p in curve["random_k_mean_perplexity"]]
+    return [f"Progressive {section['method']} ({section['mode']}): top-K perplexity "
+            f"{', '.join(top)}; random-K mean within {pct(max(moves))} of the baseline at "
+            f"every K."]
+
+
+def architecture_findings(section: dict) -> list[str]:
+    depth = section.get("depth", {})
+    rho = depth.get("spearman_layer_vs_mean_score") or {}
+    lines = []
+    if rho.get("rho") is not None:
+        direction = "falls" if rho["rho"] < 0 else "rises"
+        lines.append(f"Mean {section.get('metric')} score {direction} with depth (Spearman ρ = "
+                     f"{rho['rho']:.2f}, p = {fmt(rho.get('p_value'), 2)}); peak layer "
+                     f"{depth.get('peak_mean_score_layer')}.")
+    by_component = {k: v for k, v in section.get("by_component", {}).items()
+                    if isinstance(v, dict) and v.get("enrichment") is not None}
+    if by_component:
+        best = max(by_component, key=lambda k: by_component[k]["enrichment"])
+        lines.append(f"Top-{section.get('k')} weights are most over-represented in {best} "
+                     f"({by_component[best]['enrichment']:.2f}x their share of weights; "
+                     f"{by_component[best]['topk_count']} selected).")
+    return lines
+
+
+def correlation_findings(section: dict) -> list[str]:
+    pairs = [p for p in section.get("pairs", []) if p.get("spearman") is not None]
+    if not pairs:
+        return []
+    high = max(pairs, key=lambda p: p["spearman"])
+    low = min(pairs, key=lambda p: p["spearman"])
+    return [f"Metric agreement: {high['a']} and {high['b']} agree most (Spearman "
+            f"{high['spearman']:.2f}, top-{section.get('k')} Jaccard {high['jaccard']:.3f}); "
+            f"{low['a']} and {low['b']} least (Spearman {low['spearman']:.2f}, Jaccard "
+            f"{low['jaccard']:.3f})."]
+
+
+def temporal_findings(section: dict) -> list[str]:
+    lines = []
+    for name, family in section.get("drift", {}).items():
+        if isinstance(family, dict) and family.get("steps"):
+            lines.append(f"Top-K drift across {name.replace('_', ' ')}: mean "
+                         f"{family['mean_drift']:.3f}, max {family['max_drift']:.3f}, "
+                         f"{family['n_flagged']} step(s) above the {section.get('drift_threshold')}"
+                         f" threshold.")
+    return lines
+
+
+def weight_analysis_findings(section: dict) -> list[str]:
+    lines = (section.get("hotspots") or {}).get("lines") or []
+    if not lines:
+        return []
+    h = lines[0]
+    axis = "input column" if h["axis"] == "col" else "output row"
+    return [f"Strongest hotspot: {h['count']} of the {h['n_selected_in_tensor']} selected weights "
+            f"of {h['parameter']} sit on {axis} {h['index']} ({h['fold_over_uniform']:.0f}x "
+            f"what a uniform spread would give)."]
+
+
+ANALYSIS_FINDINGS = {
+    "super_weights": super_weight_findings,
+    "progressive_perturbation": progressive_findings,
+    "architecture": architecture_findings,
+    "metric_correlation": correlation_findings,
+    "temporal_stability": temporal_findings,
+    "weight_analysis": weight_analysis_findings,
+}
+
+
+def analysis_findings(run: Run) -> list[str]:
+    """Findings from enhanced_analysis.json; a section whose layout is unexpected is named."""
+    out = []
+    for key, section in (run.enhanced or {}).items():
+        if key not in ANALYSIS_FINDINGS or not isinstance(section, dict):
+            continue
+        try:
+            out += ANALYSIS_FINDINGS[key](section)
+        except (KeyError, TypeError, ValueError) as error:
+            out.append(f"enhanced_analysis.json '{key}' has an unexpected layout "
+                       f"({type(error).__name__}: {error}); not summarised.")
+    return out
 
 
 def _comparable(runs: list[Run], fixed: tuple[str, ...]) -> dict[tuple, list[Run]]:
@@ -687,12 +822,13 @@ def build_report(runs: list[Run], skipped: list[tuple[str, str]], figures: dict[
                   "at least as damaging as top-K) / (1 + n). Jaccard: mean over pairs of top-K "
                   "sets (seeds: random calibration subsets; batches: disjoint calibration parts).")
     doc.heading(2, "Findings")
-    findings = cross_run_findings(runs)
-    for run in runs:
-        findings += [f"{run.label}: {line}" for line in
-                     perturbation_findings(run) + stability_findings(run)
-                     + location_findings(run)]
-    doc.bullets(findings or ["No run has perturbation, stability or top-K results to compare."])
+    across = cross_run_findings(runs)
+    if across:
+        doc.heading(3, "Across runs")
+        doc.bullets(across)
+    doc.heading(3, "Per run (headline; details in each run's section)")
+    doc.bullets([f"`{run.label}`: {run_findings(run)[0]}" for run in runs if run_findings(run)]
+                or ["No run has perturbation, stability or top-K results."])
     if figures:
         doc.heading(2, "Cross-run plots")
         for name, path in figures.items():
@@ -706,6 +842,11 @@ def build_report(runs: list[Run], skipped: list[tuple[str, str]], figures: dict[
         doc.heading(2, "Folders left out")
         doc.bullets([f"`{label}`: {reason}" for label, reason in skipped])
     return doc
+
+
+def run_findings(run: Run) -> list[str]:
+    return (perturbation_findings(run) + stability_findings(run) + location_findings(run)
+            + downstream_findings(run) + analysis_findings(run))
 
 
 def run_section(doc: Doc, run: Run) -> None:
@@ -723,6 +864,7 @@ def run_section(doc: Doc, run: Run) -> None:
     if run.enhanced:
         doc.paragraph("Optional analyses in enhanced_analysis.json: "
                       + ", ".join(f"`{key}`" for key in run.enhanced) + ".")
+    doc.bullets(run_findings(run))
     pngs = [p for p in run.plots if p.suffix == ".png"]
     for path in pngs:
         doc.image(path, f"{run.label}: {path.stem.replace('_', ' ')}")

@@ -78,7 +78,7 @@ def test_report_tables_findings_and_plots(runs, tmp_path):
         ratio = top["perplexity"] / base_ppl
         move = max(abs(p / base_ppl - 1) for p in randoms)
         finding = next(line for line in text.splitlines()
-                       if line.startswith(f"- {label}: Zeroing the top-5"))
+                       if line.startswith(f"- `{label}`: Zeroing the top-5"))
         assert report.times(ratio) in finding and report.pct(move) in finding
         assert f"{base_ppl:.2f} → {top['perplexity']:.2f}" in finding
     jaccard = _json(first / "stability_results.json")["across_seeds"]["jaccard"]["mean"]

@@ -740,6 +740,45 @@ def weight_clusters(art: RunArtifacts) -> plt.Figure:
     return figure
 
 
+ACCURACY_METRICS = ("acc", "acc_norm")
+
+
+@plot("downstream_tasks")
+def downstream_tasks(art: RunArtifacts) -> plt.Figure:
+    results = art.need("downstream_results.json", "run with --downstream-tasks")
+    panels = [(task, metric) for task, metrics in results["baseline"].items()
+              for metric in ACCURACY_METRICS if metric in metrics]
+    if not panels:
+        raise SkipPlot("downstream_results.json has no accuracy metrics")
+    conditions = results.get("conditions", [])
+    names = ["baseline"] + [s for s in SELECTION_ORDER
+                            if any(c["selection"] == s for c in conditions)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels) + 1, 4.4),
+                                squeeze=False)
+    for ax, (task, metric) in zip(axes[0], panels):
+        base = results["baseline"][task]
+        for x, name in enumerate(names):
+            if name == "baseline":
+                values = [base[metric]]
+                err = base.get(f"{metric}_stderr")
+            else:
+                values = [c["tasks"][task][metric] for c in conditions if c["selection"] == name]
+                err = float(np.std(values, ddof=1)) if len(values) > 1 else None
+            colour = SELECTION_COLOURS.get(name, PALETTE[7])
+            ax.bar(x, float(np.mean(values)), color=colour, edgecolor="black", linewidth=0.4,
+                   yerr=err if err is not None and np.isfinite(err) else None, capsize=4)
+            if len(values) > 1:
+                ax.scatter(np.full(len(values), x), values, color="black", s=10, zorder=3)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"{metric} (fraction correct)")
+        ax.set_title(f"{task} {metric} (n={base.get('n')})", fontsize=10)
+    figure.suptitle("Downstream accuracy: baseline (± standard error) and each perturbation "
+                    "condition (dots = seeds, bar = mean ± sd)", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
 # ----------------------------------------------------------------------------- helpers
 
 def _cycle(n: int) -> list:
