@@ -62,14 +62,12 @@ def run_conditions(params, conditions: list[Condition], method: str, options: Pe
         before = snapshot_selected(params, condition.selection)
         with perturbed(params, condition.selection, method, options, seed=condition.seed or 0):
             result = evaluate()
-            extra = on_condition(condition) if on_condition else None
+            if on_condition:  # further measurements under the same perturbation
+                on_condition(condition)
         restored = selected_bits_equal(params, condition.selection, before) and \
             fingerprint(params) == reference
         all_restored &= restored
-        row = condition_row(condition, method, result, baseline, restored)
-        if extra:
-            row.update(extra)
-        rows.append(row)
+        rows.append(condition_row(condition, method, result, baseline, restored))
     return rows, all_restored
 
 
