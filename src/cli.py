@@ -189,20 +189,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
-    """Advanced analyses (src/analysis); results go to enhanced_analysis.json, one key each."""
+    """Advanced analyses (src/analysis); results go to enhanced_analysis.json, one key each.
+
+    Options without a fixed default are SUPPRESSed (absent from the namespace unless given), so
+    that giving one whose analysis is off can be reported; the help text states each default.
+    """
     group = parser.add_argument_group(
         "advanced analysis", "results go to enhanced_analysis.json, one key per analysis")
     group.add_argument("--weight-analysis", action="store_true",
                        help="per-tensor sensitivity profiles (quantiles, share of score held by "
                             "the top 0.01%%/1%%), clustering of tensors by profile, and hotspots "
                             "(rows / input channels where top-K weights bunch up)")
-    group.add_argument("--clustering-method", choices=["kmeans", "dbscan"],
+    group.add_argument("--clustering-method", default=argparse.SUPPRESS, choices=["kmeans", "dbscan"],
                        help="how tensors are clustered by profile (default kmeans)")
-    group.add_argument("--n-clusters", type=int, help="kmeans: number of clusters (default 4)")
-    group.add_argument("--dbscan-eps", type=float,
+    group.add_argument("--n-clusters", default=argparse.SUPPRESS, type=int, help="kmeans: number of clusters (default 4)")
+    group.add_argument("--dbscan-eps", default=argparse.SUPPRESS, type=float,
                        help="dbscan: neighbourhood radius in standardised feature units "
                             "(default: 90th percentile of the 2nd-nearest-tensor distance)")
-    group.add_argument("--compare-metrics",
+    group.add_argument("--compare-metrics", default=argparse.SUPPRESS,
                        help="comma-separated metrics to score the same calibration data with, "
                             "e.g. grad_x_weight,magnitude,act_mag: Spearman, top-K Jaccard and "
                             "per-layer correlation for every pair")
@@ -212,37 +216,42 @@ def add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--temporal-stability", action="store_true",
                        help="rescore under calibration prefixes, seed subsets and "
                             "--conditions-data files; pairwise Jaccard/Spearman and drift")
-    group.add_argument("--conditions-data", nargs="+", metavar="FILE",
+    group.add_argument("--conditions-data", default=argparse.SUPPRESS, nargs="+", metavar="FILE",
                        help="--temporal-stability: extra text files, one snapshot each")
-    group.add_argument("--drift-threshold", type=float,
+    group.add_argument("--drift-threshold", default=argparse.SUPPRESS, type=float,
                        help="--temporal-stability: flag consecutive snapshots whose drift "
                             "(1 - top-K Jaccard) exceeds this (default 0.5)")
-    group.add_argument("--temporal-k",
+    group.add_argument("--temporal-k", default=argparse.SUPPRESS,
                        help="--temporal-stability: comma-separated K values to compare at "
                             "(default: --topk)")
-    group.add_argument("--advanced-perturbations",
+    group.add_argument("--advanced-perturbations", default=argparse.SUPPRESS,
                        help="comma-separated: progressive (K-vs-perplexity curve, top-K vs "
                             "random-K), clustered (top-K of one tensor cluster at a time), "
                             "targeted (top-K of the --target-* set and of each targeted "
                             "component); method: --perturb, else zero")
-    group.add_argument("--progressive-k",
+    group.add_argument("--progressive-k", default=argparse.SUPPRESS,
                        help="progressive: comma-separated K values, capped at the eligible "
                             "weights (default 1,10,100,1000,10000)")
-    group.add_argument("--target-components",
+    group.add_argument("--target-components", default=argparse.SUPPRESS,
                        help="restrict the eligible weights of the whole run to these components, "
                             "e.g. mlp_down,attn_q")
-    group.add_argument("--target-layers",
+    group.add_argument("--target-layers", default=argparse.SUPPRESS,
                        help="restrict the eligible weights of the whole run to these blocks, "
                             "e.g. 0-3,10 (intersected with --layers)")
 
 
 ADVANCED_PERTURBATIONS = ("progressive", "clustered", "targeted")
+ANALYSIS_OPTIONS = ("clustering_method", "n_clusters", "dbscan_eps", "compare_metrics",
+                    "conditions_data", "drift_threshold", "temporal_k", "advanced_perturbations",
+                    "progressive_k", "target_components", "target_layers")
 
 
 def _analysis_fields(args: argparse.Namespace) -> dict:
     """Validated advanced-analysis settings; a setting that would have no effect is an error."""
     from src.analysis.advanced_perturbations import eligible_restriction
     from src.sensitivity.metrics import METRICS
+
+    args = argparse.Namespace(**{**dict.fromkeys(ANALYSIS_OPTIONS), **vars(args)})
 
     compare = _name_list(args.compare_metrics, "--compare-metrics", METRICS)
     if args.compare_metrics is not None and len(compare) < 2:
