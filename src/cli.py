@@ -422,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         from src.pipeline import run
+        from src.utils import distributed
         run(config)
+        distributed.finish()  # torchrun: rank 0 releases the other ranks
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

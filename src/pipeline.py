@@ -27,7 +27,7 @@ from src.sensitivity.metrics import (METRICS, ScoringJob, compute_scores, eligib
                                      tied_parameter_names)
 from src.sensitivity.perturb import PerturbOptions, resolve_bit
 from src.sensitivity.rank import check_k, selection_table, top_k
-from src.utils import manifest, report_console
+from src.utils import distributed, manifest, report_console
 from src.utils.io import update_json, write_csv, write_json, write_safetensors
 
 
@@ -42,11 +42,16 @@ def run(config: RunConfig) -> dict:
     seed_everything(config.seeds[0])
     quiet_libraries(config.verbose)
     with timer.step("load_model"):
+        data_parallel = distributed.from_environment(config.device, config.device_map)
         model, tokenizer, model_info = load_model(
-            config.model, dtype=config.dtype, device=config.device, device_map=config.device_map,
+            config.model, dtype=config.dtype, device=distributed.device_for(config.device),
+            device_map=config.device_map,
             cache_dir=config.cache_dir, revision=config.revision,
             trust_remote_code=config.trust_remote_code)
+    if data_parallel is not None and not data_parallel.is_main:  # torchrun rank > 0
+        return distributed.serve_scoring(model)  # scores rank 0's jobs, writes nothing
     model_info["hardware_after_load"] = manifest.hardware()
+    model_info["data_parallel"] = vars(data_parallel) if data_parallel else None
     check_context(config, model_info)
     with timer.step("prepare_data"):
         data = prepare_data(tokenizer, data_file=config.data_file, dataset=config.dataset,
@@ -88,6 +93,7 @@ def run_steps(config, model, params, data, out_dir: Path, timer, model_info,
     report_console.baseline(model_info, data, baseline)
 
     job = ScoringJob(model=model, params=params, blocks=data.calibration,
+                     data_parallel=distributed.current(),
                      batch_size=config.batch_size, seed=config.seeds[0],
                      hutchinson_samples=config.hutchinson_samples,
                      hutchinson_block=config.hutchinson_block, progress=progress)
@@ -132,7 +138,7 @@ def run_steps(config, model, params, data, out_dir: Path, timer, model_info,
     if config.stability_check:
         if not METRICS[config.metric].uses_data and config.metric != "random":
             print(f"[cwa] note: {config.metric} does not use data, so stability is trivially 1")
-        with timer.step("stability"):
+        with timer.step("stability"), stability.room_for_rescoring(scores):
             stab = stability.stability_check(job, config.metric, config.topk, config.mode,
                                              list(config.seeds), config.stability_fraction,
                                              config.stability_batches)

@@ -39,13 +39,61 @@ def input_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+# Rows of logits upcast to float32 at a time by the NLL: bounds its temporary memory.
+NLL_CHUNK_ELEMENTS = 1 << 24
+
+
+class ChunkedNLL(torch.autograd.Function):
+    """NLL of ``targets`` under row-wise softmax of ``logits`` [N, V], computed in float32 a chunk of
+    rows at a time with fused (log-)softmax kernels. Saves only the logits in their own dtype and
+    writes the logits' gradient once: no full-size float32 copy, saved log-probabilities or
+    zero-filled gradient. The backward is itself differentiable (double backward for
+    Hessian-vector products)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        nll = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for rows in _row_chunks(logits):
+            log_probs = torch.log_softmax(logits[rows], dim=-1, dtype=torch.float32)
+            nll[rows] = log_probs.gather(1, targets[rows, None]).squeeze(1).neg_()
+        ctx.save_for_backward(logits, targets)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        logits, targets = ctx.saved_tensors
+        differentiable = torch.is_grad_enabled()  # create_graph=True: record, out of place
+        grad = None if differentiable else torch.empty_like(logits)
+        parts = []
+        for rows in _row_chunks(logits):
+            probs = torch.softmax(logits[rows], dim=-1, dtype=torch.float32)
+            minus_one = probs.new_full((probs.shape[0], 1), -1.0)
+            if differentiable:
+                parts.append((probs.scatter_add(1, targets[rows, None], minus_one)
+                              * grad_nll[rows, None]).to(logits.dtype))
+            else:
+                probs.scatter_add_(1, targets[rows, None], minus_one)
+                torch.mul(probs, grad_nll[rows, None], out=grad[rows])  # fused cast on write
+        return (torch.cat(parts) if differentiable else grad), None
+
+
+def _row_chunks(logits: torch.Tensor):
+    step = max(1, NLL_CHUNK_ELEMENTS // max(logits.shape[1], 1))
+    return [slice(start, start + step) for start in range(0, logits.shape[0], step)]
+
+
 def token_nll(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """Per-position next-token NLL (float32, differentiable) and its validity mask, both [B, L-1]."""
-    shifted = logits[:, :-1].float()
-    targets = input_ids[:, 1:]
+    """Per-position next-token NLL (float32, differentiable) and its validity mask, both [B, L-1].
+
+    Computed on all L positions of the contiguous logits (the last position's value is discarded),
+    which avoids copying the shifted logits."""
+    input_ids = input_ids.to(logits.device)
+    attention_mask = attention_mask.to(logits.device)
+    batch, length, vocab = logits.shape
+    targets = torch.roll(input_ids, -1, dims=1).reshape(-1)  # last column: discarded below
+    nll = ChunkedNLL.apply(logits.reshape(batch * length, vocab), targets)
     valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
-    nll = torch.nn.functional.cross_entropy(shifted.transpose(1, 2), targets, reduction="none")
-    return nll, valid
+    return nll.view(batch, length)[:, :-1], valid
 
 
 def masked_nll_sum(logits, input_ids, attention_mask) -> torch.Tensor:
@@ -65,7 +113,7 @@ def evaluate(model, blocks: TokenBlocks, batch_size: int, progress: bool = False
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         nll, valid = token_nll(logits, input_ids, attention_mask)
         nll = torch.where(torch.isfinite(nll), nll, torch.full_like(nll, math.inf))
-        correct = logits[:, :-1].argmax(dim=-1) == input_ids[:, 1:]
+        correct = logits[:, :-1].argmax(dim=-1) == input_ids[:, 1:].to(logits.device)
         block_nll.append(torch.where(valid, nll.double(), 0.0).sum(dim=1))
         block_tokens.append(valid.sum(dim=1))
         block_correct.append((correct & valid).sum(dim=1))

@@ -77,6 +77,24 @@ class WeightedWelford:
         return (variance / n_eff).sqrt()
 
 
+def merge_across_ranks(stats, group) -> None:
+    """torchrun: turn each rank's running moments into the moments of all ranks' samples, in
+    place on every rank (pairwise-merge formula: M2 = Σ_r [M2_r + W_r (mean_r - mean)²]), one
+    tensor at a time so the extra memory is one tensor."""
+    stats = list(stats)
+    totals = group.sum_scalars([x for s in stats for x in (s.weight_sum, s.weight_sq_sum)])
+    for position, s in enumerate(stats):
+        local_weight, local_mean = s.weight_sum, s.mean.clone()
+        s.weight_sum, s.weight_sq_sum = totals[2 * position], totals[2 * position + 1]
+        s.mean.mul_(local_weight)
+        group.all_reduce_sum_([s.mean])
+        if s.weight_sum > 0:
+            s.mean.div_(s.weight_sum)
+        delta = local_mean.sub_(s.mean)
+        s.m2.addcmul_(delta, delta, value=local_weight)
+        group.all_reduce_sum_([s.m2])
+
+
 def parameter_groups(params: dict, block_mode: bool) -> list[dict]:
     """One group with everything, or one group per transformer block (others together)."""
     if not block_mode:
@@ -103,7 +121,7 @@ def probe_batch(loss, names, tensors, stats: dict, *, seed: int, batch_index: in
 
 def hutchinson_diagonal(job):
     """(signed diagonal estimate, standard error), both Scores."""
-    from src.sensitivity.metrics import gradients_only_on, _batches
+    from src.sensitivity.metrics import gradients_only_on, _indexed_batches
 
     model = job.model
     total_tokens = job.blocks.n_predicted_tokens()
@@ -114,13 +132,15 @@ def hutchinson_diagonal(job):
             for name, p in group.items():
                 stats[name] = WeightedWelford(p.shape, p.device)
             with gradients_only_on(model, group):
-                for batch_index, (input_ids, mask) in enumerate(_batches(job, "hutchinson")):
+                for batch_index, input_ids, mask in _indexed_batches(job, "hutchinson"):
                     n_tokens = int((mask[:, 1:] * mask[:, :-1]).sum())
                     logits = model(input_ids=input_ids, attention_mask=mask).logits
                     loss = masked_nll_sum(logits, input_ids, mask) / n_tokens
                     probe_batch(loss, names, tensors, stats, seed=job.seed,
                                 batch_index=batch_index, n_probes=job.hutchinson_samples,
                                 weight=n_tokens / total_tokens / job.hutchinson_samples)
+    if job.data_parallel is not None:
+        merge_across_ranks(stats.values(), job.data_parallel)
     mean = {name: s.mean for name, s in stats.items()}
     stderr = {name: s.standard_error() for name, s in stats.items()}
     return mean, stderr

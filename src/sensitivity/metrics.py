@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from src.data.loading import TokenBlocks
 from src.errors import UserError
-from src.eval.perplexity import input_device, masked_nll_sum
+from src.eval.perplexity import input_device, masked_nll_sum, token_nll
 from src.models.components import component_of, layer_index
 
 Scores = dict[str, torch.Tensor]
@@ -44,6 +44,7 @@ class ScoringJob:
     hutchinson_samples: int = 8
     hutchinson_block: bool = False
     progress: bool = False
+    data_parallel: object = None  # src.utils.distributed.DataParallel under torchrun, else None
 
 
 @dataclass
@@ -73,6 +74,8 @@ def register(name: str, *, uses_data: bool, signed: bool = False, description: s
 def compute_scores(job: ScoringJob, metric: str) -> MetricOutput:
     if metric not in METRICS:
         raise UserError(f"unknown --metric '{metric}'; choose one of {', '.join(METRICS)}")
+    if job.data_parallel is not None and METRICS[metric].uses_data:
+        job.data_parallel.announce(job, metric)  # rank 0: the other ranks score the same job
     was_training = job.model.training
     job.model.eval()
     try:
@@ -186,10 +189,32 @@ def _zeros_like_fp32(params) -> Scores:
 
 
 def _batches(job: ScoringJob, desc: str):
-    device = input_device(job.model)
-    n = math.ceil(len(job.blocks) / job.batch_size)
-    return tqdm(job.blocks.batches(job.batch_size, device), total=n, desc=desc,
-                disable=not job.progress, leave=False)
+    """(input_ids, attention_mask) of this process's calibration batches, on the input device."""
+    for _, input_ids, attention_mask in _indexed_batches(job, desc):
+        yield input_ids, attention_mask
+
+
+def _indexed_batches(job: ScoringJob, desc: str):
+    """(global batch index, input_ids, attention_mask): every batch in one process; under
+    torchrun only this rank's batches, with the indices they have in the single-process run."""
+    n_batches = math.ceil(len(job.blocks) / job.batch_size)
+    mine = range(n_batches) if job.data_parallel is None else \
+        job.data_parallel.my_batches(n_batches)
+    blocks = job.blocks
+    if len(mine) < n_batches:
+        rows = [r for b in mine for r in range(b * job.batch_size,
+                                               min((b + 1) * job.batch_size, len(blocks)))]
+        blocks = blocks.subset(rows)
+    batches = zip(mine, blocks.batches(job.batch_size, input_device(job.model)))
+    for index, (input_ids, attention_mask) in tqdm(batches, total=len(mine), desc=desc,
+                                                   disable=not job.progress, leave=False):
+        yield index, input_ids, attention_mask
+
+
+def all_reduce_sum_(job: ScoringJob, tensors) -> None:
+    """Under torchrun: sum each accumulator over ranks, in place (no-op in one process)."""
+    if job.data_parallel is not None:
+        job.data_parallel.all_reduce_sum_(list(tensors))
 
 
 def _loss_sum(model, input_ids, attention_mask) -> torch.Tensor:
@@ -224,27 +249,146 @@ def grad_x_weight(job: ScoringJob) -> MetricOutput:
     with gradients_only_on(job.model, job.params), fold_gradients(job.params, fold):
         for input_ids, attention_mask in _batches(job, "grad_x_weight"):
             (_loss_sum(job.model, input_ids, attention_mask) / total_tokens).backward()
-    return MetricOutput({n: (mean_grad[n] * p.detach().float()).abs_()
-                         for n, p in job.params.items()})
+    all_reduce_sum_(job, mean_grad.values())
+    # in place: the float32 mean gradient becomes the score (no second full-size buffer)
+    return MetricOutput({n: mean_grad[n].mul_(p.detach()).abs_() for n, p in job.params.items()})
 
 
 @register("grad_squared", uses_data=True, description="empirical Fisher diagonal")
 def grad_squared(job: ScoringJob) -> MetricOutput:
+    """Mean over sequences s of (∂L_s/∂w)², L_s = token-mean NLL of sequence s.
+
+    Fast path (every scored weight belongs to one Linear / Conv1D layer called once per forward):
+    one backward per batch of Σ_s L_s; each layer's per-sequence gradients δ_sᵀ x_s come from its
+    saved input x and output gradient δ (a batched matmul, the work autograd would do for the
+    summed gradient), and their squares are summed in float32 right away. Otherwise one backward
+    per sequence."""
     fisher = _zeros_like_fp32(job.params)
+    owners = _single_use_linear_owners(job.model, job.params)
+    done = False
+    if owners is not None:
+        try:
+            _per_sample_squared_grads(job, owners, fisher)
+            done = True
+        except _NotPerSample:  # e.g. a layer applied twice per forward: per-sequence backward
+            for f in fisher.values():
+                f.zero_()
+    if not done:
+        _per_sequence_squared_grads(job, fisher)
+    all_reduce_sum_(job, fisher.values())
+    n_sequences = max(len(job.blocks), 1)
+    return MetricOutput({n: f.div_(n_sequences) for n, f in fisher.items()})
 
-    def fold(name, grad):
-        grad32 = grad.float()
-        fisher[name].addcmul_(grad32, grad32)
 
-    n_sequences = 0
+class _NotPerSample(Exception):
+    """The model's layers do not map one input row to one sequence: use the per-sequence path."""
+
+
+PER_SAMPLE_CHUNK_ELEMENTS = 1 << 28  # per-sequence gradients materialised at once (elements)
+
+
+def _sequence_mean_loss_sum(model, input_ids, attention_mask) -> torch.Tensor:
+    """Σ_s L_s over the batch, L_s = token-mean NLL of sequence s (0 for a sequence w/o tokens)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    nll, valid = token_nll(logits, input_ids, attention_mask)
+    per_sequence = (nll * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+    return per_sequence.sum()
+
+
+def _per_sequence_squared_grads(job: ScoringJob, fisher: Scores) -> None:
+    def fold(name, grad):  # fp32 square of the stored-dtype gradient, no float copy
+        fisher[name].addcmul_(grad, grad)
+
     with gradients_only_on(job.model, job.params), fold_gradients(job.params, fold):
         for input_ids, attention_mask in _batches(job, "grad_squared"):
-            for row in range(input_ids.shape[0]):  # one backward per sequence: per-sequence grads
-                ids, mask = input_ids[row:row + 1], attention_mask[row:row + 1]
-                n_tokens = (mask[:, 1:] * mask[:, :-1]).sum()
-                (_loss_sum(job.model, ids, mask) / n_tokens.clamp(min=1)).backward()
-                n_sequences += 1
-    return MetricOutput({n: f.div_(max(n_sequences, 1)) for n, f in fisher.items()})
+            for row in range(input_ids.shape[0]):  # one backward per sequence
+                _sequence_mean_loss_sum(job.model, input_ids[row:row + 1],
+                                        attention_mask[row:row + 1]).backward()
+
+
+def _single_use_linear_owners(model, params) -> dict | None:
+    """name -> (module, kind) when each scored weight is the weight of exactly one Linear or
+    Conv1D layer (no tied or foreign uses), else None."""
+    owners, counts = {}, {}
+    wanted = {id(p): name for name, p in params.items()}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or id(weight) not in wanted:
+            continue
+        name = wanted[id(weight)]
+        counts[name] = counts.get(name, 0) + 1
+        kind = "conv1d" if type(module).__name__ == "Conv1D" else \
+            "linear" if isinstance(module, torch.nn.Linear) else None
+        owners[name] = (module, kind)
+    if set(owners) != set(params) or any(c != 1 for c in counts.values()) or \
+            any(kind is None for _, kind in owners.values()):
+        return None
+    return owners
+
+
+def _per_sample_squared_grads(job: ScoringJob, owners: dict, fisher: Scores) -> None:
+    """Fold Σ_s (∂L_s/∂W)² of every owner layer into ``fisher``, one backward per batch.
+
+    The weights themselves do not require grad (no summed weight gradient is computed); the
+    first scored layer's input is made to require grad so that the backward reaches every layer.
+    """
+    pending: dict = {}
+    batch_rows = {}
+
+    def before(module, args):
+        x = args[0]
+        if x.shape[0] != batch_rows["n"]:
+            raise _NotPerSample
+        if not x.requires_grad:
+            return (x.detach().requires_grad_(True), *args[1:])
+        return None
+
+    def after(module, args, output):
+        if module in pending:
+            raise _NotPerSample
+        name, kind = names[module]
+        pending[module] = args[0].detach()
+
+        def on_grad(grad_output, module=module, name=name, kind=kind):
+            x = pending.pop(module)
+            _fold_per_sample_squares(fisher[name], x, grad_output, kind)
+        output.register_hook(on_grad)
+
+    names = {module: (name, kind) for name, (module, kind) in owners.items()}
+    handles = []
+    for module in names:
+        handles.append(module.register_forward_pre_hook(before))
+        handles.append(module.register_forward_hook(after))
+    try:
+        with gradients_only_on(job.model, {}):
+            for input_ids, attention_mask in _batches(job, "grad_squared"):
+                pending.clear()
+                batch_rows["n"] = input_ids.shape[0]
+                _sequence_mean_loss_sum(job.model, input_ids, attention_mask).backward()
+    finally:
+        pending.clear()
+        for handle in handles:
+            handle.remove()
+
+
+def _fold_per_sample_squares(fisher: torch.Tensor, x: torch.Tensor, grad_output: torch.Tensor,
+                             kind: str) -> None:
+    """fisher += Σ_s G_s², G_s = δ_sᵀ x_s ([out, in], Linear) or x_sᵀ δ_s ([in, out], Conv1D)."""
+    n = x.shape[0]
+    x = x.to(grad_output.device).reshape(n, -1, x.shape[-1])
+    delta = grad_output.reshape(n, -1, grad_output.shape[-1])
+    step = max(1, PER_SAMPLE_CHUNK_ELEMENTS // fisher.numel())
+    for start in range(0, n, step):
+        xs, ds = x[start:start + step], delta[start:start + step]
+        per_sample = torch.bmm(ds.transpose(1, 2), xs) if kind == "linear" else \
+            torch.bmm(xs.transpose(1, 2), ds)
+        if per_sample.is_cuda:  # one fused low-precision -> float32 reduction over the chunk
+            root_sum_sq = torch.linalg.vector_norm(per_sample, dim=0, dtype=torch.float32)
+            root_sum_sq = root_sum_sq.to(fisher.device)
+            fisher.addcmul_(root_sum_sq, root_sum_sq)
+        else:  # CPU reductions over a leading dim are slow: fold sample by sample
+            for gradient in per_sample.to(fisher.device):
+                fisher.addcmul_(gradient, gradient)
 
 
 @register("act_mag", uses_data=True, description="|W| x input-channel L2 norm (Wanda)")
@@ -266,6 +410,7 @@ def act_mag(job: ScoringJob) -> MetricOutput:
     finally:
         for handle in handles:
             handle.remove()
+    all_reduce_sum_(job, sumsq.values())
     scores = {}
     for name, p in job.params.items():
         norm = sumsq[name].sqrt()

@@ -35,48 +35,81 @@ def check_k(scores_or_sizes: dict, k: int, mode: str) -> None:
 
 def _tensor_top(key: torch.Tensor, k: int) -> torch.Tensor:
     """Flat indices of the k largest entries of ``key``, ties -> lower index, sorted by rank."""
-    flat = key.reshape(-1)
+    return _exact_tensor_top(key.reshape(-1), k)[0]
+
+
+def _exact_tensor_top(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, keys) of the k largest entries in ascending index order; exact under ties
+    (scans the tensor for entries equal to the k-th value)."""
     kth_value = torch.topk(flat, k, sorted=True).values[-1]
     above = torch.nonzero(flat > kth_value).squeeze(1)
     tied = torch.nonzero(flat == kth_value).squeeze(1)[: k - above.numel()]
-    chosen = torch.cat([above, tied])  # ascending index within each part
-    chosen = chosen.sort().values
-    order = torch.sort(flat[chosen], descending=True, stable=True).indices
-    return chosen[order]
+    chosen = torch.cat([above, tied]).sort().values
+    return chosen, flat[chosen]
 
 
-def _rank_key(score: torch.Tensor, largest: bool) -> torch.Tensor:
-    key = score.detach().float().abs()
-    return key if largest else -key
+def _candidates(scores: dict[str, torch.Tensor], k: int, largest: bool):
+    """Per tensor: (indices ascending, rank keys) of its top-min(k, numel) entries by rank key
+    (|score|, negated for bottom-K). One topk per tensor and one host sync for all tensors; a
+    tensor whose k-th and (k+1)-th keys tie is redone exactly."""
+    picks, boundary_ties = {}, []
+    for name, score in scores.items():
+        magnitude = score.detach().reshape(-1).float().abs()
+        n = min(k, magnitude.numel())
+        values, index = torch.topk(magnitude, min(n + 1, magnitude.numel()), largest=largest,
+                                   sorted=True)
+        tie = values[n - 1] == values[n] if values.numel() > n else torch.zeros((), dtype=torch.bool,
+                                                                               device=values.device)
+        boundary_ties.append(tie.to("cpu", non_blocking=True))
+        index, order = index[:n].sort()
+        picks[name] = (index, values[:n][order])
+    synchronize_all(scores)
+    result = {}
+    for (name, (index, values)), tie in zip(picks.items(), boundary_ties):
+        if bool(tie):
+            key = scores[name].detach().reshape(-1).float().abs()
+            key = key if largest else key.neg_()
+            index, values = _exact_tensor_top(key, index.numel())
+            values = values.abs()
+        result[name] = (index, values if largest else -values)
+    return result
+
+
+def synchronize_all(tensors: dict) -> None:
+    """Wait for every CUDA device that holds one of ``tensors`` (non-blocking copies landed)."""
+    for device in {t.device for t in tensors.values() if t.device.type == "cuda"}:
+        torch.cuda.synchronize(device)
+
+
+def _in_rank_order(index: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``index`` (ascending) reordered by key descending; the stable sort keeps lower index first."""
+    return index[torch.sort(keys, descending=True, stable=True).indices]
 
 
 def _select(scores: dict[str, torch.Tensor], k: int, mode: str, largest: bool) -> Selection:
     check_k(scores, k, mode)
-    per_tensor = {name: _tensor_top(_rank_key(s, largest), min(k, s.numel()))
-                  for name, s in scores.items()}
+    candidates = _candidates(scores, k, largest)
     if mode == "per_layer":
-        return per_tensor
-    return _merge_global(scores, per_tensor, k, largest)
+        return {name: _in_rank_order(index, keys) for name, (index, keys) in candidates.items()}
+    return _merge_global(scores, candidates, k)
 
 
-def _merge_global(scores, per_tensor: Selection, k: int, largest: bool) -> Selection:
-    names = list(per_tensor)
-    keys, owner, index = [], [], []
-    for position, name in enumerate(names):
-        idx = per_tensor[name]
-        order = idx.sort().values  # ascending index: makes the stable sort break ties by index
-        keys.append(_rank_key(scores[name], largest).reshape(-1)[order].cpu())
-        owner.append(torch.full((order.numel(),), position, dtype=torch.long))
-        index.append(order.cpu())
-    keys, owner, index = torch.cat(keys), torch.cat(owner), torch.cat(index)
+def _merge_global(scores, candidates: dict, k: int) -> Selection:
+    """Exact global top-k from per-tensor candidates: sort all candidate keys at once (on the
+    first tensor's device); candidates are laid out in (tensor order, index ascending), so the
+    stable sort breaks ties by earlier tensor, then lower index."""
+    names = list(candidates)
+    device = candidates[names[0]][0].device
+    keys = torch.cat([candidates[n][1].to(device) for n in names])
+    index = torch.cat([candidates[n][0].to(device) for n in names])
+    owner = torch.cat([torch.full((candidates[n][0].numel(),), i, dtype=torch.long, device=device)
+                       for i, n in enumerate(names)])
     ranked = torch.sort(keys, descending=True, stable=True).indices[:k]
-    selection: Selection = {}
-    for position, name in enumerate(names):
-        mine = ranked[owner[ranked] == position]
-        if mine.numel():
-            device = scores[name].device
-            selection[name] = index[mine].to(device)
-    return selection
+    by_owner = torch.sort(owner[ranked], stable=True)  # groups by tensor, rank order within
+    counts = torch.bincount(by_owner.values, minlength=len(names)).tolist()
+    selected = index[ranked][by_owner.indices].split(counts)
+    return {name: idx.to(scores[name].device) for name, idx, count in zip(names, selected, counts)
+            if count}
 
 
 def top_k(scores, k: int, mode: str) -> Selection:

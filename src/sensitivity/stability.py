@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -50,9 +52,10 @@ def pairwise(values: list, measure) -> dict:
             "std": float(np.std(numbers)) if numbers else None, "pairs": pairs}
 
 
-def compare_rankings(score_sets: list[dict], selections: list[Selection], labels: list) -> dict:
+def compare_rankings(score_sets: list, selections: list[Selection], labels: list) -> dict:
+    """``score_sets``: Scores, or callables that recompute them (sets too large to keep)."""
     union = union_positions(selections)
-    vectors = [gather(scores, union) for scores in score_sets]
+    vectors = [gather(scores() if callable(scores) else scores, union) for scores in score_sets]
 
     def rho(x, y):
         return spearmanr(x, y).statistic if len(x) > 1 else math.nan
@@ -66,11 +69,52 @@ def compare_rankings(score_sets: list[dict], selections: list[Selection], labels
             "union_size": int(sum(v.numel() for v in union.values()))}
 
 
-def _score_subset(job: ScoringJob, metric: str, index, seed: int, k: int, mode: str):
+def _score_subset(job: ScoringJob, metric: str, index, seed: int, k: int, mode: str,
+                  keep: bool = True):
+    """(scores offloaded to the CPU, or a callable that rescores when they are too large to keep
+    beside the other sets; top-K selection ranked where the scores were computed)."""
     sub_job = ScoringJob(**{**job.__dict__, "blocks": job.blocks.subset(index), "seed": seed})
     scores = compute_scores(sub_job, metric).scores
-    scores = {name: s.cpu() for name, s in scores.items()}  # offload: several sets are kept
-    return scores, top_k(scores, k, mode)
+    selection = top_k(scores, k, mode)
+    if not keep:
+        return (lambda: compute_scores(sub_job, metric).scores), selection
+    return {name: s.cpu() for name, s in scores.items()}, selection
+
+
+KEEP_FRACTION = 0.25  # share of the available RAM that kept score sets may use
+
+
+def _sets_fit_in_memory(params: dict, n_sets: int) -> bool:
+    """Whether ``n_sets`` float32 copies of every score fit in a quarter of the available RAM
+    (at 8B weights each set is 32 GB: those are rescored for the comparison instead)."""
+    needed = 4 * n_sets * sum(p.numel() for p in params.values())
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no sysconf: keep up to 2 GiB
+        return needed <= 2 ** 31
+    return needed <= available * KEEP_FRACTION
+
+
+@contextmanager
+def room_for_rescoring(scores: dict):
+    """Park the run's score tensors on the CPU while stability rescores, on each GPU that lacks
+    room for a second full set (float32 accumulators) plus working memory; moved back after.
+    At 8B weights a set is 32 GB: this is what lets stability run on an 80 GB GPU."""
+    parked = {}
+    for device in {s.device for s in scores.values() if s.is_cuda}:
+        on_device = [n for n, s in scores.items() if s.device == device]
+        set_bytes = sum(scores[n].numel() * scores[n].element_size() for n in on_device)
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        if free < 2 * set_bytes:
+            parked.update({n: device for n in on_device})
+    for name in parked:
+        scores[name] = scores[name].cpu()
+    try:
+        yield
+    finally:
+        for name, device in parked.items():
+            scores[name] = scores[name].to(device)
 
 
 def stability_check(job: ScoringJob, metric: str, k: int, mode: str, seeds: list[int],
@@ -82,16 +126,17 @@ def stability_check(job: ScoringJob, metric: str, k: int, mode: str, seeds: list
         raise UserError(f"--stability-batches must be between 2 and the number of calibration "
                         f"blocks ({n_blocks}); got {n_batches}")
     subset_size = max(1, round(fraction * n_blocks))
+    keep = _sets_fit_in_memory(job.params, len(seeds) + n_batches)
     seed_scores, seed_selections = [], []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
         index = torch.randperm(n_blocks, generator=generator)[:subset_size].sort().values
-        scores, selection = _score_subset(job, metric, index, seed, k, mode)
+        scores, selection = _score_subset(job, metric, index, seed, k, mode, keep)
         seed_scores.append(scores)
         seed_selections.append(selection)
     batch_scores, batch_selections = [], []
     for part in np.array_split(np.arange(n_blocks), n_batches):
-        scores, selection = _score_subset(job, metric, part.tolist(), job.seed, k, mode)
+        scores, selection = _score_subset(job, metric, part.tolist(), job.seed, k, mode, keep)
         batch_scores.append(scores)
         batch_selections.append(selection)
     return {
