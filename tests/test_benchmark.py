@@ -1,0 +1,62 @@
+"""scripts/benchmark.py on a tiny preset: every figure is in the JSON, ratios are consistent."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from src.sensitivity.metrics import METRICS
+from tests.conftest import ROOT
+
+SCRIPT = ROOT / "scripts" / "benchmark.py"
+
+
+def run_benchmark(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    proc = run_benchmark("--model", "random:tiny-llama", "--batch-size", "2", "--max-length", "16",
+                         "--steps", "1", "--topk", "5", "--device", "cpu", "--json", path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(path.read_text()), proc.stdout
+
+
+def test_every_figure_is_reported(report):
+    data, stdout = report
+    expected = ["forward", "forward_backward", *[f"score_{m}" for m in METRICS], "evaluate",
+                "topk_global", "topk_per_layer", "perturb_restore"]
+    assert list(data["figures"]) == expected
+    for name, figure in data["figures"].items():
+        assert "error" not in figure, name
+        assert figure["seconds"] > 0 and figure["peak_memory_bytes"] > 0, name
+        assert name in stdout  # the printed table has a row per figure
+    assert data["tokens_per_figure"] == 2 * 1 * 16
+    assert data["peak_memory_bytes"] == max(f["peak_memory_bytes"] for f in data["figures"].values())
+
+
+def test_ratios_are_against_the_matching_ceiling(report):
+    figures = report[0]["figures"]
+    for name, figure in figures.items():
+        data_metric = name.startswith("score_") and METRICS[name[6:]].uses_data
+        if name == "evaluate" or data_metric:
+            ceiling = "forward" if name in ("evaluate", "score_act_mag") else "forward_backward"
+            assert figure["ceiling"] == ceiling
+            base = figures[ceiling]["tokens_per_s"]
+            assert figure["tokens_per_s"] == pytest.approx(figure["tokens"] / figure["seconds"])
+            assert figure["ratio"] == pytest.approx(figure["tokens_per_s"] / base)
+            assert figure["cost_x_ceiling"] == pytest.approx(1 / figure["ratio"])
+        else:
+            assert figure["ratio"] is None
+    assert "1 probe" in figures["score_hutchinson_diag"]["note"]
+
+
+def test_bad_model_is_a_one_line_error():
+    proc = run_benchmark("--model", "random:no-such-preset", "--steps", "1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
