@@ -493,14 +493,23 @@ def temporal_findings(section: dict) -> list[str]:
 
 
 def weight_analysis_findings(section: dict) -> list[str]:
-    lines = (section.get("hotspots") or {}).get("lines") or []
-    if not lines:
-        return []
-    h = lines[0]
-    axis = "input column" if h["axis"] == "col" else "output row"
-    return [f"Strongest hotspot: {h['count']} of the {h['n_selected_in_tensor']} selected weights "
-            f"of {h['parameter']} sit on {axis} {h['index']} ({h['fold_over_uniform']:.0f}x "
-            f"what a uniform spread would give)."]
+    hotspots = section.get("hotspots") or {}
+    out = []
+    lines = hotspots.get("lines") or []
+    if lines:
+        h = lines[0]
+        axis = "input column" if h["axis"] == "col" else "output row"
+        out.append(f"Strongest line hotspot: {h['count']} of the {h['n_selected_in_tensor']} "
+                   f"selected weights of {h['parameter']} sit on {axis} {h['index']} "
+                   f"({h['fold_over_uniform']:.0f}x what a uniform spread would give).")
+    for role, part in (hotspots.get("channels") or {}).items():
+        if part.get("top_channels"):
+            t = part["top_channels"][0]
+            verb = "read from" if role == "reads" else "write to"
+            out.append(f"Residual channel {t['channel']}: {t['count']} selected weights in "
+                       f"{t['n_tensors']} tensor(s) {verb} it ({t['fold_over_uniform']:.1f}x "
+                       f"uniform).")
+    return out
 
 
 ANALYSIS_FINDINGS = {

@@ -18,6 +18,7 @@ from tests.conftest import run_cli
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CORE_PLOTS = ("sensitivity_distribution", "layer_component_heatmap", "topk_location",
               "perturbation_effects")
+ANALYSIS_PLOTS = ("architecture_depth", "progressive_curve", "super_weight_spikes")
 
 
 def _metas(shapes: dict[str, tuple]) -> dict[str, ParamMeta]:
@@ -77,8 +78,8 @@ def test_missing_inputs_are_skipped_with_a_note(tmp_path, capsys):
     written = visualize.save_run_plots(tmp_path, ("png",), metric="magnitude", mode="global", k=3)
     assert written == []
     out = capsys.readouterr().out
-    assert "plot perturbation_effects skipped: no perturbation_results.json" in out
-    assert "plot stability skipped: no stability_results.json" in out
+    assert "perturbation_effects (no perturbation_results.json; needs --perturb)" in out
+    assert "stability (no stability_results.json; needs --stability-check)" in out
     assert "plot sensitivity_distribution skipped" in out
 
 
@@ -87,6 +88,8 @@ def plotted_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("plots") / "run"
     done = run_cli("--max-length", "32", "--max-samples", "2", "--topk", "3", "--mode",
                    "per_layer", "--layers", "0-3", "--perturb", "sign_flip", "--seeds", "0,1",
+                   "--architecture-analysis", "--advanced-perturbations", "progressive",
+                   "--progressive-k", "1,3", "--super-weights", "--super-weight-max", "1",
                    "--save-plots", "--plot-format", "png,pdf", "--out-dir", out)
     assert done.returncode == 0, done.stderr
     return out, done.stdout
@@ -94,11 +97,12 @@ def plotted_run(tmp_path_factory):
 
 def test_save_plots_run_writes_non_empty_png_and_pdf(plotted_run):
     out, stdout = plotted_run
-    for name in CORE_PLOTS:
+    for name in CORE_PLOTS + ANALYSIS_PLOTS:  # the analyses' real output drawn
         png, pdf = out / "plots" / f"{name}.png", out / "plots" / f"{name}.pdf"
         assert png.read_bytes()[:8] == PNG_SIGNATURE and png.stat().st_size > 10_000
         assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1_000
-    assert "plot stability skipped: no stability_results.json" in stdout
+    assert "stability (no stability_results.json; needs --stability-check)" in stdout
+    assert "temporal_drift (no 'temporal_stability' analysis" in stdout
     manifest = json.loads((out / "experiment_manifest.json").read_text())
     listed = {f["path"] for f in manifest["output_files"]}
     assert {f"plots/{name}.png" for name in CORE_PLOTS} <= listed

@@ -51,7 +51,11 @@ METRIC_UNITS = {
 
 
 class SkipPlot(Exception):
-    """The plot's input is absent; the message says what is missing and how to get it."""
+    """The plot cannot be drawn from this run; the message says why."""
+
+
+class InputAbsent(SkipPlot):
+    """The step that makes the plot's input did not run; the message says which flag runs it."""
 
 
 @dataclass
@@ -68,13 +72,13 @@ class RunArtifacts:
 
     def need(self, file_name: str, how: str) -> dict:
         if file_name not in self.files:
-            raise SkipPlot(f"no {file_name} ({how})")
+            raise InputAbsent(f"no {file_name}; {how}")
         return self.files[file_name]
 
     def analysis(self, key: str, how: str) -> dict:
         enhanced = self.need("enhanced_analysis.json", how)
         if not isinstance(enhanced.get(key), dict):
-            raise SkipPlot(f"no '{key}' in enhanced_analysis.json ({how})")
+            raise InputAbsent(f"no '{key}' analysis; {how}")
         return enhanced[key]
 
 
@@ -114,14 +118,19 @@ def save_run_plots(out_dir, formats=("png",), *, metric=None, mode=None, k=None,
     out_dir = Path(out_dir)
     artifacts = RunArtifacts(out_dir, metric, mode, k, scores, metas, table,
                              read_run_files(out_dir))
-    written = []
+    written, absent = [], []
     for name, draw in RUN_PLOTS.items():
         try:
             figure = draw(artifacts)
+        except InputAbsent as reason:
+            absent.append(f"{name} ({reason})")
+            continue
         except SkipPlot as reason:
             print(f"[cwa] plot {name} skipped: {reason}")
             continue
         written += save_figure(figure, out_dir / "plots" / name, formats)
+    if absent:
+        print(f"[cwa] plots skipped, their input is absent: {'; '.join(absent)}")
     print(f"[cwa] {len(written)} plot files in {out_dir / 'plots'}")
     return written
 
@@ -367,7 +376,7 @@ def _top_table(art: RunArtifacts):
         return art.table
     path = art.out_dir / "top_weights.csv"
     if not path.is_file():
-        raise SkipPlot("no top_weights.csv")
+        raise InputAbsent("no top_weights.csv")
     import pandas as pd
     return pd.read_csv(path)
 
@@ -382,7 +391,7 @@ def _scored_cells(art: RunArtifacts) -> set[tuple]:
 
 @plot("perturbation_effects")
 def perturbation_effects(art: RunArtifacts) -> plt.Figure:
-    results = art.need("perturbation_results.json", "run with --perturb")
+    results = art.need("perturbation_results.json", "needs --perturb")
     rows = results["conditions"]
     baseline = results["baseline"]["perplexity"]
     selections = [s for s in SELECTION_ORDER if any(r["selection"] == s for r in rows)]
@@ -466,7 +475,7 @@ def _delta_panel(ax, rows, selections):
 
 @plot("stability")
 def stability_plot(art: RunArtifacts) -> plt.Figure:
-    results = art.need("stability_results.json", "run with --stability-check")
+    results = art.need("stability_results.json", "needs --stability-check")
     families = [f for f in ("across_seeds", "across_batches") if f in results]
     figure, axes = plt.subplots(2, len(families), figsize=(5.2 * len(families), 8.2),
                                 squeeze=False)
@@ -508,7 +517,7 @@ def _pair_matrix(labels: list, pairs: list[dict]) -> np.ndarray:
 
 @plot("progressive_curve")
 def progressive_curve(art: RunArtifacts) -> plt.Figure:
-    section = art.analysis("progressive_perturbation", "run with --advanced-perturbations "
+    section = art.analysis("progressive_perturbation", "needs --advanced-perturbations "
                                                        "progressive")
     curve, baseline = section["curve"], section["baseline"]["perplexity"]
     ks = np.asarray(curve["k"], dtype=float)
@@ -559,7 +568,7 @@ def _top_interval(point: dict, baseline: float) -> tuple[float, float]:
 
 @plot("architecture_depth")
 def architecture_depth(art: RunArtifacts) -> plt.Figure:
-    section = art.analysis("architecture", "run with --architecture-analysis")
+    section = art.analysis("architecture", "needs --architecture-analysis")
     by_layer = {int(k): v for k, v in section["by_layer"].items() if str(k).lstrip("-").isdigit()}
     layers = sorted(by_layer)
     if not layers:
@@ -589,7 +598,7 @@ def architecture_depth(art: RunArtifacts) -> plt.Figure:
 
 @plot("super_weight_spikes")
 def super_weight_spikes(art: RunArtifacts) -> plt.Figure:
-    section = art.analysis("super_weights", "run with --super-weights")
+    section = art.analysis("super_weights", "needs --super-weights")
     threshold = section["method"]["spike_threshold"]
     candidates = section.get("candidates", [])
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8),
@@ -647,7 +656,7 @@ def _super_weight_effects(ax, candidates: list[dict], section: dict) -> None:
 
 @plot("metric_correlation")
 def metric_correlation(art: RunArtifacts) -> plt.Figure:
-    section = art.analysis("metric_correlation", "run with --compare-metrics")
+    section = art.analysis("metric_correlation", "needs --compare-metrics")
     metrics = list(section["metrics"])
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.6))
     for ax, (key, label, cmap, low) in zip(axes, (
@@ -672,7 +681,7 @@ def metric_correlation(art: RunArtifacts) -> plt.Figure:
 
 @plot("temporal_drift")
 def temporal_drift(art: RunArtifacts) -> plt.Figure:
-    section = art.analysis("temporal_stability", "run with --temporal-stability")
+    section = art.analysis("temporal_stability", "needs --temporal-stability")
     families = {name: fam for name, fam in section["drift"].items()
                 if isinstance(fam, dict) and fam.get("steps")}
     if not families:
@@ -704,7 +713,7 @@ def temporal_drift(art: RunArtifacts) -> plt.Figure:
 
 @plot("weight_clusters")
 def weight_clusters(art: RunArtifacts) -> plt.Figure:
-    section = art.analysis("weight_analysis", "run with --weight-analysis")
+    section = art.analysis("weight_analysis", "needs --weight-analysis")
     profiles, clustering = section["profiles"], section.get("clustering") or {}
     labels = clustering.get("labels") or {}
     tail_key = "top_share_1pct"
@@ -745,7 +754,7 @@ ACCURACY_METRICS = ("acc", "acc_norm")
 
 @plot("downstream_tasks")
 def downstream_tasks(art: RunArtifacts) -> plt.Figure:
-    results = art.need("downstream_results.json", "run with --downstream-tasks")
+    results = art.need("downstream_results.json", "needs --downstream-tasks")
     panels = [(task, metric) for task, metrics in results["baseline"].items()
               for metric in ACCURACY_METRICS if metric in metrics]
     if not panels:
