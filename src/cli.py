@@ -70,6 +70,10 @@ class RunConfig:
     progressive_k: tuple[int, ...] = (1, 10, 100, 1000, 10000)
     target_components: tuple[str, ...] = ()
     target_layers: str | None = None
+    # downstream tasks (src/eval/downstream.py)
+    downstream_tasks: tuple[str, ...] = ()
+    task_data: tuple[tuple[str, str], ...] = ()
+    task_samples: int | None = None
     # plots (src/utils/visualize.py)
     save_plots: bool = False
     plot_formats: tuple[str, ...] = ("png",)
@@ -154,17 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analysis_arguments(parser)
 
-    plots = parser.add_argument_group("plots", "figures written to <out-dir>/plots/ at the end "
-                                               "of the run (src/utils/visualize.py)")
-    plots.add_argument("--save-plots", action="store_true",
-                       help="draw the score distribution per component, the layer x component "
-                            "heatmap, where the top-K weights sit, perturbation effects with "
-                            "bootstrap intervals, stability, and the plots of optional analyses "
-                            "that ran")
-    plots.add_argument("--plot-format",
-                       help="--save-plots: comma-separated file formats: png, pdf, svg "
-                            "(default png)")
-
     supers = parser.add_argument_group(
         "super weights", "single MLP output-projection weights behind massive activations "
                          "(Yu et al. 2024); results go to enhanced_analysis.json: super_weights")
@@ -181,6 +174,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--super-weights: a layer spikes when its largest |output| "
                              "activation is at least this many times the median over its output "
                              "channels of their peak |activation|")
+
+    tasks = parser.add_argument_group(
+        "downstream tasks", "HellaSwag / LAMBADA scored as lm-evaluation-harness does; with "
+                            "--perturb also under every condition (downstream_results.json)")
+    tasks.add_argument("--downstream-tasks", help="comma-separated: hellaswag, lambada")
+    tasks.add_argument("--task-data",
+                       help="TASK=PATH (JSONL in the public schema) or TASK=hub, comma-separated; "
+                            "default: the bundled original sample sets (offline)")
+    tasks.add_argument("--task-samples", type=int,
+                       help="evaluate N items per task, picked deterministically (default: all)")
+
+    plots = parser.add_argument_group("plots", "figures written to <out-dir>/plots/ at the end "
+                                               "of the run (src/utils/visualize.py)")
+    plots.add_argument("--save-plots", action="store_true",
+                       help="draw the score distribution per component, the layer x component "
+                            "heatmap, where the top-K weights sit, perturbation effects with "
+                            "bootstrap intervals, stability, and the plots of optional analyses "
+                            "that ran")
+    plots.add_argument("--plot-format",
+                       help="--save-plots: comma-separated file formats: png, pdf, svg "
+                            "(default png)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--out-dir", help="output folder (default results/<model>_<metric>_k<K>_<time>)")
@@ -371,6 +385,18 @@ def default_out_dir(model: str, metric: str, topk: int) -> str:
     return str(Path("results") / f"{safe_model}_{metric}_k{topk}_{stamp}")
 
 
+def _downstream_fields(args: argparse.Namespace) -> dict:
+    from src.eval.downstream_step import parse_task_data, parse_task_names
+
+    tasks = parse_task_names(args.downstream_tasks)
+    if not tasks and (args.task_data or args.task_samples is not None):
+        raise UserError("--task-data and --task-samples need --downstream-tasks")
+    if args.task_samples is not None and args.task_samples < 1:
+        raise UserError(f"--task-samples must be at least 1 (got {args.task_samples})")
+    return {"downstream_tasks": tasks, "task_data": parse_task_data(args.task_data, tasks),
+            "task_samples": args.task_samples}
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     from src.sensitivity.metrics import METRICS
     from src.sensitivity.perturb import PERTURBATIONS, resolve_bit
@@ -412,6 +438,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         stability_fraction=args.stability_fraction, stability_batches=args.stability_batches,
         super_weights=args.super_weights, super_weight_max=args.super_weight_max,
         spike_threshold=args.spike_threshold,
+        **_downstream_fields(args),
         save_plots=args.save_plots, plot_formats=_plot_formats(args),
         out_dir=out_dir, verbose=args.verbose, **_analysis_fields(args))
 

@@ -15,6 +15,7 @@ import torch
 from src.cli import RunConfig
 from src.data.loading import prepare_data
 from src.errors import UserError
+from src.eval import downstream_step
 from src.eval.perplexity import evaluate
 from src.models.components import describe_parameters
 from src.analysis import super_weights
@@ -62,6 +63,8 @@ def run(config: RunConfig) -> dict:
     if config.perturb == "bit_flip":
         for p in params.values():
             resolve_bit(config.bit_position, p.dtype)
+    task_items = downstream_step.load_items(config.downstream_tasks, config.task_data,
+                                            config.task_samples, config.seeds[0])
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "config.json", config.to_dict())
@@ -69,7 +72,7 @@ def run(config: RunConfig) -> dict:
     state = {"success": False, "error": None}
     try:
         results = run_steps(config, model, params, data, out_dir, timer, model_info,
-                            tokenizer=tokenizer)
+                            tokenizer=tokenizer, task_items=task_items)
         state["success"] = True
         return results
     except BaseException as error:
@@ -86,11 +89,16 @@ def run(config: RunConfig) -> dict:
 
 
 def run_steps(config, model, params, data, out_dir: Path, timer, model_info,
-              tokenizer=None) -> dict:
+              tokenizer=None, task_items=None) -> dict:
     progress = config.verbose
     with timer.step("baseline_eval"):
         baseline = evaluate(model, data.evaluation, config.batch_size, progress)
     report_console.baseline(model_info, data, baseline)
+    downstream = None
+    if task_items:
+        with timer.step("downstream_baseline"):
+            downstream = downstream_step.DownstreamRecorder(model, tokenizer, task_items,
+                                                            config.batch_size)
 
     job = ScoringJob(model=model, params=params, blocks=data.calibration,
                      data_parallel=distributed.current(),
@@ -125,7 +133,9 @@ def run_steps(config, model, params, data, out_dir: Path, timer, model_info,
         with timer.step("perturbation"):
             rows, restored = experiment.run_conditions(
                 params, conditions, config.perturb, options,
-                lambda: evaluate(model, data.evaluation, config.batch_size), baseline)
+                lambda: evaluate(model, data.evaluation, config.batch_size), baseline,
+                on_condition=(lambda c: downstream.on_condition(c, config.perturb))
+                if downstream else None)
         summary = experiment.summarize(rows, baseline.perplexity)
         perturbation = {"baseline": baseline.summary(), "method": config.perturb,
                         "k": config.topk, "mode": config.mode, "metric": config.metric,
@@ -134,6 +144,11 @@ def run_steps(config, model, params, data, out_dir: Path, timer, model_info,
         write_json(out_dir / "perturbation_results.json", perturbation)
         report_console.perturbation(perturbation)
         results["perturbation"] = perturbation
+
+    if downstream:
+        write_json(out_dir / "downstream_results.json", downstream.results())
+        downstream.print_summary()
+        results["downstream"] = downstream.results()
 
     if config.stability_check:
         if not METRICS[config.metric].uses_data and config.metric != "random":
@@ -154,14 +169,6 @@ def run_steps(config, model, params, data, out_dir: Path, timer, model_info,
         update_json(out_dir / "enhanced_analysis.json", key, results[key])
         print_lines(key, results[key])
 
-    if config.save_plots:  # keep last: draws the outputs of every step above
-        from src.utils import visualize  # matplotlib only when plotting
-
-        with timer.step("plots"):
-            results["plots"] = visualize.save_run_plots(
-                out_dir, config.plot_formats, metric=config.metric, mode=config.mode,
-                k=config.topk, scores=scores, metas=metas, table=table)
-
     if config.super_weights:
         with timer.step("super_weights"):
             found = super_weights.analyze(
@@ -172,6 +179,14 @@ def run_steps(config, model, params, data, out_dir: Path, timer, model_info,
         update_json(out_dir / "enhanced_analysis.json", "super_weights", found)
         super_weights.print_report(found)
         results["super_weights"] = found
+
+    if config.save_plots:  # keep last: draws the outputs of every step above
+        from src.utils import visualize  # matplotlib only when plotting
+
+        with timer.step("plots"):
+            results["plots"] = visualize.save_run_plots(
+                out_dir, config.plot_formats, metric=config.metric, mode=config.mode,
+                k=config.topk, scores=scores, metas=metas, table=table)
     return results
 
 
