@@ -192,6 +192,9 @@ def test_dbscan_marks_an_outlier_as_noise():
                            kurtosis=1e6, **{"top_share_0.01pct": 0.99, "top_share_1pct": 0.999})
     result = wa.cluster_tensors(profiles, "dbscan", seed=0)
     assert result["labels"]["odd"] == -1 and result["n_noise"] >= 1
+    assert result["n_clusters_found"] == len(set(result["labels"].values()) - {-1})
+    assert wa.summary_lines({"n_tensors": 13, "clustering": result, "profiles": {},
+                             "heaviest_tail": None, "hotspots": {"channels": {}}})
     assert result["eps"] > 0
 
 

@@ -151,8 +151,12 @@ def cluster_tensors(profiles: dict[str, dict], method: str, n_clusters: int | No
             "mean_features": dict(zip(FEATURES, raw[rows].mean(axis=0).round(6).tolist())),
             "n_weights": int(sum(profiles[n]["numel"] for n in members)),
         }
+    score = silhouette(x, labels)
+    n_found = len(set(labels.tolist()) - {-1})
     return {"method": method, **details, "features": FEATURES, "standardised": True,
-            "silhouette": silhouette(x, labels),
+            "n_clusters_found": n_found, "silhouette": score,
+            "silhouette_note": None if score is not None else
+            f"undefined: {n_found} cluster(s) besides noise (needs 2 or more)",
             "labels": dict(zip(names, labels.tolist())), "clusters": clusters}
 
 
@@ -286,11 +290,11 @@ def run(ctx: AnalysisContext) -> dict:
 
 def summary_lines(section: dict) -> list[str]:
     c = section["clustering"]
-    sil = c["silhouette"]
+    noise = f" + {c['n_noise']} noise tensors" if c.get("n_noise") else ""
+    quality = f"silhouette {c['silhouette']:.3f}" if c["silhouette"] is not None else \
+        f"silhouette {c['silhouette_note']}"
     lines = [f"weight analysis: {section['n_tensors']} tensors, {c['method']} -> "
-             f"{len(c['clusters'])} clusters, silhouette {sil:.3f}" if sil is not None else
-             f"weight analysis: {section['n_tensors']} tensors, {c['method']} -> "
-             f"{len(c['clusters'])} clusters (silhouette undefined)"]
+             f"{c['n_clusters_found']} clusters{noise}, {quality}"]
     heavy = section["heaviest_tail"]
     if heavy:
         p = section["profiles"][heavy]
