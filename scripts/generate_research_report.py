@@ -164,7 +164,8 @@ def read_runs(inputs: list[Path]) -> tuple[list[Run], list[tuple[str, str]]]:
             skipped.append((label, f"skipped: {error}"))
             continue
         if run.manifest is None:
-            skipped.append((label, "skipped: no experiment_manifest.json (still running or killed)"))
+            skipped.append((label, "skipped: no experiment_manifest.json "
+                                   "(still running or killed)"))
         elif not run.manifest.get("success", False):
             skipped.append((label, f"skipped: the run failed ({run.manifest.get('error')})"))
         else:
@@ -218,7 +219,8 @@ def mean_sd_text(stats: dict | None) -> str:
     if not stats:
         return "—"
     if stats["n"] > 1:
-        return f"{ppl(stats['mean_perplexity'])} ± {fmt(stats['sd_perplexity'], 2)} (n={stats['n']})"
+        return (f"{ppl(stats['mean_perplexity'])} ± {fmt(stats['sd_perplexity'], 2)} "
+                f"(n={stats['n']})")
     return ppl(stats["mean_perplexity"])
 
 
@@ -413,7 +415,8 @@ def downstream_findings(run: Run) -> list[str]:
                 if values:
                     parts.append(f"{selection} {float(np.mean(values)):.3f}")
             stderr = base.get(f"{metric}_stderr")
-            error = f" ± {stderr:.3f}" if isinstance(stderr, float) and math.isfinite(stderr) else ""
+            known = isinstance(stderr, float) and math.isfinite(stderr)
+            error = f" ± {stderr:.3f}" if known else ""
             out.append(f"{task} {metric} (n={base.get('n')}): baseline {base[metric]:.3f}{error}"
                        + (f"; perturbed: {', '.join(parts)}" if parts else "") + ".")
     return out

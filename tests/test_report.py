@@ -47,9 +47,9 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("report_runs")
     first, second = base / "in1" / "run", base / "in2" / "run"  # same name, two inputs
     done = run_cli(*SMALL, "--metric", "grad_x_weight", "--stability-check",
-                   "--stability-batches", "2", "--save-plots", "--out-dir", first)
+                   "--stability-batches", "2", "--save-plots", "--out-dir", first, timeout=1800)
     assert done.returncode == 0, done.stderr
-    done = run_cli(*SMALL, "--metric", "magnitude", "--out-dir", second)
+    done = run_cli(*SMALL, "--metric", "magnitude", "--out-dir", second, timeout=1800)
     assert done.returncode == 0, done.stderr
     return base, first, second
 

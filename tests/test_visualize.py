@@ -56,7 +56,8 @@ def test_mean_abs_by_cell_weights_by_numel():
     scores = {"model.layers.0.mlp.up_proj.weight": torch.full((4, 4), -2.0),
               "model.layers.0.mlp.gate_proj.weight": torch.ones(2, 2),
               "model.layers.3.mlp.up_proj.weight": torch.tensor([[1.0, -3.0]])}
-    cells = visualize.mean_abs_by_cell(scores, _metas({n: tuple(s.shape) for n, s in scores.items()}))
+    metas = _metas({n: tuple(s.shape) for n, s in scores.items()})
+    cells = visualize.mean_abs_by_cell(scores, metas)
     assert cells[(0, "mlp_up")] == (2.0, 16)
     assert cells[(0, "mlp_gate")] == (1.0, 4)
     assert cells[(3, "mlp_up")] == (2.0, 2)
@@ -90,7 +91,7 @@ def plotted_run(tmp_path_factory):
                    "per_layer", "--layers", "0-3", "--perturb", "sign_flip", "--seeds", "0,1",
                    "--architecture-analysis", "--advanced-perturbations", "progressive",
                    "--progressive-k", "1,3", "--super-weights", "--super-weight-max", "1",
-                   "--save-plots", "--plot-format", "png,pdf", "--out-dir", out)
+                   "--save-plots", "--plot-format", "png,pdf", "--out-dir", out, timeout=1800)
     assert done.returncode == 0, done.stderr
     return out, done.stdout
 

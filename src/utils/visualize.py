@@ -259,8 +259,9 @@ def _draw_heatmap(ax, grid, layers, components, colour_label, norm=None, annotat
     if annotate is not None and grid.size <= 400:
         for (i, j), value in np.ndenumerate(annotate):
             if np.isfinite(value) and value > 0:
+                light = np.isfinite(grid[i, j]) and image.norm(grid[i, j]) > 0.6
                 ax.text(j, i, f"{int(value)}", ha="center", va="center", fontsize=7,
-                        color="white" if np.isfinite(grid[i, j]) else "black")
+                        color="black" if light or not np.isfinite(grid[i, j]) else "white")
     return image
 
 
@@ -396,8 +397,9 @@ def perturbation_effects(art: RunArtifacts) -> plt.Figure:
     baseline = results["baseline"]["perplexity"]
     selections = [s for s in SELECTION_ORDER if any(r["selection"] == s for r in rows)]
     selections += sorted({r["selection"] for r in rows} - set(selections))
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6),
-                                         gridspec_kw={"width_ratios": [1, 1.6]})
+    wide = max(1.6, 0.09 * len(rows))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(7 + 3.2 * wide, 4.8),
+                                         gridspec_kw={"width_ratios": [1, wide]})
     _perplexity_panel(left, rows, selections, baseline)
     _delta_panel(right, rows, selections)
     comparison = results.get("summary", {}).get("top_vs_random")
@@ -452,7 +454,8 @@ def _delta_panel(ax, rows, selections):
     for x, (row, delta, (low, high)) in enumerate(zip(ordered, deltas, intervals)):
         colour = SELECTION_COLOURS.get(row["selection"], PALETTE[7])
         if np.isfinite(delta):
-            err = [[delta - low], [high - delta]] if np.isfinite(low) and np.isfinite(high) else None
+            bounded = np.isfinite(low) and np.isfinite(high)
+            err = [[delta - low], [high - delta]] if bounded else None
             ax.errorbar(x, delta, yerr=err, fmt="o", color=colour, capsize=4,
                         markeredgecolor="black", markeredgewidth=0.4)
         else:
@@ -464,10 +467,12 @@ def _delta_panel(ax, rows, selections):
     reach = reach[np.isfinite(reach)]
     if reach.size:
         ax.set_ylim(min(reach.min() * 3, -linthresh), max(reach.max() * 3, top, linthresh))
-    labels = [r["selection"] + ("" if r["seed"] is None else f"\nseed {r['seed']}")
+    crowded = len(ordered) > 8
+    labels = [r["selection"] + ("" if r["seed"] is None else
+                                (f" s{r['seed']}" if crowded else f"\nseed {r['seed']}"))
               for r in ordered]
-    ax.set_xticks(range(len(ordered)), labels, fontsize=7)
-    ax.set_ylabel(f"Δ perplexity vs baseline (symlog, linear below {linthresh:g})")
+    ax.set_xticks(range(len(ordered)), labels, fontsize=7, rotation=90 if crowded else 0)
+    ax.set_ylabel(f"Δ perplexity vs baseline\n(symlog; linear below {linthresh:g})")
     ax.set_xlabel("condition")
     ax.set_title("Δ perplexity with paired bootstrap 95% interval over evaluation blocks",
                  fontsize=10)
@@ -728,7 +733,8 @@ def weight_clusters(art: RunArtifacts) -> plt.Figure:
                     fontsize=10)
     if clusters:
         names = sorted(set(clusters.values()), key=str)
-        grid, layers_c, components_c = _grid({k: float(names.index(v)) for k, v in clusters.items()})
+        grid, layers_c, components_c = _grid({k: float(names.index(v))
+                                              for k, v in clusters.items()})
         cmap = matplotlib.colors.ListedColormap(_cycle(len(names)))
         image = left.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap,
                             vmin=-0.5, vmax=len(names) - 0.5, interpolation="nearest")
