@@ -10,12 +10,14 @@
 # perturbation  zero, sign_flip, gauss_noise and bit_flip of the same top-K, and zero at K=1/10/100
 # multi-metric  every data-driven and data-free metric at the same K (overlap and damage compared)
 # hutchinson    hutchinson_diag (Hessian diagonal), whole model and block by block
-# downstream    HellaSwag / LAMBADA accuracy of the baseline and of the perturbed model
+# downstream    HellaSwag / LAMBADA accuracy (20 bundled items each) of the baseline and of every
+#               perturbation condition
 # llama/mistral one run on $LLAMA_MODEL / $MISTRAL_MODEL (hub ids or local folders); skipped with
 #               a clear line when the model cannot be loaded here (offline, gated, not cached)
 #
 # Environment: CWA_PYTHON (interpreter, default python), CWA_MODEL (model of the built-in phases,
 # default the built-in smollm2-135m), CWA_RESULTS_DIR (default results), CWA_DEVICE (default auto),
+# CWA_MAX_SAMPLES (calibration and evaluation blocks of the built-in phases, default 4),
 # LLAMA_MODEL (default meta-llama/Llama-3.1-8B), MISTRAL_MODEL (default mistralai/Mistral-7B-v0.1).
 # Runs go to $CWA_RESULTS_DIR/suite_<time>/<phase>/<run>/ with the console log next to each folder.
 # A run passes when the CLI exits 0 and its manifest records success.
@@ -42,10 +44,13 @@ case "$RESULTS_DIR" in /*) ;; *) RESULTS_DIR="$PWD/$RESULTS_DIR" ;; esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 2
 SUITE_DIR="$RESULTS_DIR/suite_$(date +%Y%m%d_%H%M%S)"
+export PYTHONUNBUFFERED=1  # live progress through the tee
 
-# Small but meaningful settings for a 2-core CPU: 64-token blocks, 8 calibration and 8
-# evaluation blocks (504 evaluation tokens), global top-K.
-COMMON=(--model "$MODEL" --device "$DEVICE" --max-length 64 --max-samples 8 --batch-size 4)
+# Small but meaningful settings for a 2-core CPU (each phase a few minutes): 64-token blocks,
+# 4 calibration and 4 evaluation blocks (252 evaluation tokens), global top-K. Raise
+# CWA_MAX_SAMPLES on a GPU.
+COMMON=(--model "$MODEL" --device "$DEVICE" --max-length 64 --max-samples "${CWA_MAX_SAMPLES:-4}"
+        --batch-size 4)
 SEEDS_20="$(seq -s, 0 19)"
 
 passed=0; failed=0; skipped=0
@@ -119,7 +124,8 @@ phase_downstream() {
         return
     fi
     run_case downstream gxw_zero_k10_tasks "${COMMON[@]}" --metric grad_x_weight --mode global \
-        --topk 10 --perturb zero --seeds 0,1,2 --downstream-tasks hellaswag,lambada --save-plots
+        --topk 10 --perturb zero --seeds 0,1,2 --downstream-tasks hellaswag,lambada \
+        --task-samples 20 --save-plots
 }
 
 # Exit status of the preflight: 0 loadable, 3 not loadable here (skip), anything else: broken.
