@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Throughput of the tool's hot paths against the same model's bare ceilings, in one process.
 
-Figures (each timed after warm-up, with ``torch.cuda.synchronize`` around every timing):
+Figures (each timed after one warm-up call, the fastest of ``--repeats`` timed calls, with
+``torch.cuda.synchronize`` around every timing):
 
 * ``forward``           bare ``model(input_ids, attention_mask)`` under inference mode: the ceiling
                         for evaluation and ``act_mag``.
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import platform
@@ -102,15 +102,18 @@ class PeakMemory:
         return "rss_peak_per_figure" if self.rss_resettable else "rss_peak_process"
 
 
-def timed(fn, warmup: int = 1) -> float:
-    """Seconds of one call of ``fn`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    synchronize()
-    start = time.perf_counter()
-    fn()
-    synchronize()
-    return time.perf_counter() - start
+def timed(fn, warm_data, data, repeats: int = 1) -> float:
+    """Seconds of ``fn(data)`` after one untimed warm-up call ``fn(warm_data)``: the fastest of
+    ``repeats`` calls (the least disturbed by other processes on a shared machine)."""
+    fn(warm_data)
+    best = math.inf
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        fn(data)
+        synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def random_blocks(n_blocks: int, length: int, vocab_size: int, seed: int) -> TokenBlocks:
@@ -132,11 +135,11 @@ class Bench:
         self.figures: dict[str, dict] = {}
         self.scores = None
 
-    def record(self, name: str, fn, *, tokens: int | None = None, ceiling: str | None = None,
-               note: str = "", warmup: int = 1) -> dict:
+    def record(self, name: str, fn, warm_data=None, data=None, *, tokens: int | None = None,
+               ceiling: str | None = None, note: str = "") -> dict:
         self.memory.reset()
         try:
-            seconds = timed(fn, warmup)
+            seconds = timed(fn, warm_data, data, self.args.repeats)
         except torch.cuda.OutOfMemoryError as error:
             figure = {"error": f"out of memory: {str(error).splitlines()[0][:160]}",
                       "peak_memory_bytes": self.memory.peak_bytes(), "note": note}
@@ -192,10 +195,9 @@ class Bench:
                 p.requires_grad_(saved[n])
 
     def _measure(self, name, run, batches, warm, ceiling, note):
-        calls = iter([warm, batches])
-        self.record(name, lambda: run(next(calls)), tokens=self.tokens, ceiling=ceiling, note=note)
+        self.record(name, run, warm, batches, tokens=self.tokens, ceiling=ceiling, note=note)
 
-    def metric(self, metric: str):
+    def metric(self, metric: str, block_mode: bool = False):
         args = self.args
         uses_data = METRICS[metric].uses_data
         batch_size = args.batch_size
@@ -203,33 +205,39 @@ class Bench:
         note = "" if uses_data else "no data: seconds for all scored weights"
         if metric == "hutchinson_diag":
             batch_size = args.hutchinson_batch_size or args.batch_size
-            n = batch_size * args.steps
             vocab = self.model.get_input_embeddings().num_embeddings
-            blocks = random_blocks(n, args.max_length, vocab, seed=3)
+            blocks = random_blocks(batch_size * args.steps, args.max_length, vocab, seed=3)
             warm = random_blocks(batch_size, args.max_length, vocab, seed=4)
-            note = (f"1 probe per batch of {batch_size}"
-                    + (", block mode" if args.hutchinson_block else "")
-                    + "; cost_x_ceiling = cost of one probe per token in fwd+bwd units")
-        jobs = iter([warm, blocks])
+            block_mode = block_mode or args.hutchinson_mode == "block"
+            note = (f"1 probe per batch of {batch_size}, "
+                    + ("block mode (one pass per transformer block)" if block_mode
+                       else "whole model") + "; cost_x_ceiling = cost of one probe per token "
+                    "in fwd+bwd units")
         ceiling = "forward" if metric in FORWARD_ONLY_METRICS else "forward_backward"
         result = {}
 
-        def run():
-            job = ScoringJob(self.model, self.params, next(jobs), batch_size=batch_size, seed=0,
-                             hutchinson_samples=1, hutchinson_block=args.hutchinson_block)
+        def run(data):
+            result.clear()
+            job = ScoringJob(self.model, self.params, data, batch_size=batch_size, seed=0,
+                             hutchinson_samples=1, hutchinson_block=block_mode)
             result["scores"] = compute_scores(job, metric).scores
 
         tokens = len(blocks) * args.max_length if uses_data else None
-        self.record(f"score_{metric}", run, tokens=tokens, ceiling=ceiling if uses_data else None,
-                    note=note)
+        figure = self.record(f"score_{metric}", run, warm, blocks, tokens=tokens,
+                             ceiling=ceiling if uses_data else None, note=note)
         if metric == args.rank_metric and "scores" in result:
             self.scores = result["scores"]
         result.clear()
+        if "error" in figure and metric == "hutchinson_diag" and not block_mode \
+                and args.hutchinson_mode == "auto":
+            print("[bench] hutchinson_diag: whole-model mode ran out of memory; block mode",
+                  flush=True)
+            self.metric(metric, block_mode=True)
 
     def evaluate(self):
-        calls = iter([self.warm_blocks, self.blocks])
-        self.record("evaluate", lambda: evaluate(self.model, next(calls), self.args.batch_size),
-                    tokens=self.tokens, ceiling="forward", note="NLL, accuracy, per-block sums")
+        self.record("evaluate", lambda data: evaluate(self.model, data, self.args.batch_size),
+                    self.warm_blocks, self.blocks, tokens=self.tokens, ceiling="forward",
+                    note="NLL, accuracy, per-block sums")
 
     def ranking_and_perturbation(self):
         if self.scores is None:
@@ -239,15 +247,15 @@ class Bench:
         k = self.args.topk
         selection = {}
 
-        def global_top():
+        def global_top(_):
             selection["global"] = top_k(self.scores, k, "global")
 
         self.record("topk_global", global_top,
                     note=f"exact global top-{k} of {n_weights} weights ({self.args.rank_metric})")
-        self.record("topk_per_layer", lambda: top_k(self.scores, k, "per_layer"),
+        self.record("topk_per_layer", lambda _: top_k(self.scores, k, "per_layer"),
                     note=f"top-{k} in each of {len(self.scores)} tensors")
 
-        def flip():
+        def flip(_):
             with perturbed(self.params, selection["global"], "sign_flip"):
                 pass
 
@@ -289,19 +297,24 @@ def parse_args(argv=None):
     parser.add_argument("--metrics", default=",".join(METRICS),
                         help="comma-separated metrics to time")
     parser.add_argument("--topk", type=int, default=500, help="K for top-K and perturb+restore")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time each figure this many times and keep the fastest (for shared, "
+                             "noisy machines)")
     parser.add_argument("--rank-metric", default="grad_x_weight",
                         help="whose scores the top-K and perturbation figures use")
     parser.add_argument("--hutchinson-batch-size", type=int,
                         help="batch size for the Hutchinson figure (default --batch-size)")
-    parser.add_argument("--hutchinson-block", action="store_true",
-                        help="Hutchinson one transformer block at a time (less memory)")
+    parser.add_argument("--hutchinson-mode", choices=["whole", "block", "auto"], default="auto",
+                        help="Hutchinson over the whole model at once, one transformer block at a "
+                             "time (less memory, one pass per block), or whole and block mode "
+                             "only if that runs out of GPU memory")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", help="write every figure to this JSON file")
     args = parser.parse_args(argv)
     unknown = [m for m in args.metrics.split(",") if m and m not in METRICS]
     if unknown:
         parser.error(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
-    for flag in ("batch_size", "max_length", "steps", "topk"):
+    for flag in ("batch_size", "max_length", "steps", "topk", "repeats"):
         if getattr(args, flag) < 1 or (flag == "max_length" and args.max_length < 2):
             parser.error(f"--{flag.replace('_', '-')} is too small")
     return args
@@ -337,7 +350,7 @@ def run(args) -> dict:
                 "topk_global", "topk_per_layer", "perturb_restore"]}
     return {
         "model": info, "batch_size": args.batch_size, "max_length": args.max_length,
-        "steps": args.steps, "warmup_batches": 1, "topk": args.topk,
+        "steps": args.steps, "warmup_batches": 1, "repeats": args.repeats, "topk": args.topk,
         "tokens_per_figure": bench.tokens, "n_scored_weights": sum(p.numel() for p in params.values()),
         "device": (torch.cuda.get_device_name(0) if use_cuda else platform.processor() or "cpu"),
         "torch": torch.__version__, "threads": torch.get_num_threads(),

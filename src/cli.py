@@ -106,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     model.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="auto = bfloat16 on CUDA, float32 on CPU")
-    model.add_argument("--device-map", help="passed to transformers/accelerate, e.g. auto")
+    model.add_argument("--device-map",
+                       help="spread the model over several devices with accelerate: auto, "
+                            "balanced, balanced_low_0, sequential, or a JSON file mapping module "
+                            "names to a GPU index, cuda:N or cpu (also for random:<preset>); "
+                            "weights offloaded to disk/meta are refused. Not with torchrun")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data-file", help="UTF-8 text: documents separated by blank lines, or one "

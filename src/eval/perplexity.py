@@ -113,7 +113,7 @@ def evaluate(model, blocks: TokenBlocks, batch_size: int, progress: bool = False
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         nll, valid = token_nll(logits, input_ids, attention_mask)
         nll = torch.where(torch.isfinite(nll), nll, torch.full_like(nll, math.inf))
-        correct = logits[:, :-1].argmax(dim=-1) == input_ids[:, 1:].to(logits.device)
+        correct = logits.argmax(dim=-1)[:, :-1] == input_ids[:, 1:].to(logits.device)
         block_nll.append(torch.where(valid, nll.double(), 0.0).sum(dim=1))
         block_tokens.append(valid.sum(dim=1))
         block_correct.append((correct & valid).sum(dim=1))

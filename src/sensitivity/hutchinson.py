@@ -14,6 +14,10 @@ block mode (``hutchinson_block``: only one transformer block's weights require g
 draws the same z per weight as whole-model mode; the two differ only through the cross-block
 terms z_B ⊙ H_BA z_A, which vanish in expectation.
 
+Memory: the running moments take 8 bytes per weight (float32 mean and M2). In block mode on a GPU
+only the current block's moments stay there: each finished block's are merged across torchrun
+ranks and moved to the CPU (its scores come back on the CPU), so an 8B model fits in 80 GB.
+
 Fused SDPA / flash attention kernels have no double backward: the model is switched to the
 "eager" attention implementation while probing and switched back afterwards.
 """
@@ -95,6 +99,13 @@ def merge_across_ranks(stats, group) -> None:
         group.all_reduce_sum_([s.m2])
 
 
+def offload_to_cpu(stats) -> None:
+    """Move finished moments off the GPU (block mode: one block's moments on the GPU at a time)."""
+    for s in stats:
+        if s.mean.is_cuda:
+            s.mean, s.m2 = s.mean.cpu(), s.m2.cpu()
+
+
 def parameter_groups(params: dict, block_mode: bool) -> list[dict]:
     """One group with everything, or one group per transformer block (others together)."""
     if not block_mode:
@@ -139,8 +150,10 @@ def hutchinson_diagonal(job):
                     probe_batch(loss, names, tensors, stats, seed=job.seed,
                                 batch_index=batch_index, n_probes=job.hutchinson_samples,
                                 weight=n_tokens / total_tokens / job.hutchinson_samples)
-    if job.data_parallel is not None:
-        merge_across_ranks(stats.values(), job.data_parallel)
+            if job.data_parallel is not None:
+                merge_across_ranks([stats[name] for name in names], job.data_parallel)
+            if job.hutchinson_block:
+                offload_to_cpu([stats[name] for name in names])
     mean = {name: s.mean for name, s in stats.items()}
     stderr = {name: s.standard_error() for name, s in stats.items()}
     return mean, stderr

@@ -402,10 +402,12 @@ def act_mag(job: ScoringJob) -> MetricOutput:
                                   device=job.params[name].device)
         handles.append(module.register_forward_hook(
             _input_norm_hook(sumsq[name], kind, current_mask)))
+    padded = not bool(job.blocks.attention_mask.all())  # checked once, on the host
     try:
         with torch.inference_mode():
             for input_ids, attention_mask in _batches(job, "act_mag"):
-                current_mask["mask"] = attention_mask
+                current_mask.clear()
+                current_mask["mask"] = attention_mask if padded else None
                 job.model(input_ids=input_ids, attention_mask=attention_mask)
     finally:
         for handle in handles:
@@ -445,19 +447,34 @@ def _n_input_channels(weight, kind) -> int:
     return {"linear": weight.shape[1], "conv1d": weight.shape[0], "embedding": weight.shape[0]}[kind]
 
 
-def _input_norm_hook(sumsq: torch.Tensor, kind: str, current_mask: dict):
+def _input_norm_hook(sumsq: torch.Tensor, kind: str, state: dict):
+    """Forward hook adding Σ_t x_tj² over real tokens to ``sumsq``. ``state`` holds the batch's
+    mask (None without padding) and the last input seen: layers fed the same tensor (q/k/v,
+    gate/up) reuse its column sums instead of recomputing them."""
     def hook(module, inputs, output):
         x = inputs[0]
-        mask = current_mask.get("mask")
+        mask = state.get("mask")
         if kind == "embedding":
             index = x[mask.bool()] if mask is not None and mask.shape == x.shape else x.reshape(-1)
             sumsq.add_(torch.bincount(index.reshape(-1), minlength=sumsq.numel()).float())
             return
-        x = x.float()
-        if mask is not None and mask.shape == x.shape[:-1]:
-            x = x * mask.to(x.device, x.dtype).unsqueeze(-1)
-        sumsq.add_(x.reshape(-1, x.shape[-1]).square().sum(dim=0))
+        if state.get("input") is not x:
+            state["input"], state["column_sumsq"] = x, _column_sumsq(x, mask)
+        sumsq.add_(state["column_sumsq"].to(sumsq.device))
     return hook
+
+
+def _column_sumsq(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """float32 Σ over tokens of x² per input channel; tokens with mask 0 left out."""
+    if mask is not None and mask.shape != x.shape[:-1]:
+        mask = None  # the layer does not see [batch, tokens, channels]: every row counts
+    rows = x.reshape(-1, x.shape[-1])
+    if mask is not None:
+        rows = rows * mask.reshape(-1, 1).to(rows.device, rows.dtype)
+    if rows.is_cuda:  # one fused low-precision -> float32 reduction
+        norm = torch.linalg.vector_norm(rows, dim=0, dtype=torch.float32)
+        return norm * norm
+    return rows.float().square().sum(dim=0)
 
 
 @register("hutchinson_diag", uses_data=True, signed=True,

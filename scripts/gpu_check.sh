@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# GPU check: the benchmark and a short end-to-end protocol on a randomly initialised
+# Llama-3.1-8B-shaped model in bfloat16, on one CUDA GPU, in well under 8 minutes.
+#
+#   bash scripts/gpu_check.sh            # outputs under $OUT if set, else results/gpu_check
+#   bash scripts/gpu_check.sh --smoke    # the same steps on the CPU with a tiny model: checks this
+#                                        # script itself on a machine without a GPU
+#
+# Installs nothing and needs no network: it runs the machine's own python (python3, or $PYTHON)
+# with torch and transformers already installed, and sets only PYTHONPATH (to this tree).
+# Random presets use a tokenizer trained on the bundled corpus, so no model package is needed.
+#
+# Steps (each under its own time limit, so a hang shows up as a failure, not a stall):
+#   1. environment: python packages, CUDA GPU, versions
+#   2. benchmark:   scripts/benchmark.py, batch 8 x 512 (Hutchinson: batch 1, whole model, or
+#                   block mode if that runs out of GPU memory)
+#   3. protocol:    grad_x_weight, K=500 per layer, sign_flip vs random_k,bottom_k, seeds 0,1,2,
+#                   stability check, 50 blocks of 512 tokens per side
+# Exit status 0 only if every step succeeded; the summary at the end names the failed steps.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT_DIR="${OUT:-$ROOT/results/gpu_check}"
+PY="${PYTHON:-$(command -v python3 || command -v python || true)}"
+MODEL="random:llama-3.1-8b"; DEVICE=cuda; DTYPE=bfloat16; BATCH=8; LENGTH=512; SAMPLES=50
+TOPK=500; BENCH_LIMIT_S=330; PROTOCOL_LIMIT_S=240
+if [ "${1:-}" = "--smoke" ]; then
+    MODEL="random:tiny-llama"; DEVICE=cpu; DTYPE=float32; BATCH=2; LENGTH=32; SAMPLES=4; TOPK=5
+elif [ -n "${1:-}" ]; then
+    echo "usage: bash scripts/gpu_check.sh [--smoke]" >&2; exit 2
+fi
+
+say() { printf '[gpu_check] %s\n' "$*"; }
+die() { printf '[gpu_check] FAILED: %s\n' "$*" >&2; exit 1; }
+
+[ -n "$PY" ] || die "no python3 (or python) on PATH; set PYTHON=/path/to/python"
+[ -f "$ROOT/phase1_runner_enhanced.py" ] || die "run this from the project tree ($ROOT has no phase1_runner_enhanced.py)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT_DIR" || die "cannot create the output folder $OUT_DIR"
+cd "$ROOT"
+limited() {  # limited SECONDS COMMAND...: run under a time limit when coreutils timeout exists
+    local seconds=$1; shift
+    if command -v timeout >/dev/null 2>&1; then
+        timeout --signal=TERM --kill-after=20 "$seconds" "$@"
+    else
+        "$@"
+    fi
+}
+START=$(date +%s)
+
+# ----------------------------------------------------------------------------- 1. environment
+say "python: $PY; project: $ROOT; outputs: $OUT_DIR"
+"$PY" - "$DEVICE" <<'EOF' || die "environment check failed (see the message above); this script installs nothing"
+import importlib.util, sys
+needed = ["torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas", "scipy", "tqdm"]
+missing = [name for name in needed if importlib.util.find_spec(name) is None]
+if missing:
+    sys.exit(f"missing python packages on this machine: {', '.join(missing)}")
+import torch, transformers
+if sys.argv[1] == "cpu":
+    print(f"[gpu_check] smoke test on the CPU: torch {torch.__version__}, "
+          f"transformers {transformers.__version__}")
+    sys.exit(0)
+if not torch.cuda.is_available():
+    sys.exit("no CUDA GPU visible to torch (torch.cuda.is_available() is False)")
+free, total = torch.cuda.mem_get_info()
+print(f"[gpu_check] torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"{torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}, "
+      f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
+EOF
+TREE_KIB=$(du -sk --exclude=.git --exclude=results "$ROOT" 2>/dev/null | cut -f1 || echo 0)
+say "project tree (without .git and results): ${TREE_KIB} KiB"
+[ "$TREE_KIB" -lt $((64 * 1024)) ] || die "the project tree is over 64 MiB; remove large untracked files"
+
+FAILED=()
+
+# ----------------------------------------------------------------------------- 2. benchmark
+say "benchmark: $MODEL, $DTYPE, batch $BATCH x $LENGTH, 3 timed batches (limit ${BENCH_LIMIT_S}s)"
+if ! limited "$BENCH_LIMIT_S" "$PY" scripts/benchmark.py --model "$MODEL" \
+        --dtype "$DTYPE" --device "$DEVICE" --batch-size "$BATCH" --max-length "$LENGTH" \
+        --steps 3 --topk "$TOPK" \
+        --hutchinson-mode auto --hutchinson-batch-size 1 --json "$OUT_DIR/benchmark.json" \
+        2>&1 | tee "$OUT_DIR/benchmark.txt"; then
+    FAILED+=("benchmark (exit ${PIPESTATUS[0]}; 124 = time limit; see $OUT_DIR/benchmark.txt)")
+fi
+
+# ----------------------------------------------------------------------------- 3. protocol
+# 50 blocks of 512 tokens per side need ~51k tokens; the bundled corpus has ~11k under the
+# random presets' tokenizer, so the calibration/evaluation text is its sentences reshuffled
+# (deterministically) into more documents. Content does not matter for a random model's speed.
+CORPUS="$OUT_DIR/protocol_corpus.txt"
+"$PY" - "$CORPUS" <<'EOF' || die "could not write the protocol corpus"
+import random, re, sys
+from src.data.loading import bundled_documents
+sentences = [s for d in bundled_documents() for s in re.split(r"(?<=[.!?])\s+", d) if s]
+rng, documents = random.Random(0), []
+for _ in range(6):
+    rng.shuffle(sentences)
+    documents += [" ".join(sentences[i:i + 12]) for i in range(0, len(sentences), 12)]
+open(sys.argv[1], "w", encoding="utf-8").write("\n\n".join(documents) + "\n")
+EOF
+PROTOCOL_DIR="$OUT_DIR/protocol"
+rm -rf "$PROTOCOL_DIR"
+say "protocol: grad_x_weight, K=$TOPK per_layer, sign_flip, random_k+bottom_k, seeds 0,1,2, stability (limit ${PROTOCOL_LIMIT_S}s)"
+if ! limited "$PROTOCOL_LIMIT_S" "$PY" phase1_runner_enhanced.py --model "$MODEL" \
+        --dtype "$DTYPE" --device "$DEVICE" --data-file "$CORPUS" --max-samples "$SAMPLES" \
+        --max-length "$LENGTH" --metric grad_x_weight --topk "$TOPK" --mode per_layer --perturb sign_flip \
+        --controls random_k,bottom_k --seeds 0,1,2 --stability-check \
+        --out-dir "$PROTOCOL_DIR" 2>&1 | tee "$OUT_DIR/protocol.txt"; then
+    FAILED+=("protocol (exit ${PIPESTATUS[0]}; 124 = time limit; see $OUT_DIR/protocol.txt)")
+fi
+if [ -f "$PROTOCOL_DIR/experiment_manifest.json" ]; then
+    "$PY" - "$PROTOCOL_DIR/experiment_manifest.json" <<'EOF' | tee "$OUT_DIR/protocol_timings.txt" || true
+import json, sys
+manifest = json.load(open(sys.argv[1]))
+steps = manifest["timings_seconds"]
+after_build = sum(v for k, v in steps.items() if k != "load_model")
+data = manifest["data"]
+print(f"[gpu_check] protocol steps (s): " + ", ".join(f"{k} {v:.1f}" for k, v in steps.items()))
+print(f"[gpu_check] protocol after the model is built: {after_build:.1f} s "
+      f"({data['calibration']['blocks']} calibration / {data['evaluation']['blocks']} evaluation "
+      f"blocks); success={manifest['success']}")
+EOF
+fi
+
+# ----------------------------------------------------------------------------- summary
+ELAPSED=$(( $(date +%s) - START ))
+say "total wall time: ${ELAPSED}s; outputs in $OUT_DIR"
+if [ "${#FAILED[@]}" -gt 0 ]; then
+    for step in "${FAILED[@]}"; do printf '[gpu_check] FAILED: %s\n' "$step" >&2; done
+    exit 1
+fi
+say "all steps passed"
