@@ -164,3 +164,64 @@ def test_significance_sentence_states_the_attainable_p():
     lines = report._significance(summary, {"delta_perplexity_ci95": [-1.0, 2.0]})
     assert "includes zero" in lines[0] and "significant at the 5% level" in lines[1]
     assert math.isclose(1 / 21, summary["top_vs_random"]["empirical_p_value"])
+
+
+# ----------------------------------------------------------------------------- the suite script
+
+SUITE = ROOT / "scripts" / "run_research_tests.sh"
+
+
+def run_suite(phase: str, tmp_path, python: str, **env) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "CWA_PYTHON": python, "CWA_RESULTS_DIR": str(tmp_path), **env}
+    return subprocess.run(["bash", str(SUITE), phase], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env=environment)
+
+
+def _wrapper(tmp_path, name: str, body: str) -> str:
+    path = tmp_path / name
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_suite_fails_when_a_run_fails(tmp_path):
+    failing = _wrapper(tmp_path, "failing_python", 'echo "crashed on purpose" >&2; exit 1')
+    done = run_suite("validation", tmp_path, failing)
+    assert done.returncode == 1
+    assert "summary: 0 passed, 3 failed, 0 skipped" in done.stdout
+    assert done.stdout.count("--- FAIL [validation]") == 3
+    # each run's console output is kept next to its folder
+    logs = list(tmp_path.glob("suite_*/validation/*.log"))
+    assert len(logs) == 3 and all("crashed on purpose" in p.read_text() for p in logs)
+
+
+def test_suite_exit_status_survives_the_log_pipe(tmp_path):
+    """A run that writes a successful manifest but exits 1 fails: the status of the runner, not
+    of tee, counts (set -o pipefail)."""
+    lying = _wrapper(tmp_path, "lying_python", """
+while [ $# -gt 0 ]; do [ "$1" = "--out-dir" ] && out="$2"; shift; done
+mkdir -p "$out" && echo '{"success": true}' > "$out/experiment_manifest.json"
+exit 1""")
+    done = run_suite("hutchinson", tmp_path, lying)
+    assert done.returncode == 1
+    assert "summary: 0 passed, 2 failed, 0 skipped" in done.stdout
+
+
+def test_suite_needs_a_successful_manifest_not_just_exit_0(tmp_path):
+    silent = _wrapper(tmp_path, "silent_python", "exit 0")  # exits 0, writes nothing
+    done = run_suite("hutchinson", tmp_path, silent)
+    assert done.returncode == 1
+    assert "summary: 0 passed, 2 failed, 0 skipped" in done.stdout
+
+
+def test_suite_skips_hub_models_it_cannot_load(tmp_path):
+    done = run_suite("llama", tmp_path, sys.executable, HF_HUB_OFFLINE="1",
+                     LLAMA_MODEL="nobody-has-this/model-xyz")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SKIP [llama] nobody-has-this/model-xyz: cannot be loaded here" in done.stdout
+    assert "summary: 0 passed, 0 failed, 1 skipped" in done.stdout
+
+
+def test_suite_rejects_unknown_phase(tmp_path):
+    done = run_suite("everything", tmp_path, sys.executable)
+    assert done.returncode == 2 and "unknown phase 'everything'" in done.stderr
