@@ -88,11 +88,15 @@ class Run:
 def find_run_folders(inputs: list[Path]) -> list[tuple[Path, Path]]:
     """(input folder, run folder) for every run below each input, in a stable order."""
     found: list[tuple[Path, Path]] = []
+    seen: set[Path] = set()  # overlapping inputs: each run once
     for root in inputs:
         if not root.is_dir():
             raise UserError(f"--input-dirs '{root}' is not a folder")
         folders = {p.parent for marker in RUN_MARKERS for p in root.rglob(marker)}
-        found += [(root, folder) for folder in sorted(folders)]
+        for folder in sorted(folders):
+            if folder.resolve() not in seen:
+                seen.add(folder.resolve())
+                found.append((root, folder))
     return found
 
 
@@ -276,6 +280,8 @@ def _method_phrase(run: Run) -> str:
 
 
 def perturbation_findings(run: Run) -> list[str]:
+    if not run.perturbation:
+        return []
     p, summary = run.perturbation, run.summary
     if "top_k" not in summary:
         return []
@@ -375,26 +381,34 @@ def location_findings(run: Run) -> list[str]:
     if top is None or top.empty:
         return []
     k = len(top)
-    components = top["component"].value_counts()
-    layers = sorted({int(v) for v in top["layer"].dropna()})
-    lead, lead_n = components.index[0], int(components.iloc[0])
-    where = (f"All {k}" if lead_n == k else f"{lead_n} of {k}") + f" selected weights are in {lead}"
-    layer_text = (f" (layers {', '.join(map(str, layers[:8]))}{'…' if len(layers) > 8 else ''})"
-                  if layers else "")
-    findings = [where + (layer_text if lead_n == k else
-                         f"; the rest spread over {len(components) - 1} other component(s)") + "."]
-    if run.get("mode") == "global" and layers:
-        findings[-1] = findings[-1][:-1] + f", spread over {len(layers)} layer(s)."
+    findings = []
+    if run.get("mode") == "global":  # per_layer takes K from every tensor: shares are by design
+        components = top["component"].value_counts()
+        layers = sorted({int(v) for v in top["layer"].dropna()})
+        lead, lead_n = components.index[0], int(components.iloc[0])
+        shown = ", ".join(map(str, layers[:8])) + ("…" if len(layers) > 8 else "")
+        text = (f"All {k}" if lead_n == k else f"{lead_n} of {k}") + \
+            f" selected weights are in {lead}, over {len(layers)} layer(s) ({shown})"
+        if lead_n < k:
+            rest = ", ".join(f"{c} {n}" for c, n in components.iloc[1:4].items())
+            text += f"; the others: {rest}" + (", …" if len(components) > 4 else "")
+        findings.append(text + ".")
     for axis, name in (("row", "output row"), ("col", "input column")):
         groups = top.groupby(["component", axis]).agg(n=("rank", "size"),
                                                       layers=("layer", lambda s: sorted(set(s))))
         groups = groups[groups["n"] > 1].sort_values("n", ascending=False)
         if len(groups):
             (component, index), best = groups.index[0], groups.iloc[0]
-            layer_list = ", ".join(str(int(v)) for v in best["layers"] if v == v)
-            findings.append(f"{int(best['n'])} of {k} sit on {name} {index} of {component} "
-                            f"(layer(s) {layer_list}): the selection concentrates on one "
-                            f"{'output' if axis == 'row' else 'input'} channel.")
+            layers = [str(int(v)) for v in best["layers"] if v == v]
+            layer_list = ", ".join(layers[:8]) + (", …" if len(layers) > 8 else "")
+            n = int(best["n"])
+            if n / k >= 0.2:
+                findings.append(f"{n} of {k} sit on {name} {index} of {component} (layer(s) "
+                                f"{layer_list}): the selection concentrates on one "
+                                f"{'output' if axis == 'row' else 'input'} channel.")
+            else:
+                findings.append(f"The most shared {name} is {index} of {component}: {n} of {k} "
+                                f"selected weights (layer(s) {layer_list}).")
     return findings
 
 
@@ -539,12 +553,23 @@ def analysis_findings(run: Run) -> list[str]:
     return out
 
 
-def _comparable(runs: list[Run], fixed: tuple[str, ...]) -> dict[tuple, list[Run]]:
+# Runs are compared only when they saw the same text in the same amounts.
+DATA_KEYS = ("data_file", "dataset", "max_length", "max_samples")
+
+
+def _groups(runs: list[Run], fixed: tuple[str, ...], perturbed: bool = True) -> list[list[Run]]:
+    """Runs sharing the ``fixed`` settings and the same data (text, block length, blocks)."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        if run.perturbation and "top_k" in run.summary:
-            groups.setdefault(tuple(run.get(k) for k in fixed), []).append(run)
-    return groups
+        if perturbed and not (run.perturbation and "top_k" in run.summary):
+            continue
+        groups.setdefault(tuple(str(run.get(k)) for k in fixed + DATA_KEYS), []).append(run)
+    return list(groups.values())
+
+
+def _data_text(run: Run) -> str:
+    source = run.get("data_file") or run.get("dataset") or "bundled corpus"
+    return f"{source}, {run.get('max_samples')} x {run.get('max_length')}-token blocks"
 
 
 def _top_ratio(run: Run) -> float:
@@ -553,26 +578,29 @@ def _top_ratio(run: Run) -> float:
 
 def cross_run_findings(runs: list[Run]) -> list[str]:
     findings = []
-    for (model, k, mode, method), group in _comparable(
-            runs, ("model", "topk", "mode", "perturb")).items():
+    for group in _groups(runs, ("model", "topk", "mode", "perturb")):
         by_metric = {}
         for run in group:
             by_metric.setdefault(run.get("metric"), []).append(_top_ratio(run))
         if len(by_metric) > 1:
+            first = group[0]
             ranked = sorted(by_metric.items(), key=lambda kv: -np.mean(kv[1]))
             listing = ", then ".join(f"{m} ({times(float(np.mean(v)))})" for m, v in ranked)
-            findings.append(f"{model}, top-{k} {mode}, {method}: {listing} "
-                            f"(top-K perplexity / baseline, mean over runs).")
-    for (model, metric, mode, method), group in _comparable(
-            runs, ("model", "metric", "mode", "perturb")).items():
+            findings.append(f"{first.get('model')}, top-{first.get('topk')} "
+                            f"{first.get('mode')}, {first.get('perturb')} ({_data_text(first)}): "
+                            f"{listing} (top-K perplexity / baseline, mean over runs).")
+    for group in _groups(runs, ("model", "metric", "mode", "perturb")):
         ks = sorted({run.get("topk") for run in group})
         if len(ks) > 1:
+            first = group[0]
             points = [(k, float(np.mean([_top_ratio(r) for r in group if r.get("topk") == k])))
                       for k in ks]
             trend = ", ".join(f"{times(v)} at K={k}" for k, v in points)
-            findings.append(f"{model}, {metric} {mode}, {method}: top-K damage by K: {trend}.")
-    for (model, mode, method, k), group in _comparable(
-            runs, ("model", "mode", "perturb", "topk")).items():
+            findings.append(f"{first.get('model')}, {first.get('metric')} {first.get('mode')}, "
+                            f"{first.get('perturb')} ({_data_text(first)}): top-K damage by K: "
+                            f"{trend}.")
+    for group in _groups([r for r in runs if r.top is not None], ("model", "mode", "topk"),
+                         perturbed=False):
         findings += _overlap_findings(group)
     for run in runs:
         if run.get("metric") == "random" and run.perturbation and \

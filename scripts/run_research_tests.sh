@@ -56,6 +56,11 @@ SEEDS_20="$(seq -s, 0 19)"
 passed=0; failed=0; skipped=0
 failed_runs=(); skipped_runs=()
 
+indent() {  # line by line, so progress shows as it happens
+    local line
+    while IFS= read -r line || [ -n "$line" ]; do printf '    %s\n' "$line"; done
+}
+
 run_case() {  # run_case PHASE NAME ARGS... : one CLI run into $SUITE_DIR/PHASE/NAME
     local phase="$1" name="$2"; shift 2
     local out="$SUITE_DIR/$phase/$name"
@@ -63,7 +68,7 @@ run_case() {  # run_case PHASE NAME ARGS... : one CLI run into $SUITE_DIR/PHASE/
     echo "=== [$phase] $name"
     echo "    $PY phase1_runner_enhanced.py $* --out-dir $out"
     local start=$SECONDS
-    "$PY" phase1_runner_enhanced.py "$@" --out-dir "$out" 2>&1 | tee "$out.log" | sed 's/^/    /'
+    "$PY" phase1_runner_enhanced.py "$@" --out-dir "$out" 2>&1 | tee "$out.log" | indent
     local status=$?
     if [ $status -eq 0 ] && grep -q '"success": true' "$out/experiment_manifest.json" 2>/dev/null; then
         passed=$((passed + 1))

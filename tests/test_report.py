@@ -120,12 +120,17 @@ def test_broken_json_is_reported_and_skipped(runs, tmp_path):
     (broken / "stability_results.json").write_text('{"k": 5, "across_seeds": ')
     good = tmp_path / "inputs" / "good_run"
     shutil.copytree(first, good)
+    unperturbed = tmp_path / "inputs" / "no_perturb"  # as a run without --perturb leaves it
+    shutil.copytree(first, unperturbed)
+    (unperturbed / "perturbation_results.json").unlink()
     done = run_report("--input-dirs", tmp_path / "inputs", "--output", tmp_path / "r",
                       "--format", "md")
     assert done.returncode == 0, done.stderr
     assert "broken_run" in done.stderr and "stability_results.json is not valid JSON" in done.stderr
     text = (tmp_path / "r.md").read_text()
     assert "| good_run |" in text and "| broken_run |" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| no_perturb |"))
+    assert "| — | — | — |" in row and "Top-5 sets are" in text
     left_out = text.split("## Folders left out", 1)[1]
     assert "broken_run" in left_out and "not valid JSON (line 1" in left_out
 
