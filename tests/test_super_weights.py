@@ -84,6 +84,33 @@ def test_planted_super_weight_is_found_exactly_and_confirmed(planted):
     assert controls["largest_magnitude"]["flat_index"][found["parameter"]] == [int(others.argmax())]
 
 
+def test_whole_set_is_zeroed_together_against_per_tensor_controls(planted):
+    model, data = planted
+    targets = sw.mlp_down_targets(model)
+    params = {t.param_name: t.param for t in targets}
+    names = list(params)
+    candidates = [{"parameter": names[0], "flat_index": PLANT_ROW * 128 + PLANT_COL},
+                  {"parameter": names[1], "flat_index": 7},
+                  {"parameter": names[1], "flat_index": 100}]
+
+    def ppl_of():
+        return evaluate(model, data.evaluation, 4).perplexity
+
+    baseline = ppl_of()
+    whole = sw.causal_check(params, candidates, ppl_of, baseline, seeds=(0, 1))
+    assert whole["n_weights"] == 3
+    with perturbed(params, sw.candidate_selection(candidates), "zero"):
+        assert whole["perplexity"] == pytest.approx(ppl_of(), rel=1e-6)
+    assert whole["ratio"] == pytest.approx(whole["perplexity"] / baseline)
+    for control in whole["controls"]["random"] + [whole["controls"]["largest_magnitude"]]:
+        picked = control["flat_index"]
+        assert [len(picked[n]) for n in names] == [1, 2]  # same count per tensor
+        assert PLANT_ROW * 128 + PLANT_COL not in picked[names[0]]
+        assert not {7, 100} & set(picked[names[1]])
+    assert whole["clears_controls"] and candidates[0]["confirmed"]
+    assert not candidates[1]["confirmed"] and not candidates[2]["confirmed"]
+
+
 def test_detection_reports_layer_spikes_consistently(planted):
     model, data = planted
     targets = sw.mlp_down_targets(model)
@@ -175,7 +202,7 @@ def test_builtin_super_weight_is_confirmed_and_weights_untouched(builtin, builti
 def test_cli_super_weights_end_to_end(cli, tmp_path):
     out = tmp_path / "run"
     result = cli("--max-length", "64", "--max-samples", "4", "--topk", "5", "--mode", "global",
-                 "--super-weights", "--super-weight-max", "2", "--seeds", "0,1",
+                 "--super-weights", "--super-weight-max", "1", "--seeds", "0,1",
                  "--out-dir", out)
     assert result.returncode == 0, result.stderr
     assert "super weights:" in result.stdout and "[507, 1229]" in result.stdout
@@ -186,7 +213,7 @@ def test_cli_super_weights_end_to_end(cli, tmp_path):
     assert section["method"]["metric"] == "grad_x_weight" and section["method"]["seeds"] == [0, 1]
     assert len(section["layers"]) == 30 and section["restore_verified"]
     config = json.loads((out / "config.json").read_text())
-    assert config["super_weights"] and config["super_weight_max"] == 2
+    assert config["super_weights"] and config["super_weight_max"] == 1
 
 
 def test_cli_rejects_super_weight_flags_without_the_step(cli, tmp_path):
