@@ -115,3 +115,15 @@ def test_plot_format_without_save_plots_is_an_error(cli, tmp_path):
     assert done.returncode == 2
     assert "--plot-format has no effect without --save-plots" in done.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_plot_that_cannot_read_its_input_does_not_stop_the_others(tmp_path, capsys):
+    from src.utils.io import write_json
+
+    write_json(tmp_path / "enhanced_analysis.json", {"architecture": {"by_layer": "unexpected"},
+                                                     "temporal_stability": {"drift": {}}})
+    written = visualize.save_run_plots(tmp_path, ("png",))
+    out = capsys.readouterr().out
+    assert "plot architecture_depth FAILED, results unaffected: AttributeError" in out
+    assert "plot temporal_drift skipped: the temporal-stability analysis has fewer" in out
+    assert written == [] and plt.get_fignums() == []

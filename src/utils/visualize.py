@@ -120,6 +120,7 @@ def save_run_plots(out_dir, formats=("png",), *, metric=None, mode=None, k=None,
                              read_run_files(out_dir))
     written, absent = [], []
     for name, draw in RUN_PLOTS.items():
+        open_before = set(plt.get_fignums())
         try:
             figure = draw(artifacts)
         except InputAbsent as reason:
@@ -127,6 +128,13 @@ def save_run_plots(out_dir, formats=("png",), *, metric=None, mode=None, k=None,
             continue
         except SkipPlot as reason:
             print(f"[cwa] plot {name} skipped: {reason}")
+            continue
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+            # a layout this plot does not know (e.g. a newer analysis): the run's results stand
+            print(f"[cwa] plot {name} FAILED, results unaffected: {type(error).__name__}: "
+                  f"{error}")
+            for number in set(plt.get_fignums()) - open_before:
+                plt.close(number)
             continue
         written += save_figure(figure, out_dir / "plots" / name, formats)
     if absent:
