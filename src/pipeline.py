@@ -42,8 +42,8 @@ def run(config: RunConfig) -> dict:
     timer, started = manifest.StepTimer(), manifest.utc_now()
     seed_everything(config.seeds[0])
     quiet_libraries(config.verbose)
-    with timer.step("load_model"):
-        data_parallel = distributed.from_environment(config.device, config.device_map)
+    data_parallel = distributed.from_environment(config.device, config.device_map)
+    with timer.step("load_model"), distributed.main_first():  # rank 0 fills caches first
         model, tokenizer, model_info = load_model(
             config.model, dtype=config.dtype, device=distributed.device_for(config.device),
             device_map=config.device_map,

@@ -19,6 +19,7 @@ others.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -113,6 +114,19 @@ def rank_device(device: str, local_rank: int | None = None) -> torch.device:
 def device_for(device: str) -> str:
     """The --device value for this process: per-rank under torchrun, unchanged otherwise."""
     return str(rank_device(device)) if _current is not None else device
+
+
+@contextmanager
+def main_first():
+    """Under torchrun, rank 0 runs the block first (e.g. building the built-in model's cache) and
+    the other ranks after it, so they never write the same files at once; no-op otherwise."""
+    import torch.distributed as dist
+
+    if _current is not None and not _current.is_main:
+        dist.barrier()
+    yield
+    if _current is not None and _current.is_main:
+        dist.barrier()
 
 
 def serve_scoring(model) -> dict:
