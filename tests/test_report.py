@@ -79,7 +79,9 @@ def test_report_tables_findings_and_plots(runs, tmp_path):
         move = max(abs(p / base_ppl - 1) for p in randoms)
         finding = next(line for line in text.splitlines()
                        if line.startswith(f"- `{label}`: Zeroing the top-5"))
-        assert report.times(ratio) in finding and report.pct(move) in finding
+        change = report.times(ratio) if ratio > 1 else report.pct(1 - ratio)
+        assert change in finding and report.pct(move) in finding
+        assert ("raised" if ratio > 1 else "lowered") in finding
         assert f"{base_ppl:.2f} → {top['perplexity']:.2f}" in finding
     jaccard = _json(first / "stability_results.json")["across_seeds"]["jaccard"]["mean"]
     assert f"mean Jaccard {jaccard:.3f}" in text
