@@ -638,13 +638,16 @@ def _ratio_points(runs: list[Run]):
             yield run, ppl_ratios(run)
 
 
+METHOD_MARKERS = {"zero": "o", "sign_flip": "s", "gauss_noise": "D", "bit_flip": "X"}
+
+
 def plot_by(runs: list[Run], key: str, title: str):
+    """Perplexity ratio per selection, grouped by ``key``; marker shape = perturbation method."""
     groups = sorted({str(run.get(key)) for run, _ in _ratio_points(runs)})
     if not groups:
         return None
-    figure, ax = plt.subplots(figsize=(max(5.5, 1.6 * len(groups) + 2.5), 4.4))
+    figure, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(groups) + 3.5), 4.6))
     offsets = {"top_k": -0.22, "random_k": 0.0, "bottom_k": 0.22}
-    seen = set()
     points = []
     members: dict[str, int] = {}
     for run, ratios in _ratio_points(runs):
@@ -654,25 +657,39 @@ def plot_by(runs: list[Run], key: str, title: str):
         for selection, values in ratios.items():
             values = np.asarray(values, dtype=float)
             shown = float(np.mean(values)) if np.all(np.isfinite(values)) else math.inf
-            points.append((x + offsets.get(selection, 0.3), shown, selection))
-    finite = [y for _, y, _ in points if math.isfinite(y)]
+            points.append((x + offsets.get(selection, 0.3), shown, selection, run.get("perturb")))
+    finite = [y for _, y, _, _ in points if math.isfinite(y)]
     ceiling = max(finite) * 3 if finite else 10.0
-    for x, y, selection in points:
-        label = None if selection in seen else selection
-        seen.add(selection)
+    for x, y, selection, method in points:
         ax.scatter(x, y if math.isfinite(y) else ceiling, color=SELECTION_COLOURS.get(selection),
-                   marker="o" if math.isfinite(y) else "^", edgecolor="black", linewidth=0.4,
-                   s=40, label=label, zorder=3)
-    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="baseline (ratio 1)")
+                   marker=METHOD_MARKERS.get(method, "P"), edgecolor="black", linewidth=0.4,
+                   s=42, zorder=3)
+        if not math.isfinite(y):
+            ax.annotate("inf", (x, ceiling), textcoords="offset points", xytext=(0, 5),
+                        ha="center", fontsize=7)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
     ax.set_yscale("log")
     ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right")
     ax.set_xlim(-0.6, len(groups) - 0.4)
-    ax.set_xlabel(f"{key} (one dot per run and selection, mean over seeds; ▲ = inf)")
+    ax.set_xlabel(f"{key} (one marker per run and selection, mean over seeds)")
     ax.set_ylabel("perplexity / baseline perplexity (log scale)")
     ax.set_title(title, fontsize=11)
-    ax.legend(fontsize=8)
+    _selection_method_legend(ax, {p[2] for p in points}, {p[3] for p in points})
     figure.tight_layout()
     return figure
+
+
+def _selection_method_legend(ax, selections, methods) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], linestyle="", marker="o", color=SELECTION_COLOURS.get(s),
+                      markeredgecolor="black", label=s)
+               for s in ("top_k", "random_k", "bottom_k") if s in selections]
+    handles += [Line2D([], [], linestyle="", marker=METHOD_MARKERS.get(m, "P"), color="grey",
+                       markeredgecolor="black", label=f"method {m}")
+                for m in sorted(methods, key=str)]
+    handles.append(Line2D([], [], linestyle="--", color="black", label="baseline (ratio 1)"))
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
 
 
 def plot_by_k(runs: list[Run]):
