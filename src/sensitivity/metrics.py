@@ -82,11 +82,22 @@ def compute_scores(job: ScoringJob, metric: str) -> MetricOutput:
         output = METRICS[metric].fn(job)
     finally:
         job.model.train(was_training)
-    for name, score in output.scores.items():
-        if not torch.isfinite(score).all():
-            raise UserError(f"metric {metric} produced non-finite scores for {name}; the model "
-                            f"may be too unstable in this dtype (try --dtype float32)")
+    for name in _non_finite(output.scores):
+        raise UserError(f"metric {metric} produced non-finite scores for {name}; the model "
+                        f"may be too unstable in this dtype (try --dtype float32)")
     return output
+
+
+def _non_finite(scores: Scores) -> list[str]:
+    """Names of score tensors holding inf or NaN. A NaN or inf entry makes the tensor's sum
+    non-finite, so one summing pass per tensor (read on the host together) clears the normal
+    case; only a non-finite sum (which a finite overflow can also give) gets the exact test."""
+    totals = [score.sum(dtype=torch.float32) for score in scores.values()]
+    for device in {total.device for total in totals if total.is_cuda}:
+        torch.cuda.synchronize(device)
+    totals = [total.cpu() for total in totals]
+    return [name for (name, score), total in zip(scores.items(), totals)
+            if not torch.isfinite(total) and not bool(torch.isfinite(score).all())]
 
 
 # ----------------------------------------------------------------------------- eligibility
@@ -418,7 +429,7 @@ def act_mag(job: ScoringJob) -> MetricOutput:
         norm = sumsq[name].sqrt()
         kind = owners[name][1]
         shape = {"linear": (1, -1), "conv1d": (-1, 1), "embedding": (-1, 1)}[kind]
-        scores[name] = p.detach().float().abs() * norm.view(shape)
+        scores[name] = p.detach().abs().float().mul_(norm.view(shape))
     return MetricOutput(scores)
 
 
