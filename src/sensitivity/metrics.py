@@ -388,18 +388,18 @@ def _fold_per_sample_squares(fisher: torch.Tensor, x: torch.Tensor, grad_output:
     n = x.shape[0]
     x = x.to(grad_output.device).reshape(n, -1, x.shape[-1])
     delta = grad_output.reshape(n, -1, grad_output.shape[-1])
+    left, right = (delta, x) if kind == "linear" else (x, delta)
+    if not left.is_cuda:  # CPU: per-sample matmuls beat a batched one; fold each right away
+        for sample in range(n):
+            gradient = (left[sample].T @ right[sample]).to(fisher.device)
+            fisher.addcmul_(gradient, gradient)
+        return
     step = max(1, PER_SAMPLE_CHUNK_ELEMENTS // fisher.numel())
-    for start in range(0, n, step):
-        xs, ds = x[start:start + step], delta[start:start + step]
-        per_sample = torch.bmm(ds.transpose(1, 2), xs) if kind == "linear" else \
-            torch.bmm(xs.transpose(1, 2), ds)
-        if per_sample.is_cuda:  # one fused low-precision -> float32 reduction over the chunk
-            root_sum_sq = torch.linalg.vector_norm(per_sample, dim=0, dtype=torch.float32)
-            root_sum_sq = root_sum_sq.to(fisher.device)
-            fisher.addcmul_(root_sum_sq, root_sum_sq)
-        else:  # CPU reductions over a leading dim are slow: fold sample by sample
-            for gradient in per_sample.to(fisher.device):
-                fisher.addcmul_(gradient, gradient)
+    for start in range(0, n, step):  # GPU: one batched matmul and one fused reduction per chunk
+        per_sample = torch.bmm(left[start:start + step].transpose(1, 2), right[start:start + step])
+        root_sum_sq = torch.linalg.vector_norm(per_sample, dim=0, dtype=torch.float32)
+        root_sum_sq = root_sum_sq.to(fisher.device)
+        fisher.addcmul_(root_sum_sq, root_sum_sq)
 
 
 @register("act_mag", uses_data=True, description="|W| x input-channel L2 norm (Wanda)")
