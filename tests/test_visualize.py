@@ -127,3 +127,19 @@ def test_a_plot_that_cannot_read_its_input_does_not_stop_the_others(tmp_path, ca
     assert "plot architecture_depth FAILED, results unaffected: AttributeError" in out
     assert "plot temporal_drift skipped: the temporal-stability analysis has fewer" in out
     assert written == [] and plt.get_fignums() == []
+
+
+def test_cluster_plot_names_noise_and_undefined_silhouette(tmp_path):
+    names = [f"model.layers.{layer}.mlp.down_proj.weight" for layer in range(3)]
+    profiles = {n: {"layer": i, "component": "mlp_down", "top_share_1pct": 0.1 * (i + 1)}
+                for i, n in enumerate(names)}
+    clustering = {"method": "dbscan", "silhouette": None,
+                  "labels": dict(zip(names, [0, -1, 0]))}
+    art = visualize.RunArtifacts(tmp_path, files={"enhanced_analysis.json": {
+        "weight_analysis": {"profiles": profiles, "clustering": clustering}}})
+    figure = visualize.RUN_PLOTS["weight_clusters"](art)
+    left, _, _, bar = figure.axes  # the tail heatmap and its colour bar are drawn first
+    assert left.get_title() == ("Tensors clustered by sensitivity profile (dbscan, "
+                                "silhouette undefined)")
+    assert [t.get_text() for t in bar.get_yticklabels()] == ["noise", "0"]
+    plt.close(figure)

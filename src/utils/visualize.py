@@ -753,10 +753,12 @@ def weight_clusters(art: RunArtifacts) -> plt.Figure:
         left.set_xlabel("component")
         left.set_ylabel("transformer block (layer index)")
         bar = figure.colorbar(image, ax=left, ticks=range(len(names)))
-        bar.ax.set_yticklabels([str(n) for n in names])
+        bar.ax.set_yticklabels(["noise" if n == -1 else str(n) for n in names])
         bar.set_label("cluster")
+        quality = (f"silhouette {_num(clustering['silhouette'])}"
+                   if _finite(clustering.get("silhouette")) else "silhouette undefined")
         left.set_title(f"Tensors clustered by sensitivity profile ({clustering.get('method')}, "
-                       f"silhouette {_num(clustering.get('silhouette'))})", fontsize=10)
+                       f"{quality})", fontsize=10)
     else:
         left.set_axis_off()
     figure.tight_layout()
