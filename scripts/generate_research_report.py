@@ -305,10 +305,28 @@ def perturbation_findings(run: Run) -> list[str]:
         parts.append(f"bottom-K by {pct(abs(ratios['bottom_k'][0] - 1))}")
     findings = [text + (", while " + " and ".join(parts) if parts else "") + "."]
     findings += _significance(summary, top_row)
+    findings += _destructive_control(ratios.get("random_k", []))
     if not p.get("restore_verified", True):
         findings.append("WARNING: the weights were not restored bit-exactly after every "
                         "condition; later conditions of this run may be contaminated.")
     return findings
+
+
+DESTRUCTIVE_CONTROL_RATIO = 1.5  # random-K mean perplexity / baseline above which we warn
+
+
+def _destructive_control(random_ratios: list[float]) -> list[str]:
+    """A random-K control that itself wrecks the model means the method, not the selection,
+    does the damage: the baseline is then the wrong yardstick for the top-K."""
+    if not random_ratios:
+        return []
+    mean = float(np.mean(random_ratios))
+    if mean <= DESTRUCTIVE_CONTROL_RATIO:
+        return []
+    return [f"The random-K control is itself destructive (perplexity {times(mean)} on average over "
+            f"{len(random_ratios)} draws): this perturbation damages almost any weights it "
+            f"touches, so the top-K should be judged against random-K, not against the "
+            f"baseline."]
 
 
 def _significance(summary: dict, top_row: dict) -> list[str]:
@@ -462,9 +480,49 @@ def progressive_findings(section: dict) -> list[str]:
     curve, base = section["curve"], section["baseline"]["perplexity"]
     top = [f"{times(p / base)} at K={k}" for k, p in zip(curve["k"], curve["top_k_perplexity"])]
     moves = [abs(p / base - 1) for p in curve["random_k_mean_perplexity"]]
-    return [f"Progressive {section['method']} ({section['mode']}): top-K perplexity "
-            f"{', '.join(top)}; random-K mean within {pct(max(moves))} of the baseline at "
-            f"every K."]
+    lines = [f"Progressive {section['method']} ({section['mode']}): top-K perplexity "
+             f"{', '.join(top)}; random-K mean within {pct(max(moves))} of the baseline at "
+             f"every K."]
+    damage = np.asarray(curve["top_k_perplexity"], dtype=float)
+    falls = [f"K={curve['k'][i]} → {curve['k'][i + 1]}" for i in range(len(damage) - 1)
+             if damage[i + 1] < damage[i]]
+    if falls:
+        peak = int(np.nanargmax(np.where(np.isinf(damage), np.finfo(float).max, damage)))
+        lines.append(f"Damage is not monotone in K: perturbing more top weights lowered the "
+                     f"perplexity at {', '.join(falls)}; the peak is at K={curve['k'][peak]} "
+                     f"({times(damage[peak] / base)}).")
+    return lines
+
+
+def _group_perturbation_findings(kind: str, groups: dict, base: float) -> list[str]:
+    """One line ranking the groups (clusters or targets) by the damage of their top-K."""
+    rows = []
+    for label, group in groups.items():
+        summary = group["summary"]
+        random = summary.get("random_k", {}).get("mean_perplexity")
+        rows.append((summary["top_k"]["mean_perplexity"] / base, label, group, random))
+    if not rows:
+        return []
+    rows.sort(key=lambda r: -r[0] if math.isfinite(r[0]) else -math.inf)
+    parts = []
+    for ratio, label, group, random in rows:
+        what = ", ".join(f"{c} {n}" for c, n in list(group.get("components", {}).items())[:2])
+        name = f"{kind} {label}" + (f" ({group['n_tensors']} tensors: {what}…)" if what else
+                                    f" ({group['n_tensors']} tensors)")
+        control = f", random-K {times(random / base)}" if random is not None else ""
+        parts.append(f"{name}: top-{group['k']} {times(ratio)}{control}")
+    return [f"{kind.capitalize()} perturbation, damage per {kind} (perplexity / baseline): "
+            + "; ".join(parts) + "."]
+
+
+def clustered_findings(section: dict) -> list[str]:
+    return _group_perturbation_findings("cluster", section["clusters"],
+                                        section["baseline"]["perplexity"])
+
+
+def targeted_findings(section: dict) -> list[str]:
+    return _group_perturbation_findings("target", section["groups"],
+                                        section["baseline"]["perplexity"])
 
 
 def architecture_findings(section: dict) -> list[str]:
@@ -473,9 +531,12 @@ def architecture_findings(section: dict) -> list[str]:
     lines = []
     if rho.get("rho") is not None:
         direction = "falls" if rho["rho"] < 0 else "rises"
-        lines.append(f"Mean {section.get('metric')} score {direction} with depth (Spearman ρ = "
-                     f"{rho['rho']:.2f}, p = {fmt(rho.get('p_value'), 2)}); peak layer "
-                     f"{depth.get('peak_mean_score_layer')}.")
+        p_value = rho.get("p_value")
+        trend = (f"Mean {section.get('metric')} score {direction} with depth"
+                 if p_value is not None and p_value <= 0.05 else
+                 f"No significant depth trend in the mean {section.get('metric')} score")
+        lines.append(f"{trend} (Spearman ρ = {rho['rho']:.2f}, p = {fmt(p_value, 2)}); peak "
+                     f"layer {depth.get('peak_mean_score_layer')}.")
     by_component = {k: v for k, v in section.get("by_component", {}).items()
                     if isinstance(v, dict) and v.get("enrichment") is not None}
     if by_component:
@@ -532,6 +593,8 @@ def weight_analysis_findings(section: dict) -> list[str]:
 ANALYSIS_FINDINGS = {
     "super_weights": super_weight_findings,
     "progressive_perturbation": progressive_findings,
+    "clustered_perturbation": clustered_findings,
+    "targeted_perturbation": targeted_findings,
     "architecture": architecture_findings,
     "metric_correlation": correlation_findings,
     "temporal_stability": temporal_findings,
@@ -693,36 +756,48 @@ def _selection_method_legend(ax, selections, methods) -> None:
 
 
 def plot_by_k(runs: list[Run]):
+    """Perplexity ratio against K, one colour per (model, metric, mode, method) series; top-K
+    solid circles, random-K dashed squares; overflow (inf) drawn at the top and labelled."""
     series: dict[tuple, list] = {}
     for run, ratios in _ratio_points(runs):
         name = (run.get("model"), run.get("metric"), run.get("mode"), run.get("perturb"))
         for selection in ("top_k", "random_k"):
             if selection in ratios:
-                series.setdefault(name + (selection,), []).append(
-                    (run.get("topk"), float(np.mean(ratios[selection]))))
+                values = np.asarray(ratios[selection], dtype=float)
+                shown = float(np.mean(values)) if np.all(np.isfinite(values)) else math.inf
+                series.setdefault(name + (selection,), []).append((run.get("topk"), shown))
     if not series:
         return None
     has_stability = any(run.stability for run in runs)
-    figure, axes = plt.subplots(1, 2 if has_stability else 1,
-                                figsize=(12 if has_stability else 7, 4.6), squeeze=False)
-    ax = axes[0, 0]
     names = sorted({key[:4] for key in series}, key=str)
+    figure, axes = plt.subplots(1, 2 if has_stability else 1,
+                                figsize=(12 if has_stability else 7, 4.6 + 0.18 * len(names)),
+                                squeeze=False)
+    ax = axes[0, 0]
+    finite = [y for points in series.values() for _, y in points if math.isfinite(y)]
+    ceiling = max(finite) * 3 if finite else 10.0
     for colour_index, name in enumerate(names):
         colour = PALETTE[colour_index % len(PALETTE)]
         for selection, style in (("top_k", "-o"), ("random_k", "--s")):
             points = sorted(series.get(name + (selection,), []))
-            if points:
-                ks, values = zip(*points)
-                ax.plot(ks, values, style, color=colour, markeredgecolor="black",
-                        markeredgewidth=0.4,
-                        label=f"{'/'.join(map(str, name))} {selection}")
+            if not points:
+                continue
+            ks = [k for k, _ in points]
+            values = [y if math.isfinite(y) else ceiling for _, y in points]
+            ax.plot(ks, values, style, color=colour, markeredgecolor="black", markeredgewidth=0.4,
+                    label="/".join(map(str, name)) if selection == "top_k" else None)
+            for k, (_, y) in zip(ks, points):
+                if not math.isfinite(y):
+                    ax.annotate("inf", (k, ceiling), textcoords="offset points", xytext=(0, 5),
+                                ha="center", fontsize=7)
     ax.axhline(1.0, color="black", linestyle=":", linewidth=1)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("K (weights perturbed, log scale)")
     ax.set_ylabel("perplexity / baseline (log scale)")
-    ax.set_title("Damage by K: top-K solid, random-K dashed", fontsize=10)
-    ax.legend(fontsize=6)
+    ax.set_title("Damage by K: top-K solid circles, random-K dashed squares", fontsize=10)
+    ax.legend(title="model/metric/mode/method", title_fontsize=7, fontsize=7, loc="upper center",
+              bbox_to_anchor=(0.5, -0.14), ncol=2 if len(names) > 3 else 1, frameon=False)
     if has_stability:
         _jaccard_by_k(axes[0, 1], runs)
     figure.tight_layout()

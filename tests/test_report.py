@@ -173,6 +173,47 @@ def test_significance_sentence_states_the_attainable_p():
     assert math.isclose(1 / 21, summary["top_vs_random"]["empirical_p_value"])
 
 
+
+def test_destructive_random_control_is_called_out():
+    assert report._destructive_control([1.0001, 0.9999]) == []
+    assert report._destructive_control([]) == []
+    line, = report._destructive_control([1115.0, 1117.0, 1116.0])
+    assert "random-K control is itself destructive (perplexity 1.12e+03x on average over 3" in line
+
+
+def _summary(top: float, random: float) -> dict:
+    return {"top_k": {"mean_perplexity": top}, "random_k": {"mean_perplexity": random}}
+
+
+def test_progressive_finding_names_where_damage_falls():
+    section = {"method": "zero", "mode": "global", "baseline": {"perplexity": 10.0},
+               "curve": {"k": [1, 10, 100], "top_k_perplexity": [20.0, 1000.0, 500.0],
+                         "random_k_mean_perplexity": [10.0, 10.01, 10.02]}}
+    first, second = report.progressive_findings(section)
+    assert "2x at K=1, 100x at K=10, 50x at K=100" in first and "within 0.20%" in first
+    assert second.startswith("Damage is not monotone in K") and "K=10 → 100" in second
+    assert "peak is at K=10 (100x)" in second
+    section["curve"]["top_k_perplexity"] = [20.0, 1000.0, 5000.0]
+    assert len(report.progressive_findings(section)) == 1
+
+
+def test_group_findings_rank_groups_by_damage():
+    section = {"baseline": {"perplexity": 10.0}, "groups": {
+        "attn_k": {"n_tensors": 2, "k": 5, "summary": _summary(30.0, 10.0)},
+        "mlp_down": {"n_tensors": 2, "k": 5, "summary": _summary(5000.0, 10.0)}}}
+    line, = report.targeted_findings(section)
+    assert line.index("target mlp_down") < line.index("target attn_k")
+    assert "top-5 500x, random-K 1.0000x" in line and "top-5 3x" in line
+
+
+def test_depth_trend_needs_significance():
+    section = {"metric": "m", "depth": {"peak_mean_score_layer": 3,
+                                        "spearman_layer_vs_mean_score": {"rho": -0.3,
+                                                                         "p_value": 0.25}}}
+    assert report.architecture_findings(section)[0].startswith("No significant depth trend")
+    section["depth"]["spearman_layer_vs_mean_score"]["p_value"] = 0.01
+    assert report.architecture_findings(section)[0].startswith("Mean m score falls with depth")
+
 # ----------------------------------------------------------------------------- the suite script
 
 SUITE = ROOT / "scripts" / "run_research_tests.sh"
