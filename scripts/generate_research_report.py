@@ -487,7 +487,7 @@ def progressive_findings(section: dict) -> list[str]:
     falls = [f"K={curve['k'][i]} → {curve['k'][i + 1]}" for i in range(len(damage) - 1)
              if damage[i + 1] < damage[i]]
     if falls:
-        peak = int(np.nanargmax(np.where(np.isinf(damage), np.finfo(float).max, damage)))
+        peak = int(np.argmax(damage))
         lines.append(f"Damage is not monotone in K: perturbing more top weights lowered the "
                      f"perplexity at {', '.join(falls)}; the peak is at K={curve['k'][peak]} "
                      f"({times(damage[peak] / base)}).")
@@ -503,12 +503,13 @@ def _group_perturbation_findings(kind: str, groups: dict, base: float) -> list[s
         rows.append((summary["top_k"]["mean_perplexity"] / base, label, group, random))
     if not rows:
         return []
-    rows.sort(key=lambda r: -r[0] if math.isfinite(r[0]) else -math.inf)
+    rows.sort(key=lambda r: -r[0])  # most damaging first (inf first)
     parts = []
     for ratio, label, group, random in rows:
-        what = ", ".join(f"{c} {n}" for c, n in list(group.get("components", {}).items())[:2])
-        name = f"{kind} {label}" + (f" ({group['n_tensors']} tensors: {what}…)" if what else
-                                    f" ({group['n_tensors']} tensors)")
+        components = list(group.get("components", {}).items())
+        what = ", ".join(f"{c} {n}" for c, n in components[:2]) + ("…" if len(components) > 2
+                                                                    else "")
+        name = f"{kind} {label} ({group['n_tensors']} tensors" + (f": {what})" if what else ")")
         control = f", random-K {times(random / base)}" if random is not None else ""
         parts.append(f"{name}: top-{group['k']} {times(ratio)}{control}")
     return [f"{kind.capitalize()} perturbation, damage per {kind} (perplexity / baseline): "
@@ -701,6 +702,23 @@ def _ratio_points(runs: list[Run]):
             yield run, ppl_ratios(run)
 
 
+def _mean_or_inf(values) -> float:
+    """Mean of a selection's ratios; inf when any condition overflowed."""
+    values = np.asarray(values, dtype=float)
+    return float(np.mean(values)) if np.all(np.isfinite(values)) else math.inf
+
+
+def _inf_ceiling(values) -> float:
+    """Where overflowed (inf) points are drawn on a log axis: above every finite value."""
+    finite = [v for v in values if math.isfinite(v)]
+    return max(finite) * 3 if finite else 10.0
+
+
+def _label_inf(ax, x, ceiling: float) -> None:
+    ax.annotate("inf", (x, ceiling), textcoords="offset points", xytext=(0, 5), ha="center",
+                fontsize=7)
+
+
 METHOD_MARKERS = {"zero": "o", "sign_flip": "s", "gauss_noise": "D", "bit_flip": "X"}
 
 
@@ -718,18 +736,15 @@ def plot_by(runs: list[Run], key: str, title: str):
         x = groups.index(group) + 0.04 * (members.get(group, 0) % 5 - 2)  # runs side by side
         members[group] = members.get(group, 0) + 1
         for selection, values in ratios.items():
-            values = np.asarray(values, dtype=float)
-            shown = float(np.mean(values)) if np.all(np.isfinite(values)) else math.inf
-            points.append((x + offsets.get(selection, 0.3), shown, selection, run.get("perturb")))
-    finite = [y for _, y, _, _ in points if math.isfinite(y)]
-    ceiling = max(finite) * 3 if finite else 10.0
+            points.append((x + offsets.get(selection, 0.3), _mean_or_inf(values), selection,
+                           run.get("perturb")))
+    ceiling = _inf_ceiling([y for _, y, _, _ in points])
     for x, y, selection, method in points:
         ax.scatter(x, y if math.isfinite(y) else ceiling, color=SELECTION_COLOURS.get(selection),
                    marker=METHOD_MARKERS.get(method, "P"), edgecolor="black", linewidth=0.4,
                    s=42, zorder=3)
         if not math.isfinite(y):
-            ax.annotate("inf", (x, ceiling), textcoords="offset points", xytext=(0, 5),
-                        ha="center", fontsize=7)
+            _label_inf(ax, x, ceiling)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
     ax.set_yscale("log")
     ax.set_xticks(range(len(groups)), groups, rotation=20, ha="right")
@@ -763,9 +778,8 @@ def plot_by_k(runs: list[Run]):
         name = (run.get("model"), run.get("metric"), run.get("mode"), run.get("perturb"))
         for selection in ("top_k", "random_k"):
             if selection in ratios:
-                values = np.asarray(ratios[selection], dtype=float)
-                shown = float(np.mean(values)) if np.all(np.isfinite(values)) else math.inf
-                series.setdefault(name + (selection,), []).append((run.get("topk"), shown))
+                series.setdefault(name + (selection,), []).append(
+                    (run.get("topk"), _mean_or_inf(ratios[selection])))
     if not series:
         return None
     has_stability = any(run.stability for run in runs)
@@ -774,8 +788,7 @@ def plot_by_k(runs: list[Run]):
                                 figsize=(12 if has_stability else 7, 4.6 + 0.18 * len(names)),
                                 squeeze=False)
     ax = axes[0, 0]
-    finite = [y for points in series.values() for _, y in points if math.isfinite(y)]
-    ceiling = max(finite) * 3 if finite else 10.0
+    ceiling = _inf_ceiling([y for points in series.values() for _, y in points])
     for colour_index, name in enumerate(names):
         colour = PALETTE[colour_index % len(PALETTE)]
         for selection, style in (("top_k", "-o"), ("random_k", "--s")):
@@ -788,8 +801,7 @@ def plot_by_k(runs: list[Run]):
                     label="/".join(map(str, name)) if selection == "top_k" else None)
             for k, (_, y) in zip(ks, points):
                 if not math.isfinite(y):
-                    ax.annotate("inf", (k, ceiling), textcoords="offset points", xytext=(0, 5),
-                                ha="center", fontsize=7)
+                    _label_inf(ax, k, ceiling)
     ax.axhline(1.0, color="black", linestyle=":", linewidth=1)
     ax.set_xscale("log")
     ax.set_yscale("log")

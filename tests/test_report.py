@@ -204,6 +204,31 @@ def test_group_findings_rank_groups_by_damage():
     line, = report.targeted_findings(section)
     assert line.index("target mlp_down") < line.index("target attn_k")
     assert "top-5 500x, random-K 1.0000x" in line and "top-5 3x" in line
+    section["groups"]["attn_k"]["components"] = {"attn_k": 3, "attn_q": 2}
+    section["groups"]["mlp_down"]["components"] = {"mlp_down": 1, "mlp_up": 1, "attn_o": 1}
+    line, = report.targeted_findings(section)
+    assert "target attn_k (2 tensors: attn_k 3, attn_q 2): top-5" in line
+    assert "target mlp_down (2 tensors: mlp_down 1, mlp_up 1…): top-5" in line
+
+
+def test_by_k_plot_draws_overflow_at_the_top_and_labels_it(tmp_path):
+    import matplotlib.pyplot as plt
+
+    def run(k, top):
+        conditions = [{"selection": "top_k", "perplexity": top},
+                      {"selection": "random_k", "perplexity": 10.0}]
+        return report.Run(f"k{k}", tmp_path, {"model": "m", "metric": "g", "mode": "global",
+                                              "perturb": "bit_flip", "topk": k},
+                          perturbation={"baseline": {"perplexity": 10.0},
+                                        "conditions": conditions})
+
+    figure = report.plot_by_k([run(1, 100.0), run(10, math.inf)])
+    ax = figure.axes[0]
+    top_line = ax.get_lines()[0]
+    assert list(top_line.get_xdata()) == [1, 10]
+    assert list(top_line.get_ydata()) == [10.0, 30.0]  # inf at 3x the largest finite ratio
+    assert [t.get_text() for t in ax.texts] == ["inf"]
+    plt.close(figure)
 
 
 def test_depth_trend_needs_significance():
