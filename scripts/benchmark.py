@@ -13,7 +13,7 @@ Figures (each timed after one warm-up call, the fastest of ``--repeats`` timed c
                         (``hutchinson_diag`` with one probe per batch: its ratio is the cost of one
                         probe, first-order graph included, per token, relative to one fwd+bwd).
 * ``evaluate``          ``src.eval.perplexity.evaluate`` (NLL, accuracy, per-block sums).
-* ``topk_global`` / ``topk_per_layer``  ``rank.top_k`` over every scored weight's scores.
+* ``topk_global`` / ``topk_per_tensor``  ``rank.top_k`` over every scored weight's scores.
 * ``perturb_restore``   ``perturbed(..., "sign_flip")`` of the K globally selected weights and
                         their exact restore.
 
@@ -46,12 +46,14 @@ import torch  # noqa: E402
 
 from src.data.loading import TokenBlocks  # noqa: E402
 from src.errors import UserError  # noqa: E402
-from src.eval.perplexity import evaluate, input_device  # noqa: E402
+from src.eval.perplexity import evaluate  # noqa: E402
 from src.models.loader import load_model  # noqa: E402
-from src.sensitivity.metrics import (METRICS, ScoringJob, compute_scores,  # noqa: E402
-                                     eligible_parameters)
+from src.models.properties import input_device  # noqa: E402
+from src.sensitivity.eligibility import eligible_parameters  # noqa: E402
+from src.sensitivity.metrics import METRICS, compute_scores  # noqa: E402
 from src.sensitivity.perturb import perturbed  # noqa: E402
 from src.sensitivity.rank import top_k  # noqa: E402
+from src.sensitivity.scoring import ScoringJob  # noqa: E402
 
 # Which bare ceiling each scoring metric is compared with (default: forward_backward).
 FORWARD_ONLY_METRICS = {"act_mag"}
@@ -258,7 +260,7 @@ class Bench:
 
         self.record("topk_global", global_top,
                     note=f"exact global top-{k} of {n_weights} weights ({self.args.rank_metric})")
-        self.record("topk_per_layer", lambda _: top_k(self.scores, k, "per_layer"),
+        self.record("topk_per_tensor", lambda _: top_k(self.scores, k, "per_tensor"),
                     note=f"top-{k} in each of {len(self.scores)} tensors")
 
         def flip(_):
@@ -356,7 +358,7 @@ def run(args) -> dict:
     bench.evaluate()
     figures = {name: bench.figures[name] for name in
                ["forward", "forward_backward", *[f"score_{m}" for m in metrics], "evaluate",
-                "topk_global", "topk_per_layer", "perturb_restore"]}
+                "topk_global", "topk_per_tensor", "perturb_restore"]}
     return {
         "model": info, "batch_size": args.batch_size, "max_length": args.max_length,
         "steps": args.steps, "warmup_batches": 1, "repeats": args.repeats, "clock": args.clock,

@@ -101,10 +101,10 @@ open(sys.argv[1], "w", encoding="utf-8").write("\n\n".join(documents) + "\n")
 EOF
 PROTOCOL_DIR="$OUT_DIR/protocol"
 rm -rf "$PROTOCOL_DIR"
-say "protocol: grad_x_weight, K=$TOPK per_layer, sign_flip, random_k+bottom_k, seeds 0,1,2, stability (limit ${PROTOCOL_LIMIT_S}s)"
+say "protocol: grad_x_weight, K=$TOPK per_tensor, sign_flip, random_k+bottom_k, seeds 0,1,2, stability (limit ${PROTOCOL_LIMIT_S}s)"
 if ! limited "$PROTOCOL_LIMIT_S" "$PY" phase1_runner_enhanced.py --model "$MODEL" \
         --dtype "$DTYPE" --device "$DEVICE" --data-file "$CORPUS" --max-samples "$SAMPLES" \
-        --max-length "$LENGTH" --metric grad_x_weight --topk "$TOPK" --mode per_layer --perturb sign_flip \
+        --max-length "$LENGTH" --metric grad_x_weight --topk "$TOPK" --mode per_tensor --perturb sign_flip \
         --controls random_k,bottom_k --seeds 0,1,2 --stability-check \
         --out-dir "$PROTOCOL_DIR" 2>&1 | tee "$OUT_DIR/protocol.txt"; then
     FAILED+=("protocol (exit ${PIPESTATUS[0]}; 124 = time limit; see $OUT_DIR/protocol.txt)")

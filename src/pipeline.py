@@ -1,79 +1,82 @@
-"""run(config): one experiment, top to bottom. Each step is one plain function call.
+"""run(config): one experiment, top to bottom, every part inside a timed step.
 
-Everything that can be wrong with the input (model, data, K, flags) is checked before the output
-folder is touched, so a bad invocation never disturbs an existing run's files.
+load model -> token blocks -> preflight (every check left that needs the model, before the output
+folder is touched) -> baseline -> scores -> top-K -> perturbation conditions -> stability ->
+analyses (src/analysis/registry.py) -> plots -> manifest.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from src.cli import RunConfig
-from src.data.loading import prepare_data
+from src.analysis import registry
+from src.analysis.context import AnalysisContext, Preflight
+from src.config import RunConfig
+from src.data.loading import DataSplit, prepare_data
 from src.errors import UserError
 from src.eval import downstream_step
 from src.eval.perplexity import evaluate
 from src.models.components import describe_parameters
-from src.analysis import super_weights
 from src.models.loader import load_model
-from src.analysis.advanced_perturbations import eligible_restriction
-from src.analysis.context import AnalysisContext
-from src.analysis.steps import analysis_steps, print_lines
-from src.sensitivity import experiment, stability
-from src.sensitivity.metrics import (METRICS, ScoringJob, compute_scores, eligible_parameters,
-                                     tied_parameter_names)
-from src.sensitivity.perturb import PerturbOptions, resolve_bit
-from src.sensitivity.rank import check_k, selection_table, top_k
-from src.utils import distributed, manifest, report_console
+from src.sensitivity import data_parallel, experiment, stability
+from src.sensitivity.eligibility import (eligible_parameters, parse_layers, restriction,
+                                         tied_parameter_names)
+from src.sensitivity.metrics import METRICS, compute_scores
+from src.sensitivity.perturb import PerturbOptions
+from src.sensitivity.rank import selection_table, top_k
+from src.sensitivity.scoring import ScoringJob
+from src.sensitivity.statistics import tensor_statistics
+from src.utils import manifest, report_console
 from src.utils.io import update_json, write_csv, write_json, write_safetensors
 
+DEFAULT_METHOD = "zero"  # perturbation of the analyses' experiments when --perturb is not given
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+
+@dataclass
+class Plan:
+    """Everything loaded and checked before the output folder is touched."""
+    model: torch.nn.Module
+    tokenizer: object
+    model_info: dict
+    data: DataSplit
+    params: dict[str, torch.nn.Parameter]
+    task_items: dict
+    analyses: list  # (Analysis, its settings, what its prepare() returned)
 
 
 def run(config: RunConfig) -> dict:
     timer, started = manifest.StepTimer(), manifest.utc_now()
-    seed_everything(config.seeds[0])
-    quiet_libraries(config.verbose)
-    data_parallel = distributed.from_environment(config.device, config.device_map)
-    with timer.step("load_model"), distributed.main_first():  # rank 0 fills caches first
+    with timer.step("setup"):
+        seed_everything(config.seeds[0])
+        quiet_libraries(config.verbose)
+        group = data_parallel.from_environment(config.device)
+        environment = manifest.environment()
+    with timer.step("load_model"), data_parallel.main_first():  # rank 0 fills caches first
         model, tokenizer, model_info = load_model(
-            config.model, dtype=config.dtype, device=distributed.device_for(config.device),
-            device_map=config.device_map,
-            cache_dir=config.cache_dir, revision=config.revision,
+            config.model, dtype=config.dtype, device=data_parallel.device_for(config.device),
+            device_map=config.device_map, cache_dir=config.cache_dir, revision=config.revision,
             trust_remote_code=config.trust_remote_code)
-    if data_parallel is not None and not data_parallel.is_main:  # torchrun rank > 0
-        return distributed.serve_scoring(model)  # scores rank 0's jobs, writes nothing
-    model_info["hardware_after_load"] = manifest.hardware()
-    model_info["data_parallel"] = vars(data_parallel) if data_parallel else None
-    check_context(config, model_info)
+    if group is not None and not group.is_main:  # torchrun rank > 0
+        return data_parallel.serve_scoring(model)  # scores rank 0's jobs, writes nothing
     with timer.step("prepare_data"):
         data = prepare_data(tokenizer, data_file=config.data_file, dataset=config.dataset,
                             max_length=config.max_length, max_samples=config.max_samples)
-    params = eligible_parameters(model, config.include_embeddings, *eligible_restriction(
-        config.layers, config.target_layers, config.target_components, config.include_embeddings))
-    check_k({n: p.numel() for n, p in params.items()}, config.topk, config.mode)
-    if config.perturb == "bit_flip":
-        for p in params.values():
-            resolve_bit(config.bit_position, p.dtype)
-    task_items = downstream_step.load_items(config.downstream_tasks, config.task_data,
-                                            config.task_samples, config.seeds[0])
+    with timer.step("preflight"):
+        plan = preflight(config, model, tokenizer, model_info, data)
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "config.json", config.to_dict())
-    data_info = describe_data(data)
     state = {"success": False, "error": None}
     try:
-        results = run_steps(config, model, params, data, out_dir, timer, model_info,
-                            tokenizer=tokenizer, task_items=task_items)
+        results = run_steps(config, plan, out_dir, timer)
         state["success"] = True
+        data_parallel.finish()  # torchrun: rank 0 releases the other ranks
         return results
     except BaseException as error:
         state["error"] = f"{type(error).__name__}: {error}"
@@ -81,36 +84,93 @@ def run(config: RunConfig) -> dict:
             state["traceback"] = traceback.format_exc()
         raise
     finally:
+        model_info["hardware_after_load"] = manifest.hardware()
+        model_info["data_parallel"] = vars(group) if group else None
         record = manifest.build_manifest(
-            config=config.to_dict(), model_info=model_info, data_info=data_info,
+            config=config.to_dict(), model_info=model_info, data_info=describe_data(data),
             seeds=config.seeds, timer=timer, out_dir=out_dir, success=state["success"],
-            error=state["error"], started_at=started)
+            error=state["error"], started_at=started, environment=environment)
         write_json(out_dir / "experiment_manifest.json", record)
 
 
-def run_steps(config, model, params, data, out_dir: Path, timer, model_info,
-              tokenizer=None, task_items=None) -> dict:
-    progress = config.verbose
-    with timer.step("baseline_eval"):
-        baseline = evaluate(model, data.evaluation, config.batch_size, progress)
-    report_console.baseline(model_info, data, baseline)
-    downstream = None
-    if task_items:
-        with timer.step("downstream_baseline"):
-            downstream = downstream_step.DownstreamRecorder(model, tokenizer, task_items,
-                                                            config.batch_size)
+def preflight(config: RunConfig, model, tokenizer, model_info: dict, data: DataSplit) -> Plan:
+    """Every check that needs the model or the data, and every input an analysis prepares."""
+    params = eligible_parameters(model, restriction(
+        parse_layers(config.layers), parse_layers(config.target_layers),
+        config.target_components, config.include_embeddings))
+    config.check_loaded(context=model_info.get("max_context"),
+                        sizes={n: p.numel() for n, p in params.items()},
+                        dtypes=[p.dtype for p in params.values()],
+                        n_calibration=len(data.calibration))
+    task_items = downstream_step.load_items(config.downstream_tasks, config.task_data,
+                                            config.task_samples, config.seeds[0])
+    checked = Preflight(model, tokenizer, params, data)
+    analyses = [(analysis, settings, analysis.prepare(settings, checked) if analysis.prepare
+                 else None) for analysis, settings in registry.enabled(config)]
+    return Plan(model, tokenizer, model_info, data, params, task_items, analyses)
 
+
+def run_steps(config: RunConfig, plan: Plan, out_dir: Path, timer) -> dict:
+    model, data, params = plan.model, plan.data, plan.params
+    with timer.step("baseline_eval"):
+        baseline = evaluate(model, data.evaluation, config.batch_size, config.verbose)
+        report_console.baseline(plan.model_info, data, baseline)
+    downstream = None
+    if plan.task_items:
+        with timer.step("downstream_baseline"):
+            downstream = downstream_step.DownstreamRecorder(model, plan.tokenizer,
+                                                            plan.task_items, config.batch_size)
     job = ScoringJob(model=model, params=params, blocks=data.calibration,
-                     data_parallel=distributed.current(),
-                     batch_size=config.batch_size, seed=config.seeds[0],
-                     hutchinson_samples=config.hutchinson_samples,
-                     hutchinson_block=config.hutchinson_block, progress=progress)
+                     data_parallel=data_parallel.current(), batch_size=config.batch_size,
+                     seed=config.seeds[0], hutchinson_samples=config.hutchinson_samples,
+                     hutchinson_block=config.hutchinson_block, progress=config.verbose)
     with timer.step(f"score_{config.metric}"):
         scored = compute_scores(job, config.metric)
     scores = scored.scores
-    metas = describe_parameters(model, params)
     with timer.step("rank"):
         selection = top_k(scores, config.topk, config.mode)
+    with timer.step("write_scores"):
+        metas = describe_parameters(model, params)
+        table = write_score_outputs(config, out_dir, model, scored, selection, params, metas)
+    results = {"baseline": baseline, "scores": scores, "selection": selection, "table": table}
+    options = PerturbOptions(scale=config.perturb_scale, bit=config.bit_position,
+                             prob=config.perturb_prob)
+    if config.perturb:
+        with timer.step("perturbation"):
+            results["perturbation"] = perturbation_step(config, params, selection, scores,
+                                                        options, model, data, baseline,
+                                                        downstream, out_dir)
+    if downstream:
+        with timer.step("downstream_results"):
+            write_json(out_dir / "downstream_results.json", downstream.results())
+            downstream.print_summary()
+            results["downstream"] = downstream.results()
+    if config.stability_check:
+        with timer.step("stability"):
+            results["stability"] = stability_step(config, job, scores, out_dir)
+    shared = AnalysisContext(
+        model=model, params=params, scores=scores, selection=selection, metas=metas, job=job,
+        data=data, baseline=baseline, metric=config.metric, k=config.topk, mode=config.mode,
+        seeds=config.seeds, controls=config.controls, method=config.perturb or DEFAULT_METHOD,
+        options=options, batch_size=config.batch_size, progress=config.verbose,
+        tokenizer=plan.tokenizer)
+    for analysis, settings, prepared in plan.analyses:
+        with timer.step(analysis.key):
+            context = dataclasses.replace(shared, settings=settings, prepared=prepared)
+            results[analysis.key] = analysis.run(context)
+            update_json(out_dir / "enhanced_analysis.json", analysis.key, results[analysis.key])
+            for line in analysis.summary(results[analysis.key]):
+                print(f"[cwa] {line}")
+    if config.save_plots:  # keep last: draws the outputs of every step above
+        with timer.step("plots"):
+            results["plots"] = plots_step(config, out_dir, scores, metas)
+    return results
+
+
+def write_score_outputs(config: RunConfig, out_dir: Path, model, scored, selection, params,
+                        metas):
+    """sensitivity_stats.json, top_weights.csv and (--save-scores) scores.safetensors."""
+    scores = scored.scores
     table = selection_table(selection, scores, params, metas, config.mode)
     if "stderr" in scored.extra:
         table["score_stderr"] = _gather_table(scored.extra["stderr"], table)
@@ -118,76 +178,62 @@ def run_steps(config, model, params, data, out_dir: Path, timer, model_info,
                sensitivity_stats(scores, metas, config.metric, tied_parameter_names(model)))
     write_csv(out_dir / "top_weights.csv", table)
     if config.save_scores:
-        tensors = dict(scores) | {f"{n}::stderr": s for n, s in scored.extra.get("stderr", {}).items()}
+        stderr = scored.extra.get("stderr", {})
+        tensors = dict(scores) | {f"{n}::stderr": s for n, s in stderr.items()}
         write_safetensors(out_dir / "scores.safetensors", tensors,
                           {"metric": config.metric, "convention": "stored parameter layout"})
     report_console.top_weights(table, config.metric, scored.extra)
-    results = {"baseline": baseline, "scores": scores, "selection": selection, "table": table}
+    return table
 
-    if config.perturb:
-        options = PerturbOptions(scale=config.perturb_scale, bit=config.bit_position,
-                                 prob=config.perturb_prob)
-        conditions = experiment.build_conditions(selection, scores, config.topk, config.mode,
-                                                 list(config.controls), list(config.seeds),
-                                                 config.perturb, options)
-        with timer.step("perturbation"):
-            rows, restored = experiment.run_conditions(
-                params, conditions, config.perturb, options,
-                lambda: evaluate(model, data.evaluation, config.batch_size), baseline,
-                on_condition=(lambda c: downstream.on_condition(c, config.perturb))
-                if downstream else None)
-        summary = experiment.summarize(rows, baseline.perplexity)
-        perturbation = {"baseline": baseline.summary(), "method": config.perturb,
-                        "k": config.topk, "mode": config.mode, "metric": config.metric,
-                        "options": vars(options), "conditions": rows, "summary": summary,
-                        "restore_verified": restored}
-        write_json(out_dir / "perturbation_results.json", perturbation)
-        report_console.perturbation(perturbation)
-        results["perturbation"] = perturbation
 
-    if downstream:
-        write_json(out_dir / "downstream_results.json", downstream.results())
-        downstream.print_summary()
-        results["downstream"] = downstream.results()
+def perturbation_step(config: RunConfig, params, selection, scores, options, model, data,
+                      baseline, downstream, out_dir: Path) -> dict:
+    conditions = experiment.build_conditions(selection, scores, config.topk, config.mode,
+                                             list(config.controls), list(config.seeds),
+                                             config.perturb, options)
+    rows, restored = experiment.run_conditions(
+        params, conditions, config.perturb, options,
+        lambda: evaluate(model, data.evaluation, config.batch_size), baseline,
+        on_condition=(lambda c: downstream.on_condition(c, config.perturb)) if downstream
+        else None)
+    perturbation = {"baseline": baseline.summary(), "method": config.perturb,
+                    "k": config.topk, "mode": config.mode, "metric": config.metric,
+                    "options": vars(options), "conditions": rows,
+                    "summary": experiment.summarize(rows, baseline.perplexity),
+                    "restore_verified": restored}
+    write_json(out_dir / "perturbation_results.json", perturbation)
+    report_console.perturbation(perturbation)
+    return perturbation
 
-    if config.stability_check:
-        if not METRICS[config.metric].uses_data and config.metric != "random":
-            print(f"[cwa] note: {config.metric} does not use data, so stability is trivially 1")
-        with timer.step("stability"), stability.room_for_rescoring(scores):
-            stab = stability.stability_check(job, config.metric, config.topk, config.mode,
-                                             list(config.seeds), config.stability_fraction,
-                                             config.stability_batches)
-        write_json(out_dir / "stability_results.json", stab)
-        report_console.stability(stab)
-        results["stability"] = stab
 
-    analyses = AnalysisContext(config, model, params, scores, selection, metas, job, data,
-                               baseline, tokenizer)
-    for key, analysis in analysis_steps(config):
-        with timer.step(key):
-            results[key] = analysis(analyses)
-        update_json(out_dir / "enhanced_analysis.json", key, results[key])
-        print_lines(key, results[key])
+def stability_step(config: RunConfig, job: ScoringJob, scores, out_dir: Path) -> dict:
+    if not METRICS[config.metric].uses_data and config.metric != "random":
+        print(f"[cwa] note: {config.metric} does not use data, so stability is trivially 1")
+    with stability.room_for_rescoring(scores):
+        result = stability.stability_check(job, config.metric, config.topk, config.mode,
+                                           list(config.seeds), config.stability_fraction,
+                                           config.stability_batches)
+    write_json(out_dir / "stability_results.json", result)
+    report_console.stability(result)
+    return result
 
-    if config.super_weights:
-        with timer.step("super_weights"):
-            found = super_weights.analyze(
-                model, data.calibration, data.evaluation, config.batch_size,
-                threshold=config.spike_threshold, max_weights=config.super_weight_max,
-                seeds=config.seeds, baseline_ppl=baseline.perplexity, scores=scores,
-                metric=config.metric, progress=progress)
-        update_json(out_dir / "enhanced_analysis.json", "super_weights", found)
-        super_weights.print_report(found)
-        results["super_weights"] = found
 
-    if config.save_plots:  # keep last: draws the outputs of every step above
-        from src.utils import visualize  # matplotlib only when plotting
+def plots_step(config: RunConfig, out_dir: Path, scores, metas) -> list[str]:
+    from src.report.run_folder import RunFolder  # matplotlib only when plotting
+    from src.utils import run_plots, visualize
 
-        with timer.step("plots"):
-            results["plots"] = visualize.save_run_plots(
-                out_dir, config.plot_formats, metric=config.metric, mode=config.mode,
-                k=config.topk, scores=scores, metas=metas, table=table)
-    return results
+    folder = RunFolder.read(out_dir)
+    folder.scores, folder.metas = scores, metas
+    return visualize.save_run_plots(folder, {**run_plots.CORE_PLOTS, **registry.plots()},
+                                    config.plot_formats)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def quiet_libraries(verbose: bool) -> None:
@@ -199,60 +245,39 @@ def quiet_libraries(verbose: bool) -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
-def check_context(config: RunConfig, model_info: dict) -> None:
-    limit = model_info.get("max_context")
-    if limit is not None and config.max_length > limit:
-        raise UserError(f"--max-length {config.max_length} exceeds the model's context of "
-                        f"{limit} tokens")
-
-
-def describe_data(data) -> dict:
+def describe_data(data: DataSplit) -> dict:
+    sides = {}
+    for side, blocks, documents in (("calibration", data.calibration, data.calibration_documents),
+                                    ("evaluation", data.evaluation, data.evaluation_documents)):
+        sides[side] = {"documents": documents, "blocks": len(blocks),
+                       "tokens": int(blocks.attention_mask.sum()), "sha256": blocks.sha256()}
     return {"source": data.source, "n_documents": data.n_documents,
-            "split": "documents at even positions -> evaluation, odd -> calibration",
-            "calibration": {"documents": data.calibration_documents, "blocks": len(data.calibration),
-                            "tokens": int(data.calibration.attention_mask.sum()),
-                            "sha256": data.calibration.sha256()},
-            "evaluation": {"documents": data.evaluation_documents, "blocks": len(data.evaluation),
-                           "tokens": int(data.evaluation.attention_mask.sum()),
-                           "sha256": data.evaluation.sha256()}}
+            "split": "documents at even positions -> evaluation, odd -> calibration", **sides}
 
 
-QUANTILE_SAMPLE = 1_000_000
+STATS_KEYS = ("mean", "std", "min", "max", "p50", "p95", "p99", "quantiles_sampled")
 
 
 def sensitivity_stats(scores, metas, metric: str, tied: dict) -> dict:
-    """Per scored parameter: layer, component, numel, mean, std, min, max, p50/p95/p99.
-
-    Quantiles come from a fixed random sample of 1M entries on larger tensors.
-    """
+    """Per scored parameter: layer, component, numel, mean, std, min, max, p50/p95/p99 of the
+    signed score (quantiles from a fixed sample on large tensors)."""
+    statistics = tensor_statistics(scores)
     per_param = {}
-    generator = torch.Generator().manual_seed(0)
-    for name, score in scores.items():
-        flat = score.reshape(-1).float()
-        sample = flat
-        if flat.numel() > QUANTILE_SAMPLE:
-            pick = torch.randint(flat.numel(), (QUANTILE_SAMPLE,), generator=generator)
-            sample = flat[pick.to(flat.device)]
-        quantiles = torch.quantile(sample, torch.tensor([0.5, 0.95, 0.99], device=flat.device))
-        numbers = torch.stack([flat.mean(), flat.std(), flat.min(), flat.max(), *quantiles]).cpu()
-        mean, std, low, high, p50, p95, p99 = numbers.tolist()
+    for name, values in statistics.items():
         meta = metas[name]
         per_param[name] = {"layer": meta.layer, "component": meta.component,
-                           "shape_out_in": list(meta.shape_out_in), "numel": flat.numel(),
-                           "mean": mean, "std": std, "min": low, "max": high,
-                           "p50": p50, "p95": p95, "p99": p99,
-                           "quantiles_sampled": flat.numel() > QUANTILE_SAMPLE}
+                           "shape_out_in": list(meta.shape_out_in),
+                           "numel": scores[name].numel(), **{k: values[k] for k in STATS_KEYS}}
     return {"metric": metric, "signed": METRICS[metric].signed, "n_parameters": len(per_param),
             "n_weights": sum(v["numel"] for v in per_param.values()),
             "tied_parameters": tied, "parameters": per_param}
 
 
 def _gather_table(extra_scores, table):
-    values = []
+    """One value per table row from per-parameter tensors (e.g. Hutchinson standard errors)."""
+    column = np.empty(len(table))
     for name, group in table.groupby("parameter", sort=False):
         idx = torch.as_tensor(group["flat_index"].to_numpy())
-        values.append((group.index, extra_scores[name].reshape(-1)[idx.to(extra_scores[name].device)].cpu().numpy()))
-    column = np.empty(len(table))
-    for index, vals in values:
-        column[index] = vals
+        tensor = extra_scores[name].reshape(-1)
+        column[group.index] = tensor[idx.to(tensor.device)].cpu().numpy()
     return column

@@ -7,37 +7,44 @@ same for every token). The head gives logit z(a) = 8a/sqrt(s^2 + a^2) (RMSNorm, 
 every token that occurs in the data and 0 to all others, so each data token's probability grows
 with a, and zeroing any c_j lowers a. With every c_j zeroed all logits are 0: perplexity = vocab.
 """
-import dataclasses
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from src.analysis import advanced_perturbations as adv
 from src.analysis.context import AnalysisContext
-from src.cli import RunConfig
 from src.data.loading import DataSplit, TokenBlocks
-from src.errors import UserError
 from src.eval.perplexity import evaluate
 from src.models.components import describe_parameters
-from src.sensitivity.metrics import ScoringJob, compute_scores, eligible_parameters
+from src.sensitivity.eligibility import eligible_parameters, restriction
+from src.sensitivity.metrics import compute_scores
+from src.sensitivity.perturb import PerturbOptions
 from src.sensitivity.rank import top_k
+from src.sensitivity.scoring import ScoringJob
 from tests.conftest import load
 
 DOWN = "model.layers.1.mlp.down_proj.weight"
 DATA_TOKENS = torch.arange(5, 21)  # the tokens the data uses (|T| = 16)
 
 
-def make_context(model, params, blocks, metric="magnitude", **config):
-    config = RunConfig(**{"topk": 4, "mode": "global", "seeds": (0, 1), "perturb": "zero",
-                          "out_dir": "unused", **config})
+def make_context(model, params, blocks, metric="magnitude", k=4, controls=("random_k",),
+                 **settings):
+    """A context as the pipeline builds it: K global, seeds 0 and 1, zero perturbation."""
     job = ScoringJob(model=model, params=params, blocks=blocks, batch_size=4, seed=0)
     scores = compute_scores(job, metric).scores
     data = DataSplit(blocks, blocks, "test", 2, 1, 1)
-    return AnalysisContext(config, model, params, scores, top_k(scores, config.topk, config.mode),
-                           describe_parameters(model, params), job, data,
-                           evaluate(model, blocks, 4))
+    defaults = {"perturb": "zero", "clustering_method": "kmeans", "n_clusters": 4,
+                "dbscan_eps": None, "target_components": (), "target_layers": None,
+                "layers": None}
+    return AnalysisContext(
+        model=model, params=params, scores=scores, selection=top_k(scores, k, "global"),
+        metas=describe_parameters(model, params), job=job, data=data,
+        baseline=evaluate(model, blocks, 4), metric=metric, k=k, mode="global", seeds=(0, 1),
+        controls=controls, method="zero", options=PerturbOptions(),
+        settings=SimpleNamespace(**{**defaults, **settings}))
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +114,10 @@ def llama_with_data(tiny_llama):
 def test_targeted_selection_touches_only_the_named_components(llama_with_data):
     model, blocks = llama_with_data
     targets = ("mlp_down", "attn_q")
-    layers, components = adv.eligible_restriction(None, "1", targets, False)
-    params = eligible_parameters(model, False, layers, components)
+    params = eligible_parameters(model, restriction(None, {1}, targets, False))
     assert sorted(params) == ["model.layers.1.mlp.down_proj.weight",
                               "model.layers.1.self_attn.q_proj.weight"]
-    ctx = make_context(model, params, blocks, metric="grad_x_weight", topk=6,
+    ctx = make_context(model, params, blocks, metric="grad_x_weight", k=6,
                        controls=("random_k", "bottom_k"), target_components=targets,
                        target_layers="1")
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -140,8 +146,7 @@ def test_targeted_selection_touches_only_the_named_components(llama_with_data):
 def test_clustered_perturbs_one_cluster_at_a_time(llama_with_data):
     model, blocks = llama_with_data
     params = eligible_parameters(model)
-    ctx = make_context(model, params, blocks, metric="grad_x_weight", topk=3, n_clusters=2,
-                       controls=("random_k",))
+    ctx = make_context(model, params, blocks, metric="grad_x_weight", k=3, n_clusters=2)
     result = adv.clustered(ctx)
     clusters = result["clusters"]
     assert len(clusters) == 2 and result["restore_verified"]
@@ -155,17 +160,15 @@ def test_clustered_perturbs_one_cluster_at_a_time(llama_with_data):
         assert {ctx.metas[n].component for n in tensors} >= set(cluster["touched"]["components"])
 
 
-def test_eligible_restriction_validates_and_intersects():
-    assert adv.eligible_restriction("0-3", "2-5", ("attn_q",), False) == ({2, 3}, {"attn_q"})
-    assert adv.eligible_restriction(None, None, (), False) == (None, None)
-    for args in [(None, None, ("norm",), False), (None, None, ("attn_x",), False),
-                 (None, None, ("embedding",), False), (None, "3-1", (), False)]:
-        with pytest.raises(UserError):
-            adv.eligible_restriction(*args)
+def test_eligible_restriction_intersects_layers_and_keeps_components():
+    assert restriction({0, 1, 2, 3}, {2, 3, 4, 5}, ("attn_q",), False).layers == {2, 3}
+    assert restriction(None, None, (), False) == restriction(None, None, None, False)
+    assert restriction(None, None, (), False).components is None
 
 
 # ----------------------------------------------------------------------------- CLI
 
+@pytest.mark.slow
 def test_cli_runs_every_analysis_on_a_tiny_model(cli, tmp_path):
     extra = tmp_path / "other.txt"
     extra.write_text(" ".join(f"word{i} and more text number {i}." for i in range(400)))
@@ -183,7 +186,7 @@ def test_cli_runs_every_analysis_on_a_tiny_model(cli, tmp_path):
                              "temporal_stability", "progressive_perturbation",
                              "clustered_perturbation", "targeted_perturbation"}
     assert set(enhanced["architecture"]["by_component"]) == {"attn_q", "mlp_down"}
-    progressive = enhanced["progressive_perturbation"]  # per_layer: K capped at q_proj's 64*64
+    progressive = enhanced["progressive_perturbation"]  # per_tensor: K capped at q_proj's 64*64
     assert progressive["curve"]["k"] == [1, 10, 64 * 64] and progressive["k_capped"] == [100000]
     assert progressive["restore_verified"] and progressive["method"] == "zero"
     temporal = enhanced["temporal_stability"]
@@ -200,11 +203,17 @@ def test_cli_runs_every_analysis_on_a_tiny_model(cli, tmp_path):
     (["--n-clusters", "3"], "--n-clusters has no effect"),
     (["--advanced-perturbations", "targeted"], "needs --target-components"),
     (["--target-components", "norm"], "norm weights are 1-D"),
+    (["--target-components", "embedding"], "add --include-embeddings"),
+    (["--target-components", "attn_x"], "unknown --target-components entry"),
+    (["--target-layers", "3-1"], "bad --target-layers"),
     (["--compare-metrics", "magnitude"], "at least two"),
     (["--temporal-k", "5"], "--temporal-k has no effect"),
     (["--advanced-perturbations", "sideways"], "unknown --advanced-perturbations"),
     (["--weight-analysis", "--clustering-method", "kmeans", "--dbscan-eps", "0.5"], "--dbscan-eps"),
     (["--temporal-stability", "--conditions-data", "/nonexistent.txt"], "does not exist"),
+    (["--advanced-perturbations", "clustered", "--n-clusters", "50"], "exceeds the 14 scored"),
+    (["--weight-analysis", "--layers", "0", "--target-components", "attn_q"],
+     "at least 2 scored tensors"),
 ])
 def test_cli_rejects_flags_without_effect_or_bad_values(capsys, tmp_path, args, message):
     from src.cli import main

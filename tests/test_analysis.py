@@ -1,6 +1,7 @@
 """Advanced analyses on hand-made data: every number checked against a direct computation
 (numpy / scipy / sklearn), independent of the code under test."""
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -8,12 +9,12 @@ import torch
 from scipy.stats import kurtosis, pearsonr, spearmanr
 
 from src.analysis import architecture as arch
-from src.analysis import correlation, temporal, weight_analysis as wa
+from src.analysis import clustering, correlation, temporal, weight_analysis as wa
 from src.analysis.context import cap_ks, global_selection, mean_abs_by_layer, sample_positions
 from src.errors import UserError
 from src.models.components import ParamMeta, describe_parameters
 from src.sensitivity.rank import top_k
-from src.sensitivity.stability import jaccard
+from src.sensitivity.stability import jaccard, seed_subset, spearman
 
 
 def meta(name, layer, component, shape, transposed=False):
@@ -48,9 +49,9 @@ def test_architecture_on_a_tiny_llama_matches_direct_counts(tiny_llama):
     generator = torch.Generator().manual_seed(1)
     scores = {n: torch.rand(p.shape, generator=generator) * (3.0 if "k_proj" in n else 1.0)
               for n, p in params.items()}
-    selection = top_k(scores, 2, "per_layer")
-    result = arch.architecture_analysis(scores, metas, selection, "per_layer", model)
-    glob = top_k(scores, 2 * len(scores), "global")  # same size as the per_layer selection
+    selection = top_k(scores, 2, "per_tensor")
+    result = arch.architecture_analysis(scores, metas, selection, "per_tensor", model)
+    glob = top_k(scores, 2 * len(scores), "global")  # same size as the per_tensor selection
     assert result["k"] == 2 * len(scores)
     n_all = sum(s.numel() for s in scores.values())
     for component, group in result["by_component"].items():
@@ -128,8 +129,8 @@ def test_metric_pair_statistics_match_scipy():
 def test_spearman_handles_ties_and_constants_like_scipy():
     x = np.array([1.0, 2.0, 2.0, 3.0, 5.0])
     y = np.array([2.0, 1.0, 4.0, 4.0, 9.0])
-    assert correlation.spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
-    assert correlation.spearman(x, np.ones(5)) is None
+    assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
+    assert spearman(x, np.ones(5)) is None
 
 
 def test_sample_positions_are_seeded_and_capped():
@@ -144,7 +145,7 @@ def test_sample_positions_are_seeded_and_capped():
 def test_profile_numbers_match_numpy():
     generator = torch.Generator().manual_seed(0)
     score = torch.randn(100, 200, generator=generator) ** 3  # heavy tail, signed
-    profile = wa.tensor_profiles({"w": score}, {"w": meta("w", 0, "attn_q", (100, 200))})["w"]
+    profile = clustering.tensor_profiles({"w": score}, {"w": meta("w", 0, "attn_q", (100, 200))})["w"]
     a = np.abs(score.numpy().astype(np.float64)).reshape(-1)
     ordered = np.sort(a)[::-1]
     assert profile["mean"] == pytest.approx(a.mean(), rel=1e-5)
@@ -175,12 +176,12 @@ def test_kmeans_separates_two_profile_families_and_silhouette_matches_sklearn():
     from sklearn.preprocessing import StandardScaler
 
     profiles = _two_family_profiles()
-    result = wa.cluster_tensors(profiles, "kmeans", n_clusters=2, seed=0)
+    result = cluster(profiles, "kmeans", n_clusters=2)
     labels = result["labels"]
     assert len({labels[f"t{i}"] for i in range(0, 12, 2)}) == 1
     assert len({labels[f"t{i}"] for i in range(1, 12, 2)}) == 1
     assert labels["t0"] != labels["t1"]
-    x = StandardScaler().fit_transform(wa.profile_features(profiles))
+    x = StandardScaler().fit_transform(clustering.profile_features(profiles))
     expected = silhouette_score(x, [labels[n] for n in profiles])
     assert result["silhouette"] == pytest.approx(expected)
     assert sum(c["n_tensors"] for c in result["clusters"].values()) == 12
@@ -190,7 +191,7 @@ def test_dbscan_marks_an_outlier_as_noise():
     profiles = _two_family_profiles()
     profiles["odd"] = dict(profiles["t1"], mean=10.0, p50=1e-9, p99=1e-2, max=50.0,
                            kurtosis=1e6, **{"top_share_0.01pct": 0.99, "top_share_1pct": 0.999})
-    result = wa.cluster_tensors(profiles, "dbscan", seed=0)
+    result = cluster(profiles, "dbscan")
     assert result["labels"]["odd"] == -1 and result["n_noise"] >= 1
     assert result["n_clusters_found"] == len(set(result["labels"].values()) - {-1})
     assert wa.summary_lines({"n_tensors": 13, "clustering": result, "profiles": {},
@@ -198,9 +199,22 @@ def test_dbscan_marks_an_outlier_as_noise():
     assert result["eps"] > 0
 
 
-def test_bad_cluster_count_is_a_user_error():
-    with pytest.raises(UserError):
-        wa.cluster_tensors(_two_family_profiles(), "kmeans", n_clusters=50)
+def cluster(profiles, method, n_clusters=4, dbscan_eps=None):
+    settings = SimpleNamespace(clustering_method=method, n_clusters=n_clusters,
+                               dbscan_eps=dbscan_eps)
+    return clustering.cluster_tensors(profiles, settings, seed=0)
+
+
+def test_cluster_count_is_checked_against_the_scored_tensors_before_the_run():
+    preflight = SimpleNamespace(params=dict.fromkeys(_two_family_profiles()))
+    with pytest.raises(UserError, match="--n-clusters 50 exceeds the 12 scored tensors"):
+        clustering.check_clusterable(SimpleNamespace(clustering_method="kmeans", n_clusters=50),
+                                     preflight)
+    clustering.check_clusterable(SimpleNamespace(clustering_method="kmeans", n_clusters=12),
+                                 preflight)
+    with pytest.raises(UserError, match="at least 2 scored tensors"):
+        clustering.check_clusterable(SimpleNamespace(clustering_method="dbscan", n_clusters=4),
+                                     SimpleNamespace(params={"only": None}))
 
 
 # ----------------------------------------------------------------------------- hotspots
@@ -249,8 +263,8 @@ def test_drift_is_one_minus_jaccard_and_flags_past_the_threshold():
 def test_prefixes_and_seed_subsets():
     assert temporal.prefix_ends(4, 3) == [2, 3, 4]
     assert temporal.prefix_ends(2, 5) == [1, 2]
-    subset = temporal.seed_subset(10, 0.5, seed=1)
-    assert subset.numel() == 5 and torch.equal(subset, temporal.seed_subset(10, 0.5, seed=1))
+    subset = seed_subset(10, 0.5, seed=1)
+    assert subset.numel() == 5 and torch.equal(subset, seed_subset(10, 0.5, seed=1))
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -258,10 +272,10 @@ def test_prefixes_and_seed_subsets():
 def test_cap_ks_and_global_selection():
     sizes = {"a": 10, "b": 30}
     assert cap_ks([1, 5, 100], sizes, "global") == ([1, 5, 40], [100])
-    assert cap_ks([1, 20], sizes, "per_layer") == ([1, 10], [20])
+    assert cap_ks([1, 20], sizes, "per_tensor") == ([1, 10], [20])
     scores = {"a": torch.arange(10.0), "b": torch.arange(30.0) / 100}
-    per_layer = top_k(scores, 2, "per_layer")
-    glob = global_selection(scores, per_layer, "per_layer")
+    per_tensor = top_k(scores, 2, "per_tensor")
+    glob = global_selection(scores, per_tensor, "per_tensor")
     assert set(glob) == {"a"} and glob["a"].numel() == 4
 
 

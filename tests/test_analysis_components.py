@@ -5,8 +5,9 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from src.models.components import (ParamMeta, attention_heads, component_of, describe_parameters,
-                                   fused_qkv_part, fused_qkv_row_parts, layer_index)
+from src.models.components import (ParamMeta, component_of, describe_parameters,
+                                   fused_qkv_row_parts, layer_index)
+from src.models.properties import attention_heads
 from tests.conftest import load
 
 # (family preset, {module-path suffix of a block parameter: component}, {non-block name: component})
@@ -125,8 +126,7 @@ def test_fused_qkv_slices_match_what_attention_receives(preset, param):
         assert moved[part].nonzero().flatten().tolist() == [_head_of(row, part, n_heads, head_dim,
                                                                       model.config.model_type)]
     assert torch.bincount(parts).tolist() == [n_out // 3] * 3
-    assert fused_qkv_part(meta, torch.tensor([0, n_out - 1]), model.config.model_type, n_heads) \
-        == ["attn_q", "attn_v"]
+    assert [int(parts[0]), int(parts[n_out - 1])] == [0, 2]  # first row q, last row v
 
 
 def test_concatenated_gqa_layout_and_unknown_layout():

@@ -27,10 +27,11 @@ def report(tmp_path_factory):
     return json.loads(path.read_text()), proc.stdout
 
 
+@pytest.mark.slow
 def test_every_figure_is_reported(report):
     data, stdout = report
     expected = ["forward", "forward_backward", *[f"score_{m}" for m in METRICS], "evaluate",
-                "topk_global", "topk_per_layer", "perturb_restore"]
+                "topk_global", "topk_per_tensor", "perturb_restore"]
     assert list(data["figures"]) == expected
     for name, figure in data["figures"].items():
         assert "error" not in figure, name
@@ -40,6 +41,7 @@ def test_every_figure_is_reported(report):
     assert data["peak_memory_bytes"] == max(f["peak_memory_bytes"] for f in data["figures"].values())
 
 
+@pytest.mark.slow
 def test_ratios_are_against_the_matching_ceiling(report):
     figures = report[0]["figures"]
     for name, figure in figures.items():
@@ -56,6 +58,7 @@ def test_ratios_are_against_the_matching_ceiling(report):
     assert "1 probe" in figures["score_hutchinson_diag"]["note"]
 
 
+@pytest.mark.slow
 def test_bad_model_is_a_one_line_error():
     proc = run_benchmark("--model", "random:no-such-preset", "--steps", "1")
     assert proc.returncode == 2

@@ -9,6 +9,7 @@ import sys
 import pandas as pd
 import pytest
 
+from src.cli import main
 from tests.conftest import RUNNER, ROOT, run_cli
 
 SMALL = ["--max-length", "32", "--max-samples", "3", "--batch-size", "3"]
@@ -35,6 +36,7 @@ def read(path):
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_full_run_writes_the_output_contract(full_runs):
     out, proc = full_runs[0]
     for name in ("config.json", "experiment_manifest.json", "sensitivity_stats.json",
@@ -66,6 +68,7 @@ def test_full_run_writes_the_output_contract(full_runs):
     assert stability["k"] == 5
 
 
+@pytest.mark.slow
 def test_manifest_content_and_secret_redaction(full_runs):
     out, _ = full_runs[0]
     manifest = read(out / "experiment_manifest.json")
@@ -83,6 +86,7 @@ def test_manifest_content_and_secret_redaction(full_runs):
     assert listed == {p.name for p in out.iterdir() if p.is_file()}
 
 
+@pytest.mark.slow
 def test_same_seeds_give_identical_numbers(full_runs):
     (first, _), (second, _) = full_runs
     for name in ("perturbation_results.json", "stability_results.json", "sensitivity_stats.json"):
@@ -96,51 +100,105 @@ def test_manifest_outside_a_git_checkout(tmp_path):
     assert state["available"] is False and "not inside a git checkout" in state["reason"]
 
 
-def expect_user_error(args, out_dir, match, env=None):
-    proc = subprocess.run([sys.executable, str(RUNNER), *map(str, args), "--out-dir", str(out_dir)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, **(env or {})))
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+def expect_user_error(args, out_dir, match, capsys):
+    """In process (no interpreter start): exit 2 and exactly one line naming the problem."""
+    assert main([*map(str, args), "--out-dir", str(out_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert match in lines[0], lines[0]
 
 
-def test_error_cases_exit_2_with_one_line_and_keep_existing_outputs(tmp_path):
+TINY = ["--model", "random:tiny-llama", "--device", "cpu"]
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    """A folder holding another run's file, which no rejected invocation may touch."""
     out = tmp_path / "existing_run"
     out.mkdir()
     (out / "config.json").write_text('{"keep": true}')
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    return out
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_error_cases_exit_2_with_one_line_and_keep_existing_outputs(tmp_path, existing_run,
+                                                                    capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = _files(existing_run)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     short = tmp_path / "short.txt"
     short.write_text("just a few words.\n\nand a few more.\n")
-    tiny = ["--model", "random:tiny-llama", "--device", "cpu"]
     cases = [
         (["--model", "./no/such/model"], "does not exist"),
         (["--model", "nobody-has-this/model-xyz"], "could not be loaded from the Hugging Face hub"),
-        ([*tiny, "--data-file", str(empty)], "empty"),
-        ([*tiny, "--data-file", str(tmp_path / "missing.txt")], "does not exist"),
-        ([*tiny, "--data-file", str(short), "--max-length", "128"], "data too short"),
-        ([*tiny, "--max-length", "4096"], "exceeds the model's context"),
-        ([*tiny, "--device", "tpu"], "bad --device"),
-        ([*tiny, "--metric", "nonsense"], "unknown --metric"),
-        ([*tiny, "--topk", "0"], "--topk must be at least 1"),
-        ([*tiny, "--topk", "100000000"], "larger than"),
-        ([*tiny, "--perturb", "melt"], "unknown --perturb"),
-        ([*tiny, "--bit-position", "99"], "outside"),
-        ([*tiny, "--controls", "everything"], "bad --controls"),
+        ([*TINY, "--data-file", empty], "empty"),
+        ([*TINY, "--data-file", tmp_path / "missing.txt"], "does not exist"),
+        ([*TINY, "--data-file", short, "--max-length", "128"], "data too short"),
+        ([*TINY, "--max-length", "4096"], "exceeds the model's context"),
+        ([*TINY, "--device", "tpu"], "bad --device"),
+        ([*TINY, "--metric", "nonsense"], "unknown --metric"),
+        ([*TINY, "--mode", "sideways"], "unknown --mode"),
+        ([*TINY, "--topk", "0"], "--topk must be at least 1"),
+        ([*TINY, "--topk", "100000000"], "larger than"),
+        ([*TINY, "--perturb", "melt"], "unknown --perturb"),
+        ([*TINY, "--perturb", "bit_flip", "--bit-position", "99"], "outside"),
+        ([*TINY, "--perturb", "zero", "--controls", "everything"], "unknown --controls entry"),
+        ([*TINY, "--no-such-flag"], "unrecognized arguments"),
     ]
     for args, match in cases:
-        expect_user_error(args, out, match, env={"HF_HUB_OFFLINE": "1"})
-        assert {p.name: p.read_bytes() for p in out.iterdir()} == before, args
+        expect_user_error(args, existing_run, match, capsys)
+        assert _files(existing_run) == before, args
     as_file = tmp_path / "a_file"
     as_file.write_text("x")
-    expect_user_error(tiny, as_file, "is a file")
+    expect_user_error(TINY, as_file, "is a file", capsys)
     assert as_file.read_text() == "x"
 
 
+@pytest.mark.parametrize("args, match", [
+    (["--stability-check", "--stability-fraction", "0"], "--stability-fraction must be in (0, 1]"),
+    (["--stability-check", "--stability-batches", "1"], "--stability-batches must be at least 2"),
+    (["--stability-check", "--max-samples", "2"], "--stability-batches 3 needs at least as many"),
+    (["--stability-check", "--max-length", "512", "--max-samples", "100", "--stability-batches",
+      "12"], "--stability-batches 12 needs as many calibration blocks, but the data gave 11"),
+    (["--stability-fraction", "0.3"], "--stability-fraction has no effect without "
+                                      "--stability-check or --temporal-stability"),
+    (["--stability-batches", "4"], "--stability-batches has no effect without"),
+    (["--weight-analysis", "--n-clusters", "50"], "--n-clusters 50 exceeds the 14 scored"),
+    (["--temporal-stability", "--conditions-data", "NOT_UTF8"],
+     "--conditions-data 'NOT_UTF8' is not UTF-8 text"),
+    (["--perturb", "gauss_noise", "--perturb-scale", "nan"], "--perturb-scale must be a finite"),
+    (["--perturb", "gauss_noise", "--perturb-scale", "inf"], "--perturb-scale must be a finite"),
+    (["--perturb", "bit_flip", "--perturb-prob", "nan"], "--perturb-prob must be a finite"),
+    (["--temporal-stability", "--drift-threshold=-inf"], "--drift-threshold must be a finite"),
+    (["--perturb-scale", "0.2"], "--perturb-scale has no effect without --perturb gauss_noise"),
+    (["--hutchinson-samples", "4"], "--hutchinson-samples has no effect without hutchinson_diag"),
+])
+def test_bad_settings_exit_2_before_the_output_folder_is_touched(args, match, tmp_path,
+                                                                  existing_run, capsys):
+    args = [str(tmp_path / "bad.txt") if a == "NOT_UTF8" else a for a in args]
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait\n")
+    match = match.replace("NOT_UTF8", str(tmp_path / "bad.txt"))
+    before = _files(existing_run)
+    expect_user_error([*TINY, "--max-length", "32", "--max-samples", "4", *args], existing_run,
+                      match, capsys)
+    assert _files(existing_run) == before
+
+
+def test_the_real_entry_point_prints_one_line_and_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, str(RUNNER), "--topk", "0", "--out-dir",
+                           str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr == "error: --topk must be at least 1 (got 0)\n"
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
 def test_data_file_run_prints_finite_baseline(tmp_path):
     data = tmp_path / "notes.txt"
     data.write_text("\n".join(f"Line {i}: the river rose slowly while the town slept and the "

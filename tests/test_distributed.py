@@ -17,9 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from src.cli import config_from_argv
 from src.errors import UserError
-from src.models.loader import resolve_device_map
-from src.utils import distributed
+from src.models.device_map import resolve_device_map
+from src.sensitivity import data_parallel as distributed
 from tests.conftest import ROOT, RUNNER, run_cli
 
 TINY = ["--model", "random:tiny-llama", "--max-length", "32", "--max-samples", "4",
@@ -85,6 +86,7 @@ def _numbers(value) -> list:
     return [float(value)] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process(reference, tmp_path):
     out = tmp_path / "two"
     proc = torchrun(*TINY, *PROTOCOL, "--out-dir", out)
@@ -96,6 +98,7 @@ def test_two_ranks_match_one_process(reference, tmp_path):
     assert '"world_size": 2' in text and '"backend": "gloo"' in text
 
 
+@pytest.mark.slow
 def test_two_ranks_hutchinson_mean_and_stderr_match(tmp_path):
     """Batches keep their single-process indices (same probes); moments merge exactly."""
     args = [*TINY, "--metric", "hutchinson_diag", "--hutchinson-samples", "2"]
@@ -107,6 +110,7 @@ def test_two_ranks_hutchinson_mean_and_stderr_match(tmp_path):
     assert any(name.endswith("::stderr") for name in stderr)
 
 
+@pytest.mark.slow
 def test_explicit_device_map_on_cpu_matches_plain_run(reference, tmp_path):
     map_file = tmp_path / "map.json"
     map_file.write_text(json.dumps(CPU_MAP))
@@ -135,6 +139,7 @@ def test_device_map_values_are_checked(tmp_path):
         resolve_device_map("everywhere")
 
 
+@pytest.mark.slow
 def test_bad_device_map_exits_2_with_one_line(tmp_path):
     proc = run_cli(*TINY, "--device-map", tmp_path / "nowhere.json", "--out-dir", tmp_path / "o")
     assert proc.returncode == 2
@@ -150,8 +155,8 @@ def test_torchrun_environment_detection(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     assert distributed.from_environment("cpu") is None  # a single process is not parallel
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError):  # device maps and data parallelism do not combine
-        distributed.from_environment("cpu", device_map="auto")
+    with pytest.raises(UserError, match="cannot be combined with torchrun"):
+        config_from_argv(["--device-map", "auto", "--device", "cpu"])
     assert distributed.current() is None
     group = distributed.DataParallel(rank=1, world_size=3, local_rank=1, backend="gloo")
     assert list(group.my_batches(8)) == [1, 4, 7] and not group.is_main

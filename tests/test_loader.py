@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from src.errors import UserError
-from src.models import loader
+from src.models import builtin as builtin_model, loader
 from src.models.presets import PRESETS
 from tests.conftest import load
 
@@ -50,11 +50,12 @@ def test_random_model_from_config_json_and_without_builtin_tokenizer(tmp_path, m
         load("random:no-such-preset")
 
 
+@pytest.mark.slow
 def test_local_folder_and_gguf_file(builtin):
-    folder = loader.builtin_cache_folder(loader.default_cache_dir())
+    folder = builtin_model.builtin_cache_folder(builtin_model.default_cache_dir())
     local = load(str(folder))
     assert local.info["source"] == "local"
-    gguf = loader.builtin_gguf_path()
+    gguf = builtin_model.builtin_gguf_path()
     from_gguf = load(str(gguf))
     assert from_gguf.info["source"] == "gguf"
     name = "model.layers.3.mlp.down_proj.weight"
@@ -63,31 +64,32 @@ def test_local_folder_and_gguf_file(builtin):
     assert torch.equal(dict(from_gguf.model.named_parameters())[name], reference)
 
 
+@pytest.mark.slow
 def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, builtin):
-    source = loader.builtin_cache_folder(loader.default_cache_dir())
+    source = builtin_model.builtin_cache_folder(builtin_model.default_cache_dir())
     cache = tmp_path / "cache"
-    target = loader.builtin_cache_folder(cache)
+    target = builtin_model.builtin_cache_folder(cache)
     shutil.copytree(source, target)
-    assert loader._cache_is_valid(target)
+    assert builtin_model._cache_is_valid(target)
     weights = next(target.glob("*.safetensors"))
     with open(weights, "r+b") as handle:  # flip one byte in the middle of the weights
         handle.seek(weights.stat().st_size // 2)
         byte = handle.read(1)
         handle.seek(-1, 1)
         handle.write(bytes([byte[0] ^ 0xFF]))
-    assert not loader._cache_is_valid(target)
+    assert not builtin_model._cache_is_valid(target)
     reloaded = load(None, cache_dir=str(cache))  # rebuilds from the GGUF, then loads
-    assert loader._cache_is_valid(target)
+    assert builtin_model._cache_is_valid(target)
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(dict(reloaded.model.named_parameters())[name],
                        dict(builtin.model.named_parameters())[name])
-    (target / loader.CACHE_MARKER).unlink()  # a partial cache (no marker) is never loaded
-    assert not loader._cache_is_valid(target)
+    (target / builtin_model.CACHE_MARKER).unlink()  # a partial cache (no marker) is never loaded
+    assert not builtin_model._cache_is_valid(target)
 
 
 def test_cache_dir_honours_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert loader.default_cache_dir() == tmp_path / "critical-weight-analysis"
+    assert builtin_model.default_cache_dir() == tmp_path / "critical-weight-analysis"
 
 
 def test_device_and_dtype_resolution():

@@ -7,7 +7,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from src.data.loading import TokenBlocks
 from src.sensitivity import hutchinson
-from src.sensitivity.metrics import METRICS, ScoringJob, compute_scores, eligible_parameters
+from src.sensitivity.eligibility import eligible_parameters
+from src.sensitivity.metrics import METRICS, compute_scores
+from src.sensitivity.scoring import ScoringJob
 
 VOCAB = 32
 
@@ -50,9 +52,19 @@ def job_for(model, data, **kwargs):
     return ScoringJob(model=model, params=params, blocks=data, **kwargs)
 
 
-def test_registry_has_the_six_metrics():
+def test_each_metric_does_what_its_registry_entry_declares():
+    """uses_data: the scores change with the calibration blocks exactly for the metrics that
+    declare it; signed: only a signed metric gives negative scores."""
     assert set(METRICS) >= {"grad_x_weight", "grad_squared", "hutchinson_diag", "magnitude",
                             "act_mag", "random"}
+    model = micro_llama()
+    for name, metric in METRICS.items():
+        first, second = (compute_scores(job_for(model, blocks(seed=seed), hutchinson_samples=2),
+                                        name).scores for seed in (1, 2))
+        changed = any(not torch.equal(first[n], second[n]) for n in first)
+        assert changed == metric.uses_data, name
+        negative = any(bool((s < 0).any()) for s in first.values())
+        assert negative == metric.signed, name
 
 
 def test_grad_x_weight_matches_autograd_over_all_tokens():
@@ -195,6 +207,7 @@ def test_hutchinson_is_exact_on_a_separable_quadratic():
     assert torch.all(stats["w"].standard_error() < 1e-5)
 
 
+@pytest.mark.slow
 def test_hutchinson_block_mode_matches_whole_model(hessian_case):
     model = micro_llama(hidden=8, intermediate=8, layers=2, seed=5)
     data = blocks(n=2, length=8)

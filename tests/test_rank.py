@@ -47,9 +47,9 @@ def test_global_top_k_equals_brute_force(k, seed):
         brute_force(scores, k, largest=False)
 
 
-def test_per_layer_returns_k_per_tensor_in_rank_order():
+def test_per_tensor_returns_k_per_tensor_in_rank_order():
     scores = score_dict(3)
-    selection = top_k(scores, 4, "per_layer")
+    selection = top_k(scores, 4, "per_tensor")
     for name, idx in selection.items():
         assert idx.numel() == 4
         expected = brute_force({name: scores[name]}, 4)
@@ -59,7 +59,7 @@ def test_per_layer_returns_k_per_tensor_in_rank_order():
 def test_k_too_large_or_zero_is_a_user_error():
     scores = score_dict()
     with pytest.raises(UserError, match="larger than"):
-        top_k(scores, 7, "per_layer")  # tensor b has 6 weights
+        top_k(scores, 7, "per_tensor")  # tensor b has 6 weights
     with pytest.raises(UserError, match="larger than"):
         top_k(scores, 77, "global")
     with pytest.raises(UserError, match="at least 1"):
@@ -77,8 +77,8 @@ def test_random_k_same_eligibility_reproducible_and_seed_dependent():
     for name, idx in first.items():
         assert idx.unique().numel() == idx.numel()
         assert 0 <= int(idx.min()) and int(idx.max()) < sizes[name]
-    per_layer = random_k(sizes, 5, "per_layer", seed=0)
-    assert all(v.numel() == 5 for v in per_layer.values()) and set(per_layer) == set(sizes)
+    per_tensor = random_k(sizes, 5, "per_tensor", seed=0)
+    assert all(v.numel() == 5 for v in per_tensor.values()) and set(per_tensor) == set(sizes)
 
 
 def test_random_k_global_is_proportional_to_tensor_size():

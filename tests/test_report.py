@@ -7,7 +7,6 @@ runs' own JSON/CSV files.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import math
 import os
@@ -19,22 +18,16 @@ import sys
 import pandas as pd
 import pytest
 
+from src.analysis import registry
+from src.report import findings
+from src.report.cross_run import plot_by_k
+from src.report.run_folder import RunFolder, unique_labels
+from src.utils.format import pct, times
 from tests.conftest import ROOT, run_cli
 
 REPORT = ROOT / "scripts" / "generate_research_report.py"
 SMALL = ("--max-length", "32", "--max-samples", "2", "--topk", "5", "--mode", "global",
          "--perturb", "zero", "--seeds", "0,1")
-
-
-def _load_report_module():
-    spec = importlib.util.spec_from_file_location("generate_research_report", REPORT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-report = _load_report_module()
 
 
 def run_report(*args) -> subprocess.CompletedProcess:
@@ -58,6 +51,7 @@ def _json(path):
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_report_tables_findings_and_plots(runs, tmp_path):
     base, first, second = runs
     done = run_report("--input-dirs", base / "in1", base / "in2", "--output", tmp_path / "r")
@@ -79,8 +73,8 @@ def test_report_tables_findings_and_plots(runs, tmp_path):
         move = max(abs(p / base_ppl - 1) for p in randoms)
         finding = next(line for line in text.splitlines()
                        if line.startswith(f"- `{label}`: Zeroing the top-5"))
-        change = report.times(ratio) if ratio > 1 else report.pct(1 - ratio)
-        assert change in finding and report.pct(move) in finding
+        change = times(ratio) if ratio > 1 else pct(1 - ratio)
+        assert change in finding and pct(move) in finding
         assert ("raised" if ratio > 1 else "lowered") in finding
         assert f"{base_ppl:.2f} → {top['perplexity']:.2f}" in finding
     jaccard = _json(first / "stability_results.json")["across_seeds"]["jaccard"]["mean"]
@@ -101,6 +95,7 @@ def test_report_tables_findings_and_plots(runs, tmp_path):
         assert f"r_figures/{name}.png" in text
 
 
+@pytest.mark.slow
 def test_html_is_self_contained(runs, tmp_path):
     base, first, _ = runs
     done = run_report("--input-dirs", base, "--output", tmp_path / "r", "--format", "html")
@@ -115,6 +110,7 @@ def test_html_is_self_contained(runs, tmp_path):
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_broken_json_is_reported_and_skipped(runs, tmp_path):
     base, first, _ = runs
     broken = tmp_path / "inputs" / "broken_run"
@@ -137,6 +133,7 @@ def test_broken_json_is_reported_and_skipped(runs, tmp_path):
     assert "broken_run" in left_out and "not valid JSON (line 1" in left_out
 
 
+@pytest.mark.slow
 def test_no_readable_run_exits_2(runs, tmp_path):
     base, _, second = runs
     broken = tmp_path / "only" / "run"
@@ -156,7 +153,7 @@ def test_no_readable_run_exits_2(runs, tmp_path):
 def test_unique_labels_never_collide(tmp_path):
     a, b, c = tmp_path / "x" / "results", tmp_path / "y" / "results", tmp_path / "z"
     pairs = [(a, a / "run"), (b, b / "run"), (c, c / "run"), (c, c / "other")]
-    labels = report.unique_labels(pairs)
+    labels = unique_labels(pairs)
     assert len(set(labels)) == 4
     assert labels == ["input1/results/run", "input2/results/run", "z/run", "other"]
 
@@ -164,20 +161,20 @@ def test_unique_labels_never_collide(tmp_path):
 def test_significance_sentence_states_the_attainable_p():
     summary = {"top_vs_random": {"n_random_draws": 2, "empirical_p_value": 1 / 3,
                                  "effect_ratio": 1234.0}}
-    lines = report._significance(summary, {"delta_perplexity_ci95": [1.0, 2.0]})
+    lines = findings.significance(summary, {"delta_perplexity_ci95": [1.0, 2.0]})
     assert "excludes zero" in lines[0]
     assert "more damaging than 2 of 2" in lines[1] and "at least 19 seeds" in lines[1]
     summary["top_vs_random"].update(n_random_draws=20, empirical_p_value=1 / 21)
-    lines = report._significance(summary, {"delta_perplexity_ci95": [-1.0, 2.0]})
+    lines = findings.significance(summary, {"delta_perplexity_ci95": [-1.0, 2.0]})
     assert "includes zero" in lines[0] and "significant at the 5% level" in lines[1]
     assert math.isclose(1 / 21, summary["top_vs_random"]["empirical_p_value"])
 
 
 
 def test_destructive_random_control_is_called_out():
-    assert report._destructive_control([1.0001, 0.9999]) == []
-    assert report._destructive_control([]) == []
-    line, = report._destructive_control([1115.0, 1117.0, 1116.0])
+    assert findings.destructive_control([1.0001, 0.9999]) == []
+    assert findings.destructive_control([]) == []
+    line, = findings.destructive_control([1115.0, 1117.0, 1116.0])
     assert "random-K control is itself destructive (perplexity 1.12e+03x on average over 3" in line
 
 
@@ -189,24 +186,24 @@ def test_progressive_finding_names_where_damage_falls():
     section = {"method": "zero", "mode": "global", "baseline": {"perplexity": 10.0},
                "curve": {"k": [1, 10, 100], "top_k_perplexity": [20.0, 1000.0, 500.0],
                          "random_k_mean_perplexity": [10.0, 10.01, 10.02]}}
-    first, second = report.progressive_findings(section)
+    first, second = registry.load()["progressive_perturbation"].findings(section)
     assert "2x at K=1, 100x at K=10, 50x at K=100" in first and "within 0.20%" in first
     assert second.startswith("Damage is not monotone in K") and "K=10 → 100" in second
     assert "peak is at K=10 (100x)" in second
     section["curve"]["top_k_perplexity"] = [20.0, 1000.0, 5000.0]
-    assert len(report.progressive_findings(section)) == 1
+    assert len(registry.load()["progressive_perturbation"].findings(section)) == 1
 
 
 def test_group_findings_rank_groups_by_damage():
     section = {"baseline": {"perplexity": 10.0}, "groups": {
         "attn_k": {"n_tensors": 2, "k": 5, "summary": _summary(30.0, 10.0)},
         "mlp_down": {"n_tensors": 2, "k": 5, "summary": _summary(5000.0, 10.0)}}}
-    line, = report.targeted_findings(section)
+    line, = registry.load()["targeted_perturbation"].findings(section)
     assert line.index("target mlp_down") < line.index("target attn_k")
     assert "top-5 500x, random-K 1.0000x" in line and "top-5 3x" in line
     section["groups"]["attn_k"]["components"] = {"attn_k": 3, "attn_q": 2}
     section["groups"]["mlp_down"]["components"] = {"mlp_down": 1, "mlp_up": 1, "attn_o": 1}
-    line, = report.targeted_findings(section)
+    line, = registry.load()["targeted_perturbation"].findings(section)
     assert "target attn_k (2 tensors: attn_k 3, attn_q 2): top-5" in line
     assert "target mlp_down (2 tensors: mlp_down 1, mlp_up 1…): top-5" in line
 
@@ -217,12 +214,12 @@ def test_by_k_plot_draws_overflow_at_the_top_and_labels_it(tmp_path):
     def run(k, top):
         conditions = [{"selection": "top_k", "perplexity": top},
                       {"selection": "random_k", "perplexity": 10.0}]
-        return report.Run(f"k{k}", tmp_path, {"model": "m", "metric": "g", "mode": "global",
-                                              "perturb": "bit_flip", "topk": k},
-                          perturbation={"baseline": {"perplexity": 10.0},
-                                        "conditions": conditions})
+        return RunFolder(tmp_path, {"model": "m", "metric": "g", "mode": "global",
+                                    "perturb": "bit_flip", "topk": k}, label=f"k{k}",
+                         perturbation={"baseline": {"perplexity": 10.0},
+                                       "conditions": conditions})
 
-    figure = report.plot_by_k([run(1, 100.0), run(10, math.inf)])
+    figure = plot_by_k([run(1, 100.0), run(10, math.inf)])
     ax = figure.axes[0]
     top_line = ax.get_lines()[0]
     assert list(top_line.get_xdata()) == [1, 10]
@@ -235,9 +232,9 @@ def test_depth_trend_needs_significance():
     section = {"metric": "m", "depth": {"peak_mean_score_layer": 3,
                                         "spearman_layer_vs_mean_score": {"rho": -0.3,
                                                                          "p_value": 0.25}}}
-    assert report.architecture_findings(section)[0].startswith("No significant depth trend")
+    assert registry.load()["architecture"].findings(section)[0].startswith("No significant depth trend")
     section["depth"]["spearman_layer_vs_mean_score"]["p_value"] = 0.01
-    assert report.architecture_findings(section)[0].startswith("Mean m score falls with depth")
+    assert registry.load()["architecture"].findings(section)[0].startswith("Mean m score falls with depth")
 
 # ----------------------------------------------------------------------------- the suite script
 
@@ -257,6 +254,7 @@ def _wrapper(tmp_path, name: str, body: str) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_suite_fails_when_a_run_fails(tmp_path):
     failing = _wrapper(tmp_path, "failing_python", 'echo "crashed on purpose" >&2; exit 1')
     done = run_suite("validation", tmp_path, failing)
@@ -268,6 +266,7 @@ def test_suite_fails_when_a_run_fails(tmp_path):
     assert len(logs) == 3 and all("crashed on purpose" in p.read_text() for p in logs)
 
 
+@pytest.mark.slow
 def test_suite_exit_status_survives_the_log_pipe(tmp_path):
     """A run that writes a successful manifest but exits 1 fails: the status of the runner, not
     of tee, counts (set -o pipefail)."""
@@ -280,6 +279,7 @@ exit 1""")
     assert "summary: 0 passed, 2 failed, 0 skipped" in done.stdout
 
 
+@pytest.mark.slow
 def test_suite_needs_a_successful_manifest_not_just_exit_0(tmp_path):
     silent = _wrapper(tmp_path, "silent_python", "exit 0")  # exits 0, writes nothing
     done = run_suite("hutchinson", tmp_path, silent)
@@ -287,6 +287,7 @@ def test_suite_needs_a_successful_manifest_not_just_exit_0(tmp_path):
     assert "summary: 0 passed, 2 failed, 0 skipped" in done.stdout
 
 
+@pytest.mark.slow
 def test_suite_skips_hub_models_it_cannot_load(tmp_path):
     done = run_suite("llama", tmp_path, sys.executable, HF_HUB_OFFLINE="1",
                      LLAMA_MODEL="nobody-has-this/model-xyz")
@@ -310,8 +311,9 @@ exec {python} "$@"
 """
 
 
+@pytest.mark.slow
 def test_every_suite_command_uses_real_flags(tmp_path):
-    from src.cli import build_parser, config_from_args
+    from src.cli import config_from_argv
 
     record = tmp_path / "commands"
     wrapper = tmp_path / "recording_python"
@@ -325,7 +327,7 @@ def test_every_suite_command_uses_real_flags(tmp_path):
     commands = [c.split("\x1f")[1:-1] for c in record.read_text().split("\x1e") if c]
     assert len(commands) == 17
     for argv in commands:  # the real parser and its validation, in this process
-        config = config_from_args(build_parser().parse_args(argv))
+        config = config_from_argv(argv)
         assert config.out_dir.startswith(str(tmp_path))
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from src.analysis import super_weights as sw
+from src.analysis.super_weights import causal, detection
 from src.data.loading import prepare_data
 from src.eval.perplexity import evaluate
 from src.models.components import describe_parameters
@@ -86,22 +87,23 @@ def test_planted_super_weight_is_found_exactly_and_confirmed(planted):
 
 def test_whole_set_is_zeroed_together_against_per_tensor_controls(planted):
     model, data = planted
-    targets = sw.mlp_down_targets(model)
+    targets = detection.mlp_down_targets(model)
     params = {t.param_name: t.param for t in targets}
     names = list(params)
     candidates = [{"parameter": names[0], "flat_index": PLANT_ROW * 128 + PLANT_COL},
                   {"parameter": names[1], "flat_index": 7},
                   {"parameter": names[1], "flat_index": 100}]
 
-    def ppl_of():
-        return evaluate(model, data.evaluation, 4).perplexity
+    def evaluate_model():
+        return evaluate(model, data.evaluation, 4)
 
-    baseline = ppl_of()
-    whole = sw.causal_check(params, candidates, ppl_of, baseline, seeds=(0, 1))
-    assert whole["n_weights"] == 3
-    with perturbed(params, sw.candidate_selection(candidates), "zero"):
-        assert whole["perplexity"] == pytest.approx(ppl_of(), rel=1e-6)
-    assert whole["ratio"] == pytest.approx(whole["perplexity"] / baseline)
+    baseline = evaluate_model()
+    zeroing = causal.Zeroing(params, evaluate_model, baseline)
+    whole = causal.causal_check(zeroing, candidates, seeds=(0, 1))
+    assert whole["n_weights"] == 3 and zeroing.restored
+    with perturbed(params, detection.candidate_selection(candidates), "zero"):
+        assert whole["perplexity"] == pytest.approx(evaluate_model().perplexity, rel=1e-6)
+    assert whole["ratio"] == pytest.approx(whole["perplexity"] / baseline.perplexity)
     for control in whole["controls"]["random"] + [whole["controls"]["largest_magnitude"]]:
         picked = control["flat_index"]
         assert [len(picked[n]) for n in names] == [1, 2]  # same count per tensor
@@ -113,10 +115,10 @@ def test_whole_set_is_zeroed_together_against_per_tensor_controls(planted):
 
 def test_detection_reports_layer_spikes_consistently(planted):
     model, data = planted
-    targets = sw.mlp_down_targets(model)
+    targets = detection.mlp_down_targets(model)
     assert [t.param_name for t in targets] == [f"model.layers.{i}.mlp.down_proj.weight"
                                                for i in range(2)]
-    layers = sw.detect(model, targets, data.calibration, batch_size=3)  # uneven batches
+    layers = detection.detect(model, targets, data.calibration, batch_size=3)  # uneven batches
     # independent computation: peaks over all calibration tokens in one forward pass
     captured = {}
     hooks = [t.module.register_forward_hook(
@@ -145,11 +147,11 @@ def test_gpt2_conv1d_coordinates_and_flat_index():
     torch.manual_seed(0)
     tiny = load("random:tiny-gpt2")
     data = prepare_data(tiny.tokenizer, max_length=32, max_samples=2)
-    targets = sw.mlp_down_targets(tiny.model)
+    targets = detection.mlp_down_targets(tiny.model)
     assert [t.param_name for t in targets] == ["transformer.h.0.mlp.c_proj.weight",
                                                "transformer.h.1.mlp.c_proj.weight"]
     assert all(t.meta.transposed for t in targets)
-    layer = sw.detect(tiny.model, targets, data.calibration, batch_size=2)[0]
+    layer = detection.detect(tiny.model, targets, data.calibration, batch_size=2)[0]
     stored = targets[0].param.detach()  # Conv1D: [in, out]
     assert layer["flat_index"] == layer["input_channel"] * stored.shape[1] + layer["output_channel"]
     assert layer["weight_value"] == float(stored[layer["input_channel"], layer["output_channel"]])
@@ -157,25 +159,26 @@ def test_gpt2_conv1d_coordinates_and_flat_index():
 
 def test_controls_exclude_candidates_and_are_seeded():
     exclude = torch.arange(0, 90)
-    picks = sw.random_control("w", 100, 10, exclude, seed=3)
+    picks = causal.random_control("w", 100, 10, exclude, seed=3)
     assert picks.tolist() == list(range(90, 100))
-    a = sw.random_control("w", 10_000, 5, torch.tensor([1, 2]), seed=0)
-    assert torch.equal(a, sw.random_control("w", 10_000, 5, torch.tensor([1, 2]), seed=0))
-    assert not torch.equal(a, sw.random_control("w", 10_000, 5, torch.tensor([1, 2]), seed=1))
+    a = causal.random_control("w", 10_000, 5, torch.tensor([1, 2]), seed=0)
+    assert torch.equal(a, causal.random_control("w", 10_000, 5, torch.tensor([1, 2]), seed=0))
+    assert not torch.equal(a, causal.random_control("w", 10_000, 5, torch.tensor([1, 2]), seed=1))
     weight = torch.tensor([[0.1, -5.0], [3.0, 0.2]])
-    assert sw.magnitude_control("w", weight, 1, torch.tensor([1])).tolist() == [2]
-    assert sw.clears(3.0, 1.0) and not sw.clears(1.05, 1.0) and not sw.clears(math.nan, 1.0)
-    assert not sw.clears(math.inf, math.inf)
+    assert causal.magnitude_control("w", weight, 1, torch.tensor([1])).tolist() == [2]
+    assert causal.clears(3.0, 1.0) and not causal.clears(1.05, 1.0) and not causal.clears(math.nan, 1.0)
+    assert not causal.clears(math.inf, math.inf)
 
 
 def test_metric_rank_counts_strictly_larger_scores():
     scores = {"a": torch.tensor([[0.5, -3.0], [1.0, 2.0]]), "b": torch.tensor([4.0, -2.0, 0.1])}
-    rank = sw.metric_rank(scores, "a", 3)  # |2.0|: beaten by -3.0 in a; by 4.0 in b; ties -2.0
+    rank = causal.metric_rank(scores, "a", 3)  # |2.0|: beaten by -3.0 in a; by 4.0 in b; ties -2.0
     assert (rank["rank_in_tensor"], rank["rank_global"]) == (2, 3)
     assert rank["n_global"] == 7 and rank["score"] == 2.0
-    assert sw.metric_rank(scores, "c", 0) is None
+    assert causal.metric_rank(scores, "c", 0) is None
 
 
+@pytest.mark.slow
 def test_builtin_super_weight_is_confirmed_and_weights_untouched(builtin, builtin_data):
     model, data = builtin.model, builtin_data
     params = dict(model.named_parameters())
@@ -199,6 +202,7 @@ def test_builtin_super_weight_is_confirmed_and_weights_untouched(builtin, builti
     assert top["alone"]["perplexity"] == pytest.approx(zeroed, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_super_weights_end_to_end(cli, tmp_path):
     out = tmp_path / "run"
     result = cli("--max-length", "64", "--max-samples", "4", "--topk", "5", "--mode", "global",
@@ -216,9 +220,12 @@ def test_cli_super_weights_end_to_end(cli, tmp_path):
     assert config["super_weights"] and config["super_weight_max"] == 1
 
 
-def test_cli_rejects_super_weight_flags_without_the_step(cli, tmp_path):
-    result = cli("--spike-threshold", "20", "--out-dir", tmp_path / "x")
-    assert result.returncode == 2 and "no effect without --super-weights" in result.stderr
-    result = cli("--super-weights", "--spike-threshold", "0.5", "--out-dir", tmp_path / "y")
-    assert result.returncode == 2 and "--spike-threshold must be > 1" in result.stderr
+def test_cli_rejects_super_weight_flags_without_the_step(tmp_path, capsys):
+    from src.cli import main
+
+    assert main(["--spike-threshold", "20", "--out-dir", str(tmp_path / "x")]) == 2
+    assert "no effect without --super-weights" in capsys.readouterr().err
+    assert main(["--super-weights", "--spike-threshold", "0.5", "--out-dir",
+                 str(tmp_path / "y")]) == 2
+    assert "--spike-threshold must be > 1" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

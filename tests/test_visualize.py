@@ -1,5 +1,5 @@
 """Plots: numbers behind them checked against independent computations, and a real --save-plots
-run of the built-in model (per_layer mode, png + pdf)."""
+run of the built-in model (per_tensor mode, png + pdf)."""
 from __future__ import annotations
 
 import json
@@ -10,12 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from src.analysis import registry
+from src.cli import config_from_argv
 from src.errors import UserError
 from src.models.components import ParamMeta
-from src.utils import visualize
+from src.report.run_folder import RunFolder
+from src.utils import run_plots, visualize
 from tests.conftest import run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ALL_PLOTS = {**run_plots.CORE_PLOTS, **registry.plots()}
 CORE_PLOTS = ("sensitivity_distribution", "layer_component_heatmap", "topk_location",
               "perturbation_effects")
 ANALYSIS_PLOTS = ("architecture_depth", "progressive_curve", "super_weight_spikes")
@@ -35,7 +39,7 @@ def test_log_histograms_match_numpy_octaves():
               "model.layers.0.self_attn.q_proj.weight": torch.randn(8, 8, generator=generator)}
     scores["model.layers.1.mlp.down_proj.weight"][0, :3] = 0.0
     scores["model.layers.0.self_attn.q_proj.weight"][1, 1] = math.inf
-    hists = visualize.log_histograms(scores, _metas({n: tuple(s.shape) for n, s in scores.items()}))
+    hists = run_plots.log_histograms(scores, _metas({n: tuple(s.shape) for n, s in scores.items()}))
     for component, names in (("mlp_down", ["model.layers.0.mlp.down_proj.weight",
                                            "model.layers.1.mlp.down_proj.weight"]),
                              ("attn_q", ["model.layers.0.self_attn.q_proj.weight"])):
@@ -57,17 +61,18 @@ def test_mean_abs_by_cell_weights_by_numel():
               "model.layers.0.mlp.gate_proj.weight": torch.ones(2, 2),
               "model.layers.3.mlp.up_proj.weight": torch.tensor([[1.0, -3.0]])}
     metas = _metas({n: tuple(s.shape) for n, s in scores.items()})
-    cells = visualize.mean_abs_by_cell(scores, metas)
+    cells = run_plots.mean_abs_by_cell(scores, metas)
     assert cells[(0, "mlp_up")] == (2.0, 16)
     assert cells[(0, "mlp_gate")] == (1.0, 4)
     assert cells[(3, "mlp_up")] == (2.0, 2)
 
 
-def test_parse_formats_and_figures_are_closed(tmp_path):
-    assert visualize.parse_formats("png, PDF,png") == ("png", "pdf")
+def test_plot_formats_parse_and_figures_are_closed(tmp_path):
+    config = config_from_argv(["--save-plots", "--plot-format", "png, PDF,png"])
+    assert config.plot_formats == ("png", "pdf")
     for bad in ("jpg", "", "png,gif"):
         with pytest.raises(UserError):
-            visualize.parse_formats(bad)
+            config_from_argv(["--save-plots", "--plot-format", bad])
     figure, ax = plt.subplots()
     ax.plot([1, 2], [3, 4])
     paths = visualize.save_figure(figure, tmp_path / "sub" / "line", ("png", "svg"))
@@ -76,7 +81,8 @@ def test_parse_formats_and_figures_are_closed(tmp_path):
 
 
 def test_missing_inputs_are_skipped_with_a_note(tmp_path, capsys):
-    written = visualize.save_run_plots(tmp_path, ("png",), metric="magnitude", mode="global", k=3)
+    run = RunFolder(tmp_path, {"metric": "magnitude", "mode": "global", "topk": 3})
+    written = visualize.save_run_plots(run, ALL_PLOTS, ("png",))
     assert written == []
     out = capsys.readouterr().out
     assert "perturbation_effects (no perturbation_results.json; needs --perturb)" in out
@@ -88,7 +94,7 @@ def test_missing_inputs_are_skipped_with_a_note(tmp_path, capsys):
 def plotted_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("plots") / "run"
     done = run_cli("--max-length", "32", "--max-samples", "2", "--topk", "3", "--mode",
-                   "per_layer", "--layers", "0-3", "--perturb", "sign_flip", "--seeds", "0,1",
+                   "per_tensor", "--layers", "0-3", "--perturb", "sign_flip", "--seeds", "0,1",
                    "--architecture-analysis", "--advanced-perturbations", "progressive",
                    "--progressive-k", "1,3", "--super-weights", "--super-weight-max", "1",
                    "--save-plots", "--plot-format", "png,pdf", "--out-dir", out, timeout=1800)
@@ -96,6 +102,7 @@ def plotted_run(tmp_path_factory):
     return out, done.stdout
 
 
+@pytest.mark.slow
 def test_save_plots_run_writes_non_empty_png_and_pdf(plotted_run):
     out, stdout = plotted_run
     for name in CORE_PLOTS + ANALYSIS_PLOTS:  # the analyses' real output drawn
@@ -110,10 +117,11 @@ def test_save_plots_run_writes_non_empty_png_and_pdf(plotted_run):
     assert "plots" in manifest["timings_seconds"]
 
 
-def test_plot_format_without_save_plots_is_an_error(cli, tmp_path):
-    done = cli("--plot-format", "pdf", "--out-dir", tmp_path / "x")
-    assert done.returncode == 2
-    assert "--plot-format has no effect without --save-plots" in done.stderr
+def test_plot_format_without_save_plots_is_an_error(tmp_path, capsys):
+    from src.cli import main
+
+    assert main(["--plot-format", "pdf", "--out-dir", str(tmp_path / "x")]) == 2
+    assert "--plot-format has no effect without --save-plots" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -122,7 +130,8 @@ def test_a_plot_that_cannot_read_its_input_does_not_stop_the_others(tmp_path, ca
 
     write_json(tmp_path / "enhanced_analysis.json", {"architecture": {"by_layer": "unexpected"},
                                                      "temporal_stability": {"drift": {}}})
-    written = visualize.save_run_plots(tmp_path, ("png",))
+    write_json(tmp_path / "config.json", {"metric": "magnitude", "mode": "global", "topk": 3})
+    written = visualize.save_run_plots(RunFolder.read(tmp_path), ALL_PLOTS, ("png",))
     out = capsys.readouterr().out
     assert "plot architecture_depth FAILED, results unaffected: AttributeError" in out
     assert "plot temporal_drift skipped: the temporal-stability analysis has fewer" in out
@@ -135,9 +144,9 @@ def test_cluster_plot_names_noise_and_undefined_silhouette(tmp_path):
                 for i, n in enumerate(names)}
     clustering = {"method": "dbscan", "silhouette": None,
                   "labels": dict(zip(names, [0, -1, 0]))}
-    art = visualize.RunArtifacts(tmp_path, files={"enhanced_analysis.json": {
-        "weight_analysis": {"profiles": profiles, "clustering": clustering}}})
-    figure = visualize.RUN_PLOTS["weight_clusters"](art)
+    run = RunFolder(tmp_path, {}, enhanced={
+        "weight_analysis": {"profiles": profiles, "clustering": clustering}})
+    figure = ALL_PLOTS["weight_clusters"](run)
     left, _, _, bar = figure.axes  # the tail heatmap and its colour bar are drawn first
     assert left.get_title() == ("Tensors clustered by sensitivity profile (dbscan, "
                                 "silhouette undefined)")

@@ -9,7 +9,7 @@ per block, over the scored weights only:
 * ``topk_count`` in a global top-K, ``topk_share`` = count / K, ``expected_topk_count`` =
   K x weight_share (uniform selection), and ``enrichment`` = topk_share / weight_share.
 
-The top-K is the run's selection in global mode; in per_layer mode (every tensor gets K by
+The top-K is the run's selection in global mode; in per_tensor mode (every tensor gets K by
 construction) it is the global top-K of the same size. Fused q/k/v weights (GPT-2 ``c_attn``,
 GPT-NeoX ``query_key_value``) are split row-wise into q/k/v slices (components.py); a fused
 weight of an unknown layout stays ``attn_qkv``. Norm weights and biases are 1-D and never scored;
@@ -20,21 +20,33 @@ the block's mean |score| and with its top-K count.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from src.analysis.context import (AnalysisContext, finite_or_none, global_selection, layer_key,
-                                  to_host)
-from src.models.components import (ParamMeta, attention_heads, component_of, fused_qkv_row_parts,
-                                   to_out_in)
+from src.analysis.context import AnalysisContext, finite_or_none, global_selection, layer_key
+from src.analysis.registry import Analysis, register
+from src.models.components import ParamMeta, component_of, fused_qkv_row_parts, to_out_in
+from src.models.properties import attention_heads
+from src.options import Settings, option
+from src.sensitivity.eligibility import unscored_reason
 from src.sensitivity.rank import Selection, selection_size
+from src.sensitivity.statistics import to_host
+from src.utils.format import sig
 
 QKV = ("attn_q", "attn_k", "attn_v")
 ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_o")
 MLP = ("mlp_gate", "mlp_up", "mlp_down")
+
+
+@dataclass(frozen=True)
+class ArchitectureSettings(Settings):
+    architecture_analysis: bool = option(
+        False, "score mass, top-K counts and enrichment per component and per layer; depth "
+        "trend; q/k/v/o and MLP comparison (fused q/k/v split)", group="advanced analysis")
 
 
 @dataclass
@@ -164,16 +176,8 @@ def not_scored(model, scored: set[str]) -> dict[str, dict[str, int]]:
         first = kept_by_id.setdefault(id(p), name)
         if name in scored:
             continue
-        component = component_of(name)
-        if first != name:
-            reason = f"tied to {first}" + (" (scored once there)" if first in scored else "")
-        elif p.ndim < 2:
-            reason = "1-D (norm weight or bias): never scored"
-        elif component in ("embedding", "pos_embedding", "head"):
-            reason = "embedding/head: scored only with --include-embeddings"
-        else:
-            reason = "outside --layers / --target-layers / --target-components"
-        slot = out.setdefault(component, {})
+        reason = unscored_reason(name, p, first, scored)
+        slot = out.setdefault(component_of(name), {})
         slot[reason] = slot.get(reason, 0) + 1
     return out
 
@@ -194,7 +198,7 @@ def architecture_analysis(scores, metas, selection: Selection, mode: str, model)
         for cell in row.values():
             cell["mean_score"] = cell["score_mass"] / cell["n_weights"]
     return {"topk_from": "run's global top-K" if mode == "global" else
-                         "global top-K of the same size as the run's per_layer selection",
+                         "global top-K of the same size as the run's per_tensor selection",
             "k": selection_size(glob), "n_weights": sum(s.n_weights for s in slices),
             "scored_components": sorted(by_component, key=lambda c: -by_component[c]["n_weights"]),
             "not_scored": not_scored(model, set(scores)), "fused_qkv": fused,
@@ -205,8 +209,8 @@ def architecture_analysis(scores, metas, selection: Selection, mode: str, model)
 
 
 def run(ctx: AnalysisContext) -> dict:
-    return {"metric": ctx.config.metric,
-            **architecture_analysis(ctx.scores, ctx.metas, ctx.selection, ctx.config.mode, ctx.model)}
+    return {"metric": ctx.metric,
+            **architecture_analysis(ctx.scores, ctx.metas, ctx.selection, ctx.mode, ctx.model)}
 
 
 def summary_lines(section: dict) -> list[str]:
@@ -221,3 +225,62 @@ def summary_lines(section: dict) -> list[str]:
         lines.append(f"  depth: Spearman(layer, mean score) {rho:.3f}; peak mean score at layer "
                      f"{depth['peak_mean_score_layer']}, most top-K at layer {depth['peak_topk_layer']}")
     return lines
+
+
+def findings(section: dict) -> list[str]:
+    depth = section.get("depth", {})
+    rho = depth.get("spearman_layer_vs_mean_score") or {}
+    lines = []
+    if rho.get("rho") is not None:
+        direction = "falls" if rho["rho"] < 0 else "rises"
+        p_value = rho.get("p_value")
+        trend = (f"Mean {section.get('metric')} score {direction} with depth"
+                 if p_value is not None and p_value <= 0.05 else
+                 f"No significant depth trend in the mean {section.get('metric')} score")
+        lines.append(f"{trend} (Spearman ρ = {rho['rho']:.2f}, p = {sig(p_value, 2)}); peak "
+                     f"layer {depth.get('peak_mean_score_layer')}.")
+    by_component = {k: v for k, v in section.get("by_component", {}).items()
+                    if isinstance(v, dict) and v.get("enrichment") is not None}
+    if by_component:
+        best = max(by_component, key=lambda k: by_component[k]["enrichment"])
+        lines.append(f"Top-{section.get('k')} weights are most over-represented in {best} "
+                     f"({by_component[best]['enrichment']:.2f}x their share of weights; "
+                     f"{by_component[best]['topk_count']} selected).")
+    return lines
+
+
+def plot_depth(section: dict):
+    from src.utils.visualize import PALETTE, SkipPlot, plt
+
+    by_layer = {int(k): v for k, v in section["by_layer"].items() if str(k).lstrip("-").isdigit()}
+    layers = sorted(by_layer)
+    if not layers:
+        raise SkipPlot("the architecture analysis has no per-layer numbers")
+    mean = [by_layer[i]["mean_score"] for i in layers]
+    enrichment = [by_layer[i].get("enrichment", math.nan) for i in layers]
+    depth = section.get("depth", {})
+    figure, (upper, lower) = plt.subplots(2, 1, figsize=(9, 6.4), sharex=True)
+    upper.plot(layers, mean, "-o", color=PALETTE[0], markersize=4)
+    upper.set_yscale("log")
+    upper.set_ylabel(f"mean {section.get('metric')} score\n(log scale)")
+    rho = depth.get("spearman_layer_vs_mean_score") or {}
+    upper.set_title(f"Sensitivity over depth ({section.get('metric')}): Spearman ρ(layer, mean "
+                    f"score) = {sig(rho.get('rho'), 3)}, p = {sig(rho.get('p_value'), 3)}",
+                    fontsize=10)
+    lower.bar(layers, enrichment, color=PALETTE[1], edgecolor="black", linewidth=0.3)
+    lower.axhline(1.0, color="black", linestyle="--", linewidth=1, label="uniform share (1)")
+    lower.set_ylabel("top-K enrichment\n(count / count expected by size)")
+    lower.set_xlabel("transformer block (layer index)")
+    rho = depth.get("spearman_layer_vs_topk_count") or {}
+    lower.set_title(f"Where the top-{section.get('k')} weights sit over depth: Spearman "
+                    f"ρ(layer, top-K count) = {sig(rho.get('rho'), 3)}", fontsize=10)
+    lower.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+register(Analysis(
+    key="architecture", flag="--architecture-analysis",
+    run=run, summary=summary_lines, findings=findings,
+    settings=(ArchitectureSettings,), enabled=lambda s: s.architecture_analysis,
+    plots={"architecture_depth": plot_depth}))

@@ -15,24 +15,33 @@ because a pair needs each metric's values at the other metric's top-K positions.
 from __future__ import annotations
 
 import itertools
-import math
+from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
+from scipy.stats import pearsonr
 from tqdm.auto import tqdm
 
 from src.analysis.context import (AnalysisContext, finite_or_none, mean_abs_by_layer,
                                   sample_positions)
-from src.sensitivity.metrics import compute_scores
+from src.analysis.registry import Analysis, register
+from src.options import Settings, name_list, option
+from src.sensitivity.metrics import METRICS, compute_scores
 from src.sensitivity.rank import Selection, top_k
-from src.sensitivity.stability import gather, jaccard, union_positions
+from src.sensitivity.stability import gather, jaccard, spearman, union_positions
+from src.utils.format import fixed
 
 
-def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
-    """Spearman rho (average ranks for ties); None when undefined (constant input, n < 2)."""
-    if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
-        return None
-    return finite_or_none(spearmanr(x, y).statistic)
+@dataclass(frozen=True)
+class CorrelationSettings(Settings):
+    compare_metrics: tuple[str, ...] = option(
+        (), "comma-separated metrics to score the same calibration data with, e.g. "
+        "grad_x_weight,magnitude,act_mag: Spearman, top-K Jaccard and per-layer correlation for "
+        "every pair", group="advanced analysis", parse=name_list(lambda: METRICS))
+
+    def problems(self, config):
+        if len(self.compare_metrics) == 1:
+            yield "--compare-metrics needs at least two different metrics, e.g. " \
+                  "grad_x_weight,magnitude"
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
@@ -65,20 +74,20 @@ def compare_score_sets(score_sets: dict[str, dict], selections: dict[str, Select
 
 
 def run(ctx: AnalysisContext) -> dict:
-    c = ctx.config
+    metrics = ctx.settings.compare_metrics
     score_sets, selections = {}, {}
-    for metric in tqdm(c.compare_metrics, desc="compare metrics", disable=not c.verbose, leave=False):
-        if metric == c.metric:
+    for metric in tqdm(metrics, desc="compare metrics", disable=not ctx.progress, leave=False):
+        if metric == ctx.metric:
             score_sets[metric], selections[metric] = ctx.scores, ctx.selection
             continue
         print(f"[cwa] compare-metrics: scoring with {metric}")
         scores = compute_scores(ctx.job, metric).scores
         score_sets[metric] = {name: s.cpu() for name, s in scores.items()}
-        selections[metric] = top_k(score_sets[metric], c.topk, c.mode)
+        selections[metric] = top_k(score_sets[metric], ctx.k, ctx.mode)
         del scores
-    sample = sample_positions(ctx.sizes, seed=c.seeds[0])
+    sample = sample_positions(ctx.sizes, seed=ctx.seeds[0])
     result = compare_score_sets(score_sets, selections, sample, ctx.metas)
-    return {"metrics": list(c.compare_metrics), "k": c.topk, "mode": c.mode,
+    return {"metrics": list(metrics), "k": ctx.k, "mode": ctx.mode,
             "spearman_on": "seeded uniform sample of weights + union of every metric's top-K, "
                            "|score|", **result}
 
@@ -87,11 +96,44 @@ def summary_lines(section: dict) -> list[str]:
     lines = [f"metric correlation (K={section['k']}, {section['mode']}; Spearman over "
              f"{section['n_positions']} weights):"]
     for p in section["pairs"]:
-        lines.append(f"  {p['a']} vs {p['b']}: Spearman {_f(p['spearman'])} (sample only "
-                     f"{_f(p['spearman_sample_only'])}), top-K Jaccard {_f(p['jaccard'])}, "
-                     f"per-layer Spearman {_f(p['layer_spearman'])}")
+        lines.append(f"  {p['a']} vs {p['b']}: Spearman {fixed(p['spearman'])} (sample only "
+                     f"{fixed(p['spearman_sample_only'])}), top-K Jaccard {fixed(p['jaccard'])}, "
+                     f"per-layer Spearman {fixed(p['layer_spearman'])}")
     return lines
 
 
-def _f(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+def findings(section: dict) -> list[str]:
+    pairs = [p for p in section.get("pairs", []) if p.get("spearman") is not None]
+    if not pairs:
+        return []
+    high = max(pairs, key=lambda p: p["spearman"])
+    low = min(pairs, key=lambda p: p["spearman"])
+    return [f"Metric agreement: {high['a']} and {high['b']} agree most (Spearman "
+            f"{high['spearman']:.2f}, top-{section.get('k')} Jaccard {high['jaccard']:.3f}); "
+            f"{low['a']} and {low['b']} least (Spearman {low['spearman']:.2f}, Jaccard "
+            f"{low['jaccard']:.3f})."]
+
+
+def plot_correlation(section: dict):
+    from src.utils.visualize import pair_heatmap, plt
+
+    metrics = list(section["metrics"])
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    for ax, (key, label) in zip(axes, (("spearman", "Spearman ρ of scores"),
+                                       ("jaccard", f"Jaccard of top-{section.get('k')} sets"))):
+        pair_heatmap(ax, metrics, section["pairs"], lambda p: p.get(key), label,
+                     signed=key == "spearman")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("metric")
+        ax.set_ylabel("metric")
+    figure.suptitle(f"Agreement between metrics on the same calibration data "
+                    f"({section.get('mode')} top-{section.get('k')})")
+    figure.tight_layout()
+    return figure
+
+
+register(Analysis(
+    key="metric_correlation", flag="--compare-metrics",
+    run=run, summary=summary_lines, findings=findings,
+    settings=(CorrelationSettings,), enabled=lambda s: bool(s.compare_metrics),
+    plots={"metric_correlation": plot_correlation}))

@@ -1,181 +1,35 @@
-"""--weight-analysis: a sensitivity profile per weight tensor, clustering of tensors by profile,
-and hotspots (tensors, rows and input channels where the top-K weights bunch up).
-
-Every number is about |score| of the run's --metric (signed metrics rank by |score|).
-
-Profile of one tensor (computed on its device, one host transfer per device):
-  mean, std, max, quantiles p50/p90/p99/p99.9 (from a fixed sample of 1M entries on larger
-  tensors), ``top_share_0.01pct`` / ``top_share_1pct`` = share of the tensor's total |score| held
-  by its top 0.01% / 1% of weights (at least one weight), and ``kurtosis`` (plain, 3 = Gaussian).
-
-Clustering features (standardised to zero mean / unit variance before clustering):
-  log10 mean, log10(p99/p50), log10(max/p99), both top shares, log10 kurtosis.
-``kmeans`` uses --n-clusters (default 4). ``dbscan`` uses min_samples = 3 and, unless
---dbscan-eps is given, eps = the 90th percentile of each tensor's distance to its 2nd nearest
-other tensor (so about 90% of tensors are core points). Noise tensors get label -1.
+"""--weight-analysis: a sensitivity profile per weight tensor, clustering of tensors by profile
+(src/analysis/clustering.py), and hotspots: tensors, rows and input channels where the top-K
+weights bunch up.
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from src.analysis.context import AnalysisContext, global_selection, per_tensor, require
+from src.analysis.clustering import ClusteringSettings, check_clusterable, profiles_and_clusters
+from src.analysis.context import AnalysisContext, global_selection
+from src.analysis.registry import Analysis, register
 from src.models.components import ParamMeta, to_out_in
+from src.models.properties import hidden_size
+from src.options import Settings, option
 from src.sensitivity.rank import Selection, selection_size
+from src.utils.format import sig
 
-QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p99_9": 0.999}
-TOP_SHARES = {"top_share_0.01pct": 1e-4, "top_share_1pct": 1e-2}
-QUANTILE_SAMPLE = 1_000_000
-FEATURES = ["log10_mean", "log10_p99_over_p50", "log10_max_over_p99", "top_share_0.01pct",
-            "top_share_1pct", "log10_kurtosis"]
-DEFAULT_CLUSTERS = 4
-DBSCAN_MIN_SAMPLES = 3
-TINY = 1e-30  # keeps logs of ratios finite when a quantile is exactly 0
 N_HOTSPOTS = 10
 
 
-# ----------------------------------------------------------------------------- profiles
-
-def _profile_numbers(score: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    a = score.detach().float().abs().reshape(-1)
-    n = a.numel()
-    sample = a
-    if n > QUANTILE_SAMPLE:
-        sample = a[torch.randint(n, (QUANTILE_SAMPLE,), generator=generator).to(a.device)]
-    quantiles = torch.quantile(sample, torch.tensor(list(QUANTILES.values()), device=a.device))
-    total = a.sum()
-    shares = [torch.topk(a, max(1, math.ceil(f * n)), sorted=False).values.sum() / total
-              for f in TOP_SHARES.values()]
-    mean = a.mean()
-    centered = a - mean
-    kurtosis = centered.pow(4).mean() / centered.pow(2).mean().pow(2)
-    return torch.stack([mean, a.std() if n > 1 else torch.zeros_like(mean), a.max(), *quantiles,
-                        *shares, kurtosis])
-
-
-PROFILE_KEYS = ["mean", "std", "max", *QUANTILES, *TOP_SHARES, "kurtosis"]
-
-
-def tensor_profiles(scores, metas: dict[str, ParamMeta]) -> dict[str, dict]:
-    """name -> {layer, component, numel, mean, std, max, p50..p99_9, top shares, kurtosis}."""
-    generator = torch.Generator().manual_seed(0)
-    host = per_tensor(scores, lambda s: _profile_numbers(s, generator))
-    profiles = {}
-    for name, values in host.items():
-        meta = metas[name]
-        profiles[name] = {"layer": meta.layer, "component": meta.component,
-                          "numel": scores[name].numel(),
-                          **{k: float(v) for k, v in zip(PROFILE_KEYS, values)}}
-    return profiles
-
-
-def profile_features(profiles: dict[str, dict]) -> np.ndarray:
-    """[n_tensors, len(FEATURES)] raw (unstandardised) clustering features."""
-    rows = []
-    for p in profiles.values():
-        rows.append([math.log10(p["mean"] + TINY),
-                     math.log10((p["p99"] + TINY) / (p["p50"] + TINY)),
-                     math.log10((p["max"] + TINY) / (p["p99"] + TINY)),
-                     p["top_share_0.01pct"], p["top_share_1pct"],
-                     math.log10(p["kurtosis"]) if p["kurtosis"] > 0 else math.nan])
-    features = np.asarray(rows, dtype=float)
-    column_means = np.nanmean(np.where(np.isfinite(features), features, np.nan), axis=0)
-    column_means = np.nan_to_num(column_means)  # an all-NaN column (constant scores) -> 0
-    bad = ~np.isfinite(features)
-    features[bad] = np.take(column_means, np.nonzero(bad)[1])
-    return features
-
-
-# ----------------------------------------------------------------------------- clustering
-
-def _kmeans(x: np.ndarray, n_clusters: int | None, eps: float | None, seed: int):
-    from sklearn.cluster import KMeans
-
-    k = n_clusters or DEFAULT_CLUSTERS
-    require(k <= len(x), f"--n-clusters {k} exceeds the {len(x)} scored tensors")
-    model = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(x)
-    return model.labels_, {"n_clusters": k, "inertia": float(model.inertia_)}
-
-
-def _dbscan(x: np.ndarray, n_clusters: int | None, eps: float | None, seed: int):
-    from sklearn.cluster import DBSCAN
-    from sklearn.neighbors import NearestNeighbors
-
-    min_samples = min(DBSCAN_MIN_SAMPLES, len(x))
-    chosen = "given"
-    if eps is None:
-        distances, _ = NearestNeighbors(n_neighbors=min_samples).fit(x).kneighbors(x)
-        eps = float(np.percentile(distances[:, -1], 90)) or 1e-6
-        chosen = "90th percentile of the distance to the (min_samples-1)-th nearest tensor"
-    labels = DBSCAN(eps=eps, min_samples=min_samples).fit(x).labels_
-    return labels, {"eps": eps, "eps_rule": chosen, "min_samples": min_samples,
-                    "n_noise": int((labels == -1).sum())}
-
-
-CLUSTERERS = {"kmeans": _kmeans, "dbscan": _dbscan}
-
-
-def silhouette(x: np.ndarray, labels: np.ndarray) -> float | None:
-    """Silhouette over non-noise tensors; None when fewer than 2 clusters or too few points."""
-    from sklearn.metrics import silhouette_score
-
-    keep = labels != -1
-    n_labels = len(set(labels[keep].tolist()))
-    if n_labels < 2 or n_labels >= int(keep.sum()):
-        return None
-    return float(silhouette_score(x[keep], labels[keep]))
-
-
-def cluster_tensors(profiles: dict[str, dict], method: str, n_clusters: int | None = None,
-                    eps: float | None = None, seed: int = 0) -> dict:
-    """Cluster tensors by standardised profile features; labels and one summary per cluster."""
-    from sklearn.preprocessing import StandardScaler
-
-    require(method in CLUSTERERS, f"unknown --clustering-method '{method}'; choose one of "
-                                  f"{', '.join(CLUSTERERS)}")
-    require(len(profiles) >= 2, f"clustering needs at least 2 scored tensors (got {len(profiles)})")
-    raw = profile_features(profiles)
-    x = StandardScaler().fit_transform(raw)
-    labels, details = CLUSTERERS[method](x, n_clusters, eps, seed)
-    names = list(profiles)
-    clusters = {}
-    for label in sorted(set(labels.tolist())):
-        members = [n for n, lab in zip(names, labels) if lab == label]
-        rows = labels == label
-        clusters[str(label)] = {
-            "n_tensors": len(members), "tensors": members,
-            "components": _counts(profiles[n]["component"] for n in members),
-            "layers": sorted({profiles[n]["layer"] for n in members if profiles[n]["layer"] is not None}),
-            "mean_features": dict(zip(FEATURES, raw[rows].mean(axis=0).round(6).tolist())),
-            "n_weights": int(sum(profiles[n]["numel"] for n in members)),
-        }
-    score = silhouette(x, labels)
-    n_found = len(set(labels.tolist()) - {-1})
-    return {"method": method, **details, "features": FEATURES, "standardised": True,
-            "n_clusters_found": n_found, "silhouette": score,
-            "silhouette_note": None if score is not None else
-            f"undefined: {n_found} cluster(s) besides noise (needs 2 or more)",
-            "labels": dict(zip(names, labels.tolist())), "clusters": clusters}
-
-
-def _counts(values) -> dict:
-    out: dict = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+@dataclass(frozen=True)
+class WeightAnalysisSettings(Settings):
+    weight_analysis: bool = option(
+        False, "per-tensor sensitivity profiles (quantiles, share of score held by the top "
+        "0.01%%/1%%), clustering of tensors by profile, and hotspots (rows / input channels "
+        "where top-K weights bunch up)", group="advanced analysis")
 
 
 # ----------------------------------------------------------------------------- hotspots
-
-def hidden_size(model) -> int:
-    config = model.config
-    for attr in ("hidden_size", "n_embd", "d_model"):
-        if getattr(config, attr, None):
-            return int(getattr(config, attr))
-    return int(model.get_input_embeddings().weight.shape[1])
-
 
 def line_hotspots(selection: Selection, metas: dict[str, ParamMeta], top: int = N_HOTSPOTS) -> list[dict]:
     """Rows (output units) and columns (input channels) of one tensor holding several top-K
@@ -237,7 +91,8 @@ def channel_hotspots(selection: Selection, metas: dict[str, ParamMeta], hidden: 
     return result
 
 
-def tensor_hotspots(selection: Selection, sizes: dict[str, int], metas, top: int = N_HOTSPOTS) -> list[dict]:
+def tensor_hotspots(selection: Selection, sizes: dict[str, int], metas,
+                    top: int = N_HOTSPOTS) -> list[dict]:
     """Tensors holding the most of a global top-K, with enrichment over their share of weights."""
     k_total = selection_size(selection)
     n_total = sum(sizes.values())
@@ -253,10 +108,10 @@ def tensor_hotspots(selection: Selection, sizes: dict[str, int], metas, top: int
 
 
 def hotspots(ctx: AnalysisContext) -> dict:
-    mode = ctx.config.mode
+    mode = ctx.mode
     glob = global_selection(ctx.scores, ctx.selection, mode)
     return {
-        "k": ctx.config.topk, "mode": mode,
+        "k": ctx.k, "mode": mode,
         "lines_from": f"the run's top-K ({mode})",
         "lines": line_hotspots(ctx.selection, ctx.metas),
         "channels": channel_hotspots(ctx.selection, ctx.metas, hidden_size(ctx.model)),
@@ -267,22 +122,11 @@ def hotspots(ctx: AnalysisContext) -> dict:
 
 # ----------------------------------------------------------------------------- step
 
-def profiles_and_clusters(ctx: AnalysisContext) -> tuple[dict, dict]:
-    """Computed once per run and shared with the clustered perturbation."""
-    if "clustering" not in ctx.cache:
-        c = ctx.config
-        profiles = tensor_profiles(ctx.scores, ctx.metas)
-        ctx.cache["profiles"] = profiles
-        ctx.cache["clustering"] = cluster_tensors(profiles, c.clustering_method or "kmeans",
-                                                  c.n_clusters, c.dbscan_eps, c.seeds[0])
-    return ctx.cache["profiles"], ctx.cache["clustering"]
-
-
 def run(ctx: AnalysisContext) -> dict:
     profiles, clustering = profiles_and_clusters(ctx)
     shares = np.array([p["top_share_1pct"] for p in profiles.values()])
     names = list(profiles)
-    return {"metric": ctx.config.metric, "n_tensors": len(profiles),
+    return {"metric": ctx.metric, "n_tensors": len(profiles),
             "profiles": profiles,
             "heaviest_tail": names[int(np.nanargmax(shares))] if len(shares) else None,
             "clustering": clustering, "hotspots": hotspots(ctx)}
@@ -306,3 +150,68 @@ def summary_lines(section: dict) -> list[str]:
             lines.append(f"  hidden channel {t['channel']} {role}: {t['count']} top-K weights in "
                          f"{t['n_tensors']} tensors ({t['fold_over_uniform']:.1f}x uniform)")
     return lines
+
+
+def findings(section: dict) -> list[str]:
+    hotspots = section.get("hotspots") or {}
+    out = []
+    lines = hotspots.get("lines") or []
+    if lines:
+        h = lines[0]
+        axis = "input column" if h["axis"] == "col" else "output row"
+        out.append(f"Strongest line hotspot: {h['count']} of the {h['n_selected_in_tensor']} "
+                   f"selected weights of {h['parameter']} sit on {axis} {h['index']} "
+                   f"({h['fold_over_uniform']:.0f}x what a uniform spread would give).")
+    for role, part in (hotspots.get("channels") or {}).items():
+        if part.get("top_channels"):
+            t = part["top_channels"][0]
+            verb = "read from" if role == "reads" else "write to"
+            out.append(f"Residual channel {t['channel']}: {t['count']} selected weights in "
+                       f"{t['n_tensors']} tensor(s) {verb} it ({t['fold_over_uniform']:.1f}x "
+                       f"uniform).")
+    return out
+
+
+def plot_clusters(section: dict):
+    from matplotlib.colors import ListedColormap
+
+    from src.utils.visualize import colours, draw_heatmap, grid, label_grid_axes, plt
+
+    profiles, clustering = section["profiles"], section.get("clustering") or {}
+    labels = clustering.get("labels") or {}
+    tail = {(p["layer"], p["component"]): p.get("top_share_1pct") for p in profiles.values()}
+    clusters = {(profiles[n]["layer"], profiles[n]["component"]): lab for n, lab in labels.items()
+                if n in profiles}
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 0.2 * len({k[0] for k in tail}) + 3))
+    tail_grid, layers, components = grid({k: v for k, v in tail.items() if v is not None})
+    draw_heatmap(right, tail_grid, layers, components,
+                 "share of the tensor's score held by its top 1% of weights")
+    right.set_title("Heavy tails: score share of the top 1% of weights (0.01 = none)",
+                    fontsize=10)
+    if not clusters:
+        left.set_axis_off()
+        figure.tight_layout()
+        return figure
+    names = sorted(set(clusters.values()), key=str)
+    label_grid, layers_c, components_c = grid({k: float(names.index(v))
+                                               for k, v in clusters.items()})
+    image = left.imshow(np.ma.masked_invalid(label_grid), aspect="auto",
+                        cmap=ListedColormap(colours(len(names))), vmin=-0.5,
+                        vmax=len(names) - 0.5, interpolation="nearest")
+    label_grid_axes(left, layers_c, components_c)
+    bar = figure.colorbar(image, ax=left, ticks=range(len(names)))
+    bar.ax.set_yticklabels(["noise" if n == -1 else str(n) for n in names])
+    bar.set_label("cluster")
+    silhouette = clustering.get("silhouette")
+    quality = "silhouette undefined" if silhouette is None else f"silhouette {sig(silhouette, 3)}"
+    left.set_title(f"Tensors clustered by sensitivity profile ({clustering.get('method')}, "
+                   f"{quality})", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+register(Analysis(
+    key="weight_analysis", flag="--weight-analysis",
+    run=run, summary=summary_lines, findings=findings,
+    settings=(WeightAnalysisSettings, ClusteringSettings), prepare=check_clusterable,
+    enabled=lambda s: s.weight_analysis, plots={"weight_clusters": plot_clusters}))

@@ -96,14 +96,14 @@ def load_documents(data_file: str | None = None, dataset: str | None = None) -> 
 
 def _documents_from_file(path: Path) -> list[str]:
     if not path.is_file():
-        raise UserError(f"--data-file '{path}' does not exist or is not a file")
+        raise UserError(f"data file '{path}' does not exist or is not a file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise UserError(f"--data-file '{path}' is not UTF-8 text") from None
+        raise UserError(f"data file '{path}' is not UTF-8 text") from None
     documents = parse_documents(text)
     if not documents:
-        raise UserError(f"--data-file '{path}' is empty: it needs text (documents separated by "
+        raise UserError(f"data file '{path}' is empty: it needs text (documents separated by "
                         f"blank lines, or one per line)")
     return documents
 

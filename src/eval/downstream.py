@@ -43,6 +43,8 @@ import torch
 from tqdm.auto import tqdm
 
 from src.errors import UserError
+from src.eval.perplexity import perplexity_of
+from src.models.properties import context_length, input_device
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
 DEFAULT_MAX_LENGTH = 2048  # the harness's fallback when the model declares no context size
@@ -179,8 +181,7 @@ def perplexity(logliks: list[float]) -> float:
     """exp(-mean(loglik)); inf when it overflows or any loglik is -inf."""
     if not logliks:
         return float("nan")
-    neg_mean = -float(np.mean(logliks))
-    return math.exp(neg_mean) if neg_mean < 700 else float("inf")
+    return perplexity_of(-float(np.mean(logliks)))
 
 
 # ----------------------------------------------------------------------------- data loading
@@ -263,21 +264,11 @@ def _load_hub(task: Task) -> list[dict]:
 
 # ----------------------------------------------------------------------------- scoring
 
-def _input_device(model) -> torch.device:
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    embeddings = get_embeddings() if callable(get_embeddings) else None
-    if embeddings is not None:
-        return embeddings.weight.device
-    return next(model.parameters()).device
-
-
 def model_max_length(model, tokenizer) -> int:
     """The context size the harness would use: model config, then tokenizer, then 2048."""
-    config = getattr(model, "config", None)
-    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
+    from_config = context_length(getattr(model, "config", None))
+    if from_config is not None:
+        return from_config
     value = getattr(tokenizer, "model_max_length", None)
     if isinstance(value, int) and 0 < value < 10**9:
         return value
@@ -346,7 +337,7 @@ def score_requests(model, tokenizer, requests: list[tuple[str, str]], batch_size
         n_scored.append(min(len(continuation_ids), len(sequence) - 1))
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))  # longest first
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    device = _input_device(model)
+    device = input_device(model)
     results: list[tuple[float, bool] | None] = [None] * len(sequences)
     was_training = model.training
     model.eval()

@@ -1,4 +1,4 @@
-"""The downstream-task step of a run: flags -> task items -> baseline and per-condition scores.
+"""The downstream-task step of a run: task items -> baseline and per-condition scores.
 
 ``downstream_results.json``: ``baseline`` {task: metrics}, and with ``--perturb`` a list of
 ``conditions`` {selection, seed, method, tasks: {task: metrics}, delta: {task: {metric: change}}}
@@ -6,37 +6,9 @@ in the same order as perturbation_results.json.
 """
 from __future__ import annotations
 
-from src.errors import UserError
-from src.eval.downstream import TASKS, evaluate_tasks, load_task_items
+from src.eval.downstream import evaluate_tasks, load_task_items
 
 DELTA_METRICS = ("acc", "acc_norm", "perplexity")
-
-
-def parse_task_names(text: str | None) -> tuple[str, ...]:
-    if not text:
-        return ()
-    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    unknown = [n for n in names if n not in TASKS]
-    if unknown or not names:
-        raise UserError(f"unknown --downstream-tasks entry '{(unknown or [text])[0]}'; choose from "
-                        f"{', '.join(TASKS)}")
-    return names
-
-
-def parse_task_data(text: str | None, tasks: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
-    """'hellaswag=PATH,lambada=hub' -> (("hellaswag", PATH), ("lambada", "hub"))."""
-    if not text:
-        return ()
-    pairs = []
-    for item in text.split(","):
-        task, sep, source = item.partition("=")
-        task, source = task.strip(), source.strip()
-        if not sep or not source:
-            raise UserError(f"bad --task-data entry '{item}': use TASK=PATH (or TASK=hub)")
-        if task not in tasks:
-            raise UserError(f"--task-data names '{task}', which is not in --downstream-tasks")
-        pairs.append((task, source))
-    return tuple(pairs)
 
 
 def load_items(tasks, task_data, n_samples, seed: int) -> dict[str, list[dict]]:

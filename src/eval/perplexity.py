@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from src.data.loading import TokenBlocks
+from src.models.properties import input_device
 
 
 @dataclass
@@ -32,11 +33,6 @@ class EvalResult:
     def summary(self) -> dict:
         return {"perplexity": self.perplexity, "nll": self.nll,
                 "token_accuracy": self.token_accuracy, "n_tokens": self.n_tokens}
-
-
-def input_device(model) -> torch.device:
-    """Device that the model's inputs go to (the embedding's, also under a device_map)."""
-    return model.get_input_embeddings().weight.device
 
 
 # Rows of logits upcast to float32 at a time by the NLL: bounds its temporary memory.

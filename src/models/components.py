@@ -116,17 +116,6 @@ FUSED_QKV_LAYOUTS: dict[str, str] = {
 }
 
 
-def attention_heads(config) -> tuple[int, int]:
-    """(query heads, key/value heads) of a transformers config (n_kv = n_heads without GQA)."""
-    n_heads = next(getattr(config, a) for a in ("num_attention_heads", "n_head", "n_heads")
-                   if getattr(config, a, None))
-    n_kv = next((getattr(config, a) for a in ("num_key_value_heads", "n_head_kv", "kv_n_heads")
-                 if getattr(config, a, None)), n_heads)
-    if getattr(config, "multi_query", False):
-        n_kv = 1
-    return int(n_heads), int(n_kv)
-
-
 def fused_qkv_row_parts(meta: ParamMeta, model_type: str, n_heads: int,
                         n_kv_heads: int | None = None) -> torch.Tensor | None:
     """Part of every output row of a fused q/k/v weight: LongTensor [n_out], 0=q, 1=k, 2=v.
@@ -154,16 +143,3 @@ def fused_qkv_row_parts(meta: ParamMeta, model_type: str, n_heads: int,
                          f"and {n_kv_heads} key/value heads")
     q_rows, kv_rows = n_heads * head_dim, n_kv_heads * head_dim
     return (rows >= q_rows).long() + (rows >= q_rows + kv_rows).long()
-
-
-def fused_qkv_part(meta: ParamMeta, rows: torch.Tensor, model_type: str, n_heads: int,
-                   n_kv_heads: int | None = None) -> list[str]:
-    """'attn_q' / 'attn_k' / 'attn_v' for output rows ([out, in] convention) of a fused weight.
-
-    For a few rows (table output); whole-tensor work uses ``fused_qkv_row_parts``.
-    """
-    parts = fused_qkv_row_parts(meta, model_type, n_heads, n_kv_heads)
-    if parts is None:
-        raise ValueError(f"fused q/k/v layout of model type '{model_type}' is not known")
-    names = ("attn_q", "attn_k", "attn_v")
-    return [names[int(i)] for i in parts[torch.as_tensor(rows).cpu()].tolist()]

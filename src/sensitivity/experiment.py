@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import torch
 
-from src.eval.perplexity import EvalResult, perplexity_of
+from src.eval.perplexity import EvalResult
 from src.sensitivity.perturb import (PerturbOptions, fingerprint, perturbation_is_stochastic,
                                      perturbed, selected_bits_equal, snapshot_selected)
 from src.sensitivity.rank import Selection, bottom_k, random_k, selection_size
@@ -78,15 +77,17 @@ def condition_row(condition: Condition, method, result: EvalResult, baseline: Ev
         "selection": condition.selection_name, "seed": condition.seed, "method": method,
         "n_weights": selection_size(condition.selection), **result.summary(),
         "delta_perplexity": result.perplexity - baseline.perplexity,
-        "ppl_ratio": ratio(result.perplexity, baseline.perplexity),
+        "ppl_ratio": ppl_ratio(result.perplexity, baseline.perplexity),
         "delta_perplexity_ci95": [low, high], "restore_verified": restored,
     }
 
 
-def ratio(a: float, b: float) -> float:
-    if math.isinf(a) and math.isinf(b):
+def ppl_ratio(perplexity: float, baseline_perplexity: float) -> float:
+    """perplexity / baseline perplexity: how many times worse; NaN when the baseline is not a
+    positive finite number (a ratio to an overflowed baseline means nothing)."""
+    if not (math.isfinite(baseline_perplexity) and baseline_perplexity > 0):
         return math.nan
-    return a / b if b else math.inf
+    return perplexity / baseline_perplexity
 
 
 def bootstrap_delta_ppl(baseline: EvalResult, result: EvalResult, n_samples: int = BOOTSTRAP_SAMPLES,

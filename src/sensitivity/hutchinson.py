@@ -28,8 +28,8 @@ from contextlib import contextmanager
 
 import torch
 
-from src.eval.perplexity import masked_nll_sum
 from src.models.components import layer_index
+from src.sensitivity.scoring import generator_for, gradients_only_on, indexed_batches, loss_sum
 
 
 @contextmanager
@@ -48,9 +48,7 @@ def double_backward_attention(model):
 
 def rademacher_like(param: torch.Tensor, seed: int, name: str, batch_index: int,
                     probe_index: int) -> torch.Tensor:
-    from src.sensitivity.metrics import _stable_seed
-    generator = torch.Generator(device=param.device)
-    generator.manual_seed(_stable_seed(seed, name, batch_index, probe_index))
+    generator = generator_for(param.device, seed, name, batch_index, probe_index)
     signs = torch.randint(0, 2, param.shape, generator=generator, device=param.device,
                           dtype=torch.int8)
     return (signs * 2 - 1).to(param.dtype)
@@ -132,8 +130,6 @@ def probe_batch(loss, names, tensors, stats: dict, *, seed: int, batch_index: in
 
 def hutchinson_diagonal(job):
     """(signed diagonal estimate, standard error), both Scores."""
-    from src.sensitivity.metrics import gradients_only_on, _indexed_batches
-
     model = job.model
     total_tokens = job.blocks.n_predicted_tokens()
     stats = {}
@@ -143,10 +139,9 @@ def hutchinson_diagonal(job):
             for name, p in group.items():
                 stats[name] = WeightedWelford(p.shape, p.device)
             with gradients_only_on(model, group):
-                for batch_index, input_ids, mask in _indexed_batches(job, "hutchinson"):
+                for batch_index, input_ids, mask in indexed_batches(job, "hutchinson"):
                     n_tokens = int((mask[:, 1:] * mask[:, :-1]).sum())
-                    logits = model(input_ids=input_ids, attention_mask=mask).logits
-                    loss = masked_nll_sum(logits, input_ids, mask) / n_tokens
+                    loss = loss_sum(model, input_ids, mask) / n_tokens
                     probe_batch(loss, names, tensors, stats, seed=job.seed,
                                 batch_index=batch_index, n_probes=job.hutchinson_samples,
                                 weight=n_tokens / total_tokens / job.hutchinson_samples)

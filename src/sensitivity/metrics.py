@@ -16,41 +16,17 @@ tokens; scoring runs in eval mode (no dropout) with gradients only on the scored
 """
 from __future__ import annotations
 
-import math
-import zlib
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from src.data.loading import TokenBlocks
 from src.errors import UserError
-from src.eval.perplexity import input_device, masked_nll_sum, token_nll
-from src.models.components import component_of, layer_index
-
-Scores = dict[str, torch.Tensor]
-
-
-@dataclass
-class ScoringJob:
-    """What a metric needs: the model, the weights to score and the calibration blocks."""
-    model: torch.nn.Module
-    params: dict[str, torch.nn.Parameter]
-    blocks: TokenBlocks
-    batch_size: int = 4
-    seed: int = 0
-    hutchinson_samples: int = 8
-    hutchinson_block: bool = False
-    progress: bool = False
-    data_parallel: object = None  # src.utils.distributed.DataParallel under torchrun, else None
-
-
-@dataclass
-class MetricOutput:
-    scores: Scores
-    extra: dict[str, Scores] = field(default_factory=dict)  # e.g. {"stderr": ...}
+from src.eval.perplexity import token_nll
+from src.sensitivity.hutchinson import hutchinson_diagonal
+from src.sensitivity.scoring import (MetricOutput, Scores, ScoringJob, all_reduce_sum_, batches,
+                                     fold_gradients, generator_for, gradients_only_on, loss_sum,
+                                     zeros_like_fp32)
 
 
 @dataclass(frozen=True)
@@ -73,7 +49,7 @@ def register(name: str, *, uses_data: bool, signed: bool = False, description: s
 
 def compute_scores(job: ScoringJob, metric: str) -> MetricOutput:
     if metric not in METRICS:
-        raise UserError(f"unknown --metric '{metric}'; choose one of {', '.join(METRICS)}")
+        raise UserError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
     if job.data_parallel is not None and METRICS[metric].uses_data:
         job.data_parallel.announce(job, metric)  # rank 0: the other ranks score the same job
     was_training = job.model.training
@@ -84,7 +60,7 @@ def compute_scores(job: ScoringJob, metric: str) -> MetricOutput:
         job.model.train(was_training)
     for name in _non_finite(output.scores):
         raise UserError(f"metric {metric} produced non-finite scores for {name}; the model "
-                        f"may be too unstable in this dtype (try --dtype float32)")
+                        f"may be too unstable in this dtype (try float32)")
     return output
 
 
@@ -100,139 +76,6 @@ def _non_finite(scores: Scores) -> list[str]:
             if not torch.isfinite(total) and not bool(torch.isfinite(score).all())]
 
 
-# ----------------------------------------------------------------------------- eligibility
-
-def parse_layers(spec: str | None) -> set[int] | None:
-    """'0-3,10' -> {0, 1, 2, 3, 10}; None -> None (all layers)."""
-    if not spec:
-        return None
-    layers: set[int] = set()
-    try:
-        for part in spec.split(","):
-            if "-" in part:
-                low, high = (int(x) for x in part.split("-"))
-                if high < low:
-                    raise ValueError
-                layers.update(range(low, high + 1))
-            else:
-                layers.add(int(part))
-    except ValueError:
-        raise UserError(f"bad --layers '{spec}': use indices and ranges like 0-3,10") from None
-    return layers
-
-
-def eligible_parameters(model, include_embeddings: bool = False, layers: set[int] | None = None,
-                        components: set[str] | None = None) -> dict[str, torch.nn.Parameter]:
-    """Scored weights: every matrix (ndim >= 2) except embeddings and output head by default.
-
-    Tied weights (GPT-2 ``wte`` = ``lm_head``) appear once, under their first name.
-    """
-    selected = {}
-    for name, param in model.named_parameters():  # de-duplicates tied weights
-        if param.ndim < 2:
-            continue
-        component = component_of(name)
-        if component in ("embedding", "pos_embedding", "head") and not include_embeddings:
-            continue
-        if layers is not None and layer_index(name) not in layers:
-            continue
-        if components is not None and component not in components:
-            continue
-        selected[name] = param
-    if not selected:
-        raise UserError("no weights are eligible for scoring with these --layers/--include-"
-                        "embeddings/--target-components settings")
-    return selected
-
-
-def tied_parameter_names(model) -> dict[str, str]:
-    """alias name -> kept name, for parameters shared between modules (e.g. lm_head = wte)."""
-    kept_by_id, aliases = {}, {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in kept_by_id:
-            aliases[name] = kept_by_id[id(param)]
-        else:
-            kept_by_id[id(param)] = name
-    return aliases
-
-
-# ----------------------------------------------------------------------------- shared machinery
-
-@contextmanager
-def gradients_only_on(model, params: dict[str, torch.nn.Parameter]):
-    """requires_grad on exactly ``params`` for the duration; restores flags, drops grads."""
-    saved = {name: p.requires_grad for name, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(saved[name])
-            p.grad = None
-
-
-@contextmanager
-def fold_gradients(params: dict[str, torch.nn.Parameter], fold: Callable):
-    """Call ``fold(name, grad)`` as soon as each gradient is ready, then free it.
-
-    Scores accumulate on the weight's device in float32 without a host sync, and no gradient
-    outlives its backward pass.
-    """
-    handles = []
-    for name, param in params.items():
-        def hook(p, name=name):
-            fold(name, p.grad)
-            p.grad = None
-        handles.append(param.register_post_accumulate_grad_hook(hook))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _zeros_like_fp32(params) -> Scores:
-    return {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            for name, p in params.items()}
-
-
-def _batches(job: ScoringJob, desc: str):
-    """(input_ids, attention_mask) of this process's calibration batches, on the input device."""
-    for _, input_ids, attention_mask in _indexed_batches(job, desc):
-        yield input_ids, attention_mask
-
-
-def _indexed_batches(job: ScoringJob, desc: str):
-    """(global batch index, input_ids, attention_mask): every batch in one process; under
-    torchrun only this rank's batches, with the indices they have in the single-process run."""
-    n_batches = math.ceil(len(job.blocks) / job.batch_size)
-    mine = range(n_batches) if job.data_parallel is None else \
-        job.data_parallel.my_batches(n_batches)
-    blocks = job.blocks
-    if len(mine) < n_batches:
-        rows = [r for b in mine for r in range(b * job.batch_size,
-                                               min((b + 1) * job.batch_size, len(blocks)))]
-        blocks = blocks.subset(rows)
-    batches = zip(mine, blocks.batches(job.batch_size, input_device(job.model)))
-    for index, (input_ids, attention_mask) in tqdm(batches, total=len(mine), desc=desc,
-                                                   disable=not job.progress, leave=False):
-        yield index, input_ids, attention_mask
-
-
-def all_reduce_sum_(job: ScoringJob, tensors) -> None:
-    """Under torchrun: sum each accumulator over ranks, in place (no-op in one process)."""
-    if job.data_parallel is not None:
-        job.data_parallel.all_reduce_sum_(list(tensors))
-
-
-def _loss_sum(model, input_ids, attention_mask) -> torch.Tensor:
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return masked_nll_sum(logits, input_ids, attention_mask)
-
-
 # ----------------------------------------------------------------------------- metrics
 
 @register("magnitude", uses_data=False, description="|w|")
@@ -244,22 +87,22 @@ def magnitude(job: ScoringJob) -> MetricOutput:
 def random_scores(job: ScoringJob) -> MetricOutput:
     scores = {}
     for name, p in job.params.items():
-        generator = torch.Generator(device=p.device).manual_seed(_stable_seed(job.seed, name))
+        generator = generator_for(p.device, job.seed, name)
         scores[name] = torch.rand(p.shape, generator=generator, device=p.device)
     return MetricOutput(scores)
 
 
 @register("grad_x_weight", uses_data=True, description="|mean gradient x weight|")
 def grad_x_weight(job: ScoringJob) -> MetricOutput:
-    mean_grad = _zeros_like_fp32(job.params)
+    mean_grad = zeros_like_fp32(job.params)
     total_tokens = job.blocks.n_predicted_tokens()
 
     def fold(name, grad):
         mean_grad[name].add_(grad)
 
     with gradients_only_on(job.model, job.params), fold_gradients(job.params, fold):
-        for input_ids, attention_mask in _batches(job, "grad_x_weight"):
-            (_loss_sum(job.model, input_ids, attention_mask) / total_tokens).backward()
+        for input_ids, attention_mask in batches(job, "grad_x_weight"):
+            (loss_sum(job.model, input_ids, attention_mask) / total_tokens).backward()
     all_reduce_sum_(job, mean_grad.values())
     # in place: the float32 mean gradient becomes the score (no second full-size buffer)
     return MetricOutput({n: mean_grad[n].mul_(p.detach()).abs_() for n, p in job.params.items()})
@@ -274,7 +117,7 @@ def grad_squared(job: ScoringJob) -> MetricOutput:
     saved input x and output gradient δ (a batched matmul, the work autograd would do for the
     summed gradient), and their squares are summed in float32 right away. Otherwise one backward
     per sequence."""
-    fisher = _zeros_like_fp32(job.params)
+    fisher = zeros_like_fp32(job.params)
     owners = _single_use_linear_owners(job.model, job.params)
     done = False
     if owners is not None:
@@ -311,7 +154,7 @@ def _per_sequence_squared_grads(job: ScoringJob, fisher: Scores) -> None:
         fisher[name].addcmul_(grad, grad)
 
     with gradients_only_on(job.model, job.params), fold_gradients(job.params, fold):
-        for input_ids, attention_mask in _batches(job, "grad_squared"):
+        for input_ids, attention_mask in batches(job, "grad_squared"):
             for row in range(input_ids.shape[0]):  # one backward per sequence
                 _sequence_mean_loss_sum(job.model, input_ids[row:row + 1],
                                         attention_mask[row:row + 1]).backward()
@@ -320,21 +163,30 @@ def _per_sequence_squared_grads(job: ScoringJob, fisher: Scores) -> None:
 def _single_use_linear_owners(model, params) -> dict | None:
     """name -> (module, kind) when each scored weight is the weight of exactly one Linear or
     Conv1D layer (no tied or foreign uses), else None."""
-    owners, counts = {}, {}
+    owners = _owner_layers(model, params)
+    if set(owners) != set(params) or any(len(found) != 1 or found[0][1] not in ("linear", "conv1d")
+                                         for found in owners.values()):
+        return None
+    return {name: found[0] for name, found in owners.items()}
+
+
+def _owner_layers(model, params) -> dict[str, list[tuple[torch.nn.Module, str | None]]]:
+    """name -> every (layer, kind) holding that scored weight as its ``weight``, in model order;
+    kind is linear, conv1d, embedding, or None for a layer type no metric knows."""
     wanted = {id(p): name for name, p in params.items()}
+    owners: dict[str, list] = {}
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if weight is None or id(weight) not in wanted:
             continue
-        name = wanted[id(weight)]
-        counts[name] = counts.get(name, 0) + 1
-        kind = "conv1d" if type(module).__name__ == "Conv1D" else \
-            "linear" if isinstance(module, torch.nn.Linear) else None
-        owners[name] = (module, kind)
-    if set(owners) != set(params) or any(c != 1 for c in counts.values()) or \
-            any(kind is None for _, kind in owners.values()):
-        return None
+        kind = LAYER_KINDS.get(type(module).__name__)
+        if kind is None and isinstance(module, torch.nn.Linear):
+            kind = "linear"
+        owners.setdefault(wanted[id(weight)], []).append((module, kind))
     return owners
+
+
+LAYER_KINDS = {"Linear": "linear", "Conv1D": "conv1d", "Embedding": "embedding"}
 
 
 def _per_sample_squared_grads(job: ScoringJob, owners: dict, fisher: Scores) -> None:
@@ -372,7 +224,7 @@ def _per_sample_squared_grads(job: ScoringJob, owners: dict, fisher: Scores) -> 
         handles.append(module.register_forward_hook(after))
     try:
         with gradients_only_on(job.model, {}):
-            for input_ids, attention_mask in _batches(job, "grad_squared"):
+            for input_ids, attention_mask in batches(job, "grad_squared"):
                 pending.clear()
                 batch_rows["n"] = input_ids.shape[0]
                 _sequence_mean_loss_sum(job.model, input_ids, attention_mask).backward()
@@ -416,7 +268,7 @@ def act_mag(job: ScoringJob) -> MetricOutput:
     padded = not bool(job.blocks.attention_mask.all())  # checked once, on the host
     try:
         with torch.inference_mode():
-            for input_ids, attention_mask in _batches(job, "act_mag"):
+            for input_ids, attention_mask in batches(job, "act_mag"):
                 current_mask.clear()
                 current_mask["mask"] = attention_mask if padded else None
                 job.model(input_ids=input_ids, attention_mask=attention_mask)
@@ -434,20 +286,14 @@ def act_mag(job: ScoringJob) -> MetricOutput:
 
 
 def _owner_modules(model, params) -> dict[str, tuple[torch.nn.Module, str]]:
-    wanted = {id(p): name for name, p in params.items()}
+    """name -> the first layer holding the weight, whose input act_mag measures."""
     owners = {}
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if weight is None or id(weight) not in wanted or wanted[id(weight)] in owners:
-            continue
-        kind = {"Linear": "linear", "Conv1D": "conv1d", "Embedding": "embedding"}.get(
-            type(module).__name__)
-        if kind is None and isinstance(module, torch.nn.Linear):
-            kind = "linear"
+    for name, found in _owner_layers(model, params).items():
+        module, kind = found[0]
         if kind is None:
-            raise UserError(f"act_mag does not support {type(module).__name__} weights "
-                            f"({wanted[id(weight)]}); use another --metric")
-        owners[wanted[id(weight)]] = (module, kind)
+            raise UserError(f"act_mag does not support {type(module).__name__} weights ({name}); "
+                            f"choose another metric")
+        owners[name] = (module, kind)
     missing = set(params) - set(owners)
     if missing:
         raise UserError(f"act_mag: no layer owns {sorted(missing)[0]} as its weight")
@@ -491,12 +337,5 @@ def _column_sumsq(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 @register("hutchinson_diag", uses_data=True, signed=True,
           description="Hutchinson estimate of the Hessian diagonal (signed)")
 def hutchinson_diag(job: ScoringJob) -> MetricOutput:
-    from src.sensitivity.hutchinson import hutchinson_diagonal
     mean, stderr = hutchinson_diagonal(job)
     return MetricOutput(mean, {"stderr": stderr})
-
-
-def _stable_seed(seed: int, *parts) -> int:
-    """A seed that depends only on (seed, parts), stable across processes and runs."""
-    text = "|".join(str(p) for p in (seed, *parts))
-    return zlib.crc32(text.encode()) + (seed % 1000) * (1 << 32)

@@ -25,6 +25,7 @@ import torch
 
 from src.errors import UserError
 from src.sensitivity.rank import Selection
+from src.sensitivity.scoring import generator_for
 
 # dtype -> (integer view, sign bit, exponent MSB, mantissa MSB)
 FLOAT_LAYOUT = {
@@ -109,10 +110,10 @@ def resolve_bit(bit, dtype) -> int:
     try:
         number = int(bit)
     except (TypeError, ValueError):
-        raise UserError(f"bad --bit-position '{bit}': use a number or one of "
+        raise UserError(f"bit position '{bit}' is neither a number nor one of "
                         f"{', '.join(BIT_NAMES)}") from None
     if not 0 <= number <= sign:
-        raise UserError(f"--bit-position {number} is outside 0..{sign} for {dtype}")
+        raise UserError(f"bit position {number} is outside 0..{sign} for {dtype}")
     return number
 
 
@@ -123,18 +124,19 @@ def perturbation_is_stochastic(method: str, options: PerturbOptions) -> bool:
 @contextmanager
 def perturbed(params: dict[str, torch.nn.Parameter], selection: Selection, method: str,
               options: PerturbOptions = PerturbOptions(), seed: int = 0):
-    """Apply ``method`` to the selected weights; restore their exact bits on exit."""
+    """Apply ``method`` to the selected weights; restore their exact bits on exit. Random draws
+    (noise, which bits flip) come from a stream per (seed, parameter name)."""
     if method not in PERTURBATIONS:
         raise UserError(f"unknown perturbation '{method}'; choose one of {', '.join(PERTURBATIONS)}")
     fn = PERTURBATIONS[method].fn
     saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         with torch.no_grad():
-            for position, (name, idx) in enumerate(selection.items()):
+            for name, idx in selection.items():
                 flat = params[name].data.view(-1)
                 idx = idx.to(flat.device)
                 saved[name] = (idx, flat[idx].clone())
-                generator = torch.Generator(device=flat.device).manual_seed(seed * 1009 + position)
+                generator = generator_for(flat.device, seed, name)
                 flat[idx] = fn(saved[name][1].clone(), generator, options)
         yield
     finally:

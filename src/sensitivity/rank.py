@@ -5,7 +5,7 @@ in rank order. Ranking is by |score| (signed metrics such as hutchinson_diag kee
 the outputs). Ties are broken deterministically: earlier parameter (in model order), then lower
 flat index.
 
-Modes: ``per_layer`` takes K per weight tensor; ``global`` takes the exact top-K over all scored
+Modes: ``per_tensor`` takes K per weight tensor; ``global`` takes the exact top-K over all scored
 weights as a merge of per-tensor top-K candidates, so memory stays O(tensors x K).
 """
 from __future__ import annotations
@@ -17,25 +17,25 @@ from src.errors import UserError
 from src.models.components import ParamMeta, to_out_in
 
 Selection = dict[str, torch.Tensor]
-MODES = ("per_layer", "global")
+MODES = ("per_tensor", "global")
+
+
+def max_k(sizes: dict[str, int], mode: str) -> int:
+    """Largest K a mode allows: the smallest tensor (per_tensor) or all weights (global)."""
+    return min(sizes.values()) if mode == "per_tensor" else sum(sizes.values())
 
 
 def check_k(scores_or_sizes: dict, k: int, mode: str) -> None:
     sizes = {n: (v.numel() if isinstance(v, torch.Tensor) else int(v))
              for n, v in scores_or_sizes.items()}
     if mode not in MODES:
-        raise UserError(f"bad --mode '{mode}': use per_layer or global")
+        raise UserError(f"bad ranking mode '{mode}': use {' or '.join(MODES)}")
     if k < 1:
-        raise UserError(f"--topk must be at least 1 (got {k})")
-    limit = min(sizes.values()) if mode == "per_layer" else sum(sizes.values())
+        raise UserError(f"K must be at least 1 (got {k})")
+    limit = max_k(sizes, mode)
     if k > limit:
-        where = "the smallest scored tensor" if mode == "per_layer" else "all scored weights"
-        raise UserError(f"--topk {k} is larger than {where} ({limit} weights) in {mode} mode")
-
-
-def _tensor_top(key: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat indices of the k largest entries of ``key``, ties -> lower index, sorted by rank."""
-    return _exact_tensor_top(key.reshape(-1), k)[0]
+        where = "the smallest scored tensor" if mode == "per_tensor" else "all scored weights"
+        raise UserError(f"K={k} is larger than {where} ({limit} weights) in {mode} mode")
 
 
 def _exact_tensor_top(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +89,7 @@ def _in_rank_order(index: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 def _select(scores: dict[str, torch.Tensor], k: int, mode: str, largest: bool) -> Selection:
     check_k(scores, k, mode)
     candidates = _candidates(scores, k, largest)
-    if mode == "per_layer":
+    if mode == "per_tensor":
         return {name: _in_rank_order(index, keys) for name, (index, keys) in candidates.items()}
     return _merge_global(scores, candidates, k)
 
@@ -127,7 +127,7 @@ def random_k(sizes: dict[str, int], k: int, mode: str, seed: int) -> Selection:
     """
     check_k(sizes, k, mode)
     generator = torch.Generator().manual_seed(seed)
-    if mode == "per_layer":
+    if mode == "per_tensor":
         return {name: _sample_without_replacement(n, k, generator) for name, n in sizes.items()}
     names = list(sizes)
     offsets = torch.tensor([0] + [sizes[n] for n in names]).cumsum(0)
@@ -157,7 +157,7 @@ def selection_table(selection: Selection, scores, params, metas: dict[str, Param
                     mode: str) -> pd.DataFrame:
     """One row per selected weight: rank, parameter, layer, component, row, col, flat_index,
     score (signed), value. row/col use the [out, in] convention; rank is global in global mode
-    and within the tensor in per_layer mode."""
+    and within the tensor in per_tensor mode."""
     frames = []
     order_of = {name: i for i, name in enumerate(scores)}
     for name, idx in selection.items():

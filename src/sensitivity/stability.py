@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -17,9 +18,36 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from src.errors import UserError
-from src.sensitivity.metrics import ScoringJob, compute_scores
+from src.sensitivity.metrics import compute_scores
 from src.sensitivity.rank import Selection, top_k
+from src.sensitivity.scoring import ScoringJob
+
+
+def seed_subset(n_blocks: int, fraction: float, seed: int) -> torch.Tensor:
+    """A seeded random subset of round(fraction * n_blocks) block indices (at least one), sorted:
+    how stability and temporal analysis draw calibration samples."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(n_blocks, generator=generator)[:subset_size(n_blocks, fraction)]
+    return chosen.sort().values
+
+
+def subset_size(n_blocks: int, fraction: float) -> int:
+    return max(1, round(fraction * n_blocks))
+
+
+def disjoint_parts(n_blocks: int, n_parts: int) -> list[list[int]]:
+    """Block indices cut into ``n_parts`` contiguous parts of near-equal size (at most one part
+    per block)."""
+    return [part.tolist() for part in np.array_split(np.arange(n_blocks),
+                                                     max(1, min(n_parts, n_blocks)))]
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Spearman rho (average ranks for ties); None when undefined (constant input, n < 2)."""
+    if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+        return None
+    rho = float(spearmanr(x, y).statistic)
+    return rho if math.isfinite(rho) else None
 
 
 def jaccard(a: Selection, b: Selection) -> float:
@@ -45,9 +73,10 @@ def gather(scores: dict[str, torch.Tensor], positions: dict[str, torch.Tensor]) 
 
 
 def pairwise(values: list, measure) -> dict:
-    pairs = [{"a": i, "b": j, "value": float(measure(values[i], values[j]))}
+    """``measure`` of every pair; mean and std over the pairs where it is defined."""
+    pairs = [{"a": i, "b": j, "value": measure(values[i], values[j])}
              for i, j in itertools.combinations(range(len(values)), 2)]
-    numbers = [p["value"] for p in pairs if math.isfinite(p["value"])]
+    numbers = [p["value"] for p in pairs if p["value"] is not None]
     return {"mean": float(np.mean(numbers)) if numbers else None,
             "std": float(np.std(numbers)) if numbers else None, "pairs": pairs}
 
@@ -56,12 +85,8 @@ def compare_rankings(score_sets: list, selections: list[Selection], labels: list
     """``score_sets``: Scores, or callables that recompute them (sets too large to keep)."""
     union = union_positions(selections)
     vectors = [gather(scores() if callable(scores) else scores, union) for scores in score_sets]
-
-    def rho(x, y):
-        return spearmanr(x, y).statistic if len(x) > 1 else math.nan
-
     jac = pairwise(selections, jaccard)
-    spear = pairwise(vectors, rho)
+    spear = pairwise(vectors, spearman)
     for pair_list in (jac["pairs"], spear["pairs"]):
         for pair in pair_list:
             pair["a"], pair["b"] = labels[pair["a"]], labels[pair["b"]]
@@ -73,7 +98,7 @@ def _score_subset(job: ScoringJob, metric: str, index, seed: int, k: int, mode: 
                   keep: bool = True):
     """(scores offloaded to the CPU, or a callable that rescores when they are too large to keep
     beside the other sets; top-K selection ranked where the scores were computed)."""
-    sub_job = ScoringJob(**{**job.__dict__, "blocks": job.blocks.subset(index), "seed": seed})
+    sub_job = dataclasses.replace(job, blocks=job.blocks.subset(index), seed=seed)
     scores = compute_scores(sub_job, metric).scores
     selection = top_k(scores, k, mode)
     if not keep:
@@ -119,32 +144,27 @@ def room_for_rescoring(scores: dict):
 
 def stability_check(job: ScoringJob, metric: str, k: int, mode: str, seeds: list[int],
                     fraction: float, n_batches: int) -> dict:
+    """Jaccard and Spearman across seed subsets and across disjoint calibration parts;
+    ``n_batches`` must be between 2 and the number of calibration blocks."""
     n_blocks = len(job.blocks)
-    if not 0.0 < fraction <= 1.0:
-        raise UserError(f"--stability-fraction must be in (0, 1], got {fraction}")
-    if n_batches < 2 or n_batches > n_blocks:
-        raise UserError(f"--stability-batches must be between 2 and the number of calibration "
-                        f"blocks ({n_blocks}); got {n_batches}")
-    subset_size = max(1, round(fraction * n_blocks))
     keep = _sets_fit_in_memory(job.params, len(seeds) + n_batches)
     seed_scores, seed_selections = [], []
     for seed in seeds:
-        generator = torch.Generator().manual_seed(seed)
-        index = torch.randperm(n_blocks, generator=generator)[:subset_size].sort().values
+        index = seed_subset(n_blocks, fraction, seed)
         scores, selection = _score_subset(job, metric, index, seed, k, mode, keep)
         seed_scores.append(scores)
         seed_selections.append(selection)
+    parts = disjoint_parts(n_blocks, n_batches)
     batch_scores, batch_selections = [], []
-    for part in np.array_split(np.arange(n_blocks), n_batches):
-        scores, selection = _score_subset(job, metric, part.tolist(), job.seed, k, mode, keep)
+    for part in parts:
+        scores, selection = _score_subset(job, metric, part, job.seed, k, mode, keep)
         batch_scores.append(scores)
         batch_selections.append(selection)
     return {
         "metric": metric, "k": k, "mode": mode,
-        "across_seeds": {"fraction": fraction, "blocks_per_seed": subset_size,
+        "across_seeds": {"fraction": fraction, "blocks_per_seed": subset_size(n_blocks, fraction),
                          **compare_rankings(seed_scores, seed_selections, list(seeds))},
-        "across_batches": {"n_batches": n_batches,
-                           "blocks_per_batch": [len(p) for p in np.array_split(np.arange(n_blocks), n_batches)],
+        "across_batches": {"n_batches": n_batches, "blocks_per_batch": [len(p) for p in parts],
                            **compare_rankings(batch_scores, batch_selections,
                                               [f"batch{i}" for i in range(n_batches)])},
     }

@@ -53,9 +53,28 @@ def write_json(path, data) -> Path:
     return _atomic(path, lambda stream: stream.write(text.encode()))
 
 
+NON_FINITE_TEXT = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def decode_non_finite(value):
+    """JSON as written by ``write_json`` back to Python: the strings "inf", "-inf" and "nan"
+    become floats again (no other string is touched)."""
+    if isinstance(value, dict):
+        return {k: decode_non_finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_non_finite(v) for v in value]
+    if isinstance(value, str) and value in NON_FINITE_TEXT:
+        return NON_FINITE_TEXT[value]
+    return value
+
+
 def read_json(path):
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        return decode_non_finite(json.load(handle))
+
+
+def write_text(path, text: str) -> Path:
+    return _atomic(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
 def write_csv(path, frame) -> Path:
@@ -68,10 +87,6 @@ def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> Path
     payload = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                    metadata={k: str(v) for k, v in (metadata or {}).items()})
     return _atomic(path, lambda stream: stream.write(payload))
-
-
-def is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def update_json(path, key: str, value) -> Path:

@@ -112,30 +112,38 @@ def output_files(out_dir: Path) -> list[dict]:
     return files
 
 
+def environment() -> dict:
+    """What the run ran on and with: read once, when the run starts."""
+    return {"command": sys.argv,
+            "environment": {"python": sys.version, "executable": sys.executable,
+                            "platform": platform.platform(), "hostname": socket.gethostname(),
+                            "cwd": os.getcwd(), "variables": redacted_environment()},
+            "git": git_state(), "versions": library_versions()}
+
+
 def build_manifest(*, config: dict, model_info: dict | None, data_info: dict | None,
                    seeds, timer: StepTimer, out_dir: Path, success: bool,
-                   error: str | None = None, started_at: str) -> dict:
+                   error: str | None = None, started_at: str, environment: dict) -> dict:
+    files = [f for f in output_files(out_dir) if f["path"] != "experiment_manifest.json"]
     return {
         "tool": "critical-weight-analysis",
         "started_at": started_at,
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": utc_now(),
         "success": success,
         "error": error,
-        "command": sys.argv,
+        "command": environment["command"],
         "config": config,
         "model": model_info,
         "data": data_info,
         "seeds": list(seeds),
         "timings_seconds": timer.seconds,
-        "environment": {"python": sys.version, "executable": sys.executable,
-                        "platform": platform.platform(), "hostname": socket.gethostname(),
-                        "cwd": os.getcwd(), "variables": redacted_environment()},
-        "git": git_state(),
-        "versions": library_versions(),
+        "environment": environment["environment"],
+        "git": environment["git"],
+        "versions": environment["versions"],
         "hardware": hardware(),
-        "output_files": output_files(out_dir) + [{"path": "experiment_manifest.json"}],
+        "output_files": files + [{"path": "experiment_manifest.json"}],
     }
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

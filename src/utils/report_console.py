@@ -1,19 +1,9 @@
 """Short printed summaries of a run (the files in --out-dir hold the full numbers)."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-
-def _fmt(value, digits=3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if math.isinf(value) or math.isnan(value):
-            return str(value)
-        return f"{value:.{digits}f}" if abs(value) < 1e5 else f"{value:.3e}"
-    return str(value)
+from src.utils.format import fixed
 
 
 def baseline(model_info: dict, data, result) -> None:
@@ -21,9 +11,10 @@ def baseline(model_info: dict, data, result) -> None:
           f"{model_info['n_parameters'] / 1e6:.1f}M parameters, {model_info['dtype']} on "
           f"{model_info['device']})")
     print(f"[cwa] data {data.source}: {len(data.calibration)} calibration / "
-          f"{len(data.evaluation)} evaluation blocks of {data.evaluation.input_ids.shape[1]} tokens")
-    print(f"[cwa] baseline perplexity {_fmt(result.perplexity)}  nll {_fmt(result.nll, 4)}  "
-          f"token accuracy {_fmt(result.token_accuracy, 4)}  ({result.n_tokens} tokens)")
+          f"{len(data.evaluation)} evaluation blocks of {data.evaluation.input_ids.shape[1]} "
+          f"tokens")
+    print(f"[cwa] baseline perplexity {fixed(result.perplexity)}  nll {fixed(result.nll, 4)}  "
+          f"token accuracy {fixed(result.token_accuracy, 4)}  ({result.n_tokens} tokens)")
 
 
 def top_weights(table, metric: str, extra: dict, n: int = 10) -> None:
@@ -35,24 +26,25 @@ def top_weights(table, metric: str, extra: dict, n: int = 10) -> None:
     if "stderr" in extra and "score_stderr" in table:
         relative = (table["score_stderr"].abs() / table["score"].abs()).replace(np.inf, np.nan)
         print(f"[cwa] median relative standard error of the top-K scores: "
-              f"{_fmt(float(np.nanmedian(relative)))}")
+              f"{fixed(float(np.nanmedian(relative)))}")
 
 
 def perturbation(results: dict) -> None:
     base = results["baseline"]["perplexity"]
     print(f"[cwa] perturbation {results['method']} of K={results['k']} ({results['mode']}); "
-          f"baseline perplexity {_fmt(base)}")
+          f"baseline perplexity {fixed(base)}")
     print(f"  {'selection':<10} {'seed':>5} {'n':>7} {'perplexity':>12} {'x baseline':>11} "
           f"{'Δppl 95% CI':>24} {'restored':>9}")
     for row in results["conditions"]:
         low, high = row["delta_perplexity_ci95"]
-        print(f"  {row['selection']:<10} {_fmt(row['seed']):>5} {row['n_weights']:>7} "
-              f"{_fmt(row['perplexity']):>12} {_fmt(row['ppl_ratio']):>11} "
-              f"{'[' + _fmt(low, 2) + ', ' + _fmt(high, 2) + ']':>24} {str(row['restore_verified']):>9}")
+        interval = f"[{fixed(low, 2)}, {fixed(high, 2)}]"
+        print(f"  {row['selection']:<10} {fixed(row['seed']):>5} {row['n_weights']:>7} "
+              f"{fixed(row['perplexity']):>12} {fixed(row['ppl_ratio']):>11} "
+              f"{interval:>24} {str(row['restore_verified']):>9}")
     versus = results["summary"].get("top_vs_random")
     if versus:
-        print(f"[cwa] top-K vs random-K: effect ratio {_fmt(versus['effect_ratio'])}, z "
-              f"{_fmt(versus['z_score'], 2)}, empirical p {_fmt(versus['empirical_p_value'], 3)} "
+        print(f"[cwa] top-K vs random-K: effect ratio {fixed(versus['effect_ratio'])}, z "
+              f"{fixed(versus['z_score'], 2)}, empirical p {fixed(versus['empirical_p_value'], 3)} "
               f"({versus['n_random_draws']} random draws)")
     print(f"[cwa] all weights restored bit-exactly: {results['restore_verified']}")
 
@@ -61,5 +53,5 @@ def stability(results: dict) -> None:
     for family in ("across_seeds", "across_batches"):
         part = results[family]
         print(f"[cwa] stability {family.replace('_', ' ')}: Jaccard mean "
-              f"{_fmt(part['jaccard']['mean'])} ± {_fmt(part['jaccard']['std'])}, Spearman mean "
-              f"{_fmt(part['spearman']['mean'])}")
+              f"{fixed(part['jaccard']['mean'])} ± {fixed(part['jaccard']['std'])}, Spearman mean "
+              f"{fixed(part['spearman']['mean'])}")

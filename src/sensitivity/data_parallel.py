@@ -25,7 +25,10 @@ from datetime import timedelta
 
 import torch
 
+from src.data.loading import TokenBlocks
 from src.errors import UserError
+from src.sensitivity.metrics import compute_scores
+from src.sensitivity.scoring import ScoringJob
 
 _STOP = "stop"
 _current: "DataParallel | None" = None
@@ -66,7 +69,7 @@ class DataParallel:
             _broadcast(_request(job, metric))
 
 
-def from_environment(device: str, device_map: str | None = None) -> DataParallel | None:
+def from_environment(device: str) -> DataParallel | None:
     """The process group of this torchrun rank (joined on first call), or None when not
     launched by torchrun with more than one process."""
     global _current
@@ -75,9 +78,6 @@ def from_environment(device: str, device_map: str | None = None) -> DataParallel
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 or "RANK" not in os.environ:
         return None
-    if device_map:
-        raise UserError("--device-map cannot be combined with torchrun data parallelism: use one "
-                        "or the other")
     import torch.distributed as dist
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -131,9 +131,6 @@ def main_first():
 
 def serve_scoring(model) -> dict:
     """Ranks > 0: score every job rank 0 announces, until it says stop. Writes nothing."""
-    from src.data.loading import TokenBlocks
-    from src.sensitivity.metrics import ScoringJob, compute_scores
-
     group = _current
     named = dict(model.named_parameters())
     n_jobs = 0

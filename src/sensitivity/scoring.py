@@ -1,0 +1,129 @@
+"""What every metric shares: the scoring job, gradient hooks, batch iteration and seeds.
+
+The loss L is the mean next-token NLL (nats) over all valid calibration tokens (src/eval). A
+metric differentiates per batch the batch's NLL sum divided by the token count of *all*
+calibration blocks, so the accumulated gradient is exactly ∂L/∂w whatever the batch sizes.
+Scores accumulate on the weight's device in float32; nothing is synchronised per batch.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from src.data.loading import TokenBlocks
+from src.eval.perplexity import masked_nll_sum
+from src.models.properties import input_device
+
+Scores = dict[str, torch.Tensor]
+
+
+@dataclass
+class ScoringJob:
+    """What a metric needs: the model, the weights to score and the calibration blocks."""
+    model: torch.nn.Module
+    params: dict[str, torch.nn.Parameter]
+    blocks: TokenBlocks
+    batch_size: int = 4
+    seed: int = 0
+    hutchinson_samples: int = 8
+    hutchinson_block: bool = False
+    progress: bool = False
+    data_parallel: object = None  # src.sensitivity.data_parallel.DataParallel under torchrun
+
+
+@dataclass
+class MetricOutput:
+    scores: Scores
+    extra: dict[str, Scores] = field(default_factory=dict)  # e.g. {"stderr": ...}
+
+
+def stable_seed(seed: int, *parts) -> int:
+    """A seed that depends only on (seed, parts), the same in every process and run: the one
+    way this project derives a stream from the user's seed (probes, random scores, random
+    control draws, stochastic perturbations)."""
+    text = "|".join(str(p) for p in (seed, *parts))
+    return zlib.crc32(text.encode()) + (seed % 1000) * (1 << 32)
+
+
+def generator_for(device, seed: int, *parts) -> torch.Generator:
+    """A torch generator on ``device`` seeded with ``stable_seed(seed, *parts)``."""
+    return torch.Generator(device=device).manual_seed(stable_seed(seed, *parts))
+
+
+@contextmanager
+def gradients_only_on(model, params: dict[str, torch.nn.Parameter]):
+    """requires_grad on exactly ``params`` for the duration; restores flags, drops grads."""
+    saved = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved[name])
+            p.grad = None
+
+
+@contextmanager
+def fold_gradients(params: dict[str, torch.nn.Parameter], fold: Callable):
+    """Call ``fold(name, grad)`` as soon as each gradient is ready, then free it: no gradient
+    outlives its backward pass."""
+    handles = []
+    for name, param in params.items():
+        def hook(p, name=name):
+            fold(name, p.grad)
+            p.grad = None
+        handles.append(param.register_post_accumulate_grad_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def zeros_like_fp32(params) -> Scores:
+    return {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            for name, p in params.items()}
+
+
+def batches(job: ScoringJob, desc: str):
+    """(input_ids, attention_mask) of this process's calibration batches, on the input device."""
+    for _, input_ids, attention_mask in indexed_batches(job, desc):
+        yield input_ids, attention_mask
+
+
+def indexed_batches(job: ScoringJob, desc: str):
+    """(global batch index, input_ids, attention_mask): every batch in one process; under
+    torchrun only this rank's batches, with the indices they have in the single-process run."""
+    n_batches = math.ceil(len(job.blocks) / job.batch_size)
+    mine = range(n_batches) if job.data_parallel is None else \
+        job.data_parallel.my_batches(n_batches)
+    blocks = job.blocks
+    if len(mine) < n_batches:
+        rows = [r for b in mine for r in range(b * job.batch_size,
+                                               min((b + 1) * job.batch_size, len(blocks)))]
+        blocks = blocks.subset(rows)
+    pairs = zip(mine, blocks.batches(job.batch_size, input_device(job.model)))
+    for index, (input_ids, attention_mask) in tqdm(pairs, total=len(mine), desc=desc,
+                                                   disable=not job.progress, leave=False):
+        yield index, input_ids, attention_mask
+
+
+def all_reduce_sum_(job: ScoringJob, tensors) -> None:
+    """Under torchrun: sum each accumulator over ranks, in place (no-op in one process)."""
+    if job.data_parallel is not None:
+        job.data_parallel.all_reduce_sum_(list(tensors))
+
+
+def loss_sum(model, input_ids, attention_mask) -> torch.Tensor:
+    """Next-token NLL summed over the batch's valid positions (nats)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return masked_nll_sum(logits, input_ids, attention_mask)

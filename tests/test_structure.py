@@ -1,0 +1,107 @@
+"""The code's shape: no import cycle among src/ modules, no oversized module, every analysis one
+registry entry with everything the tool needs from it."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+from types import SimpleNamespace
+
+from src.analysis import registry
+from src.options import options_of
+from tests.conftest import ROOT
+
+MAX_LINES = 400
+
+
+def _module_name(path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _src_modules() -> dict[str, object]:
+    return {_module_name(p): p for p in (ROOT / "src").rglob("*.py")}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the src modules it imports (at any level of the file, functions included)."""
+    modules = _src_modules()
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets.add(node.module)
+                targets |= {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycle_among_src_modules():
+    graph = import_graph()
+    assert graph["src.pipeline"] >= {"src.config", "src.analysis.registry"}  # the walk sees edges
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_module_is_oversized():
+    for folder in ("src", "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            n_lines = len(path.read_text(encoding="utf-8").splitlines())
+            assert n_lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {n_lines} lines"
+
+
+def test_every_analysis_is_one_complete_registry_entry():
+    analyses = registry.load()
+    assert list(analyses) == ["targeting", "weight_analysis", "metric_correlation",
+                              "architecture", "temporal_stability", "progressive_perturbation",
+                              "clustered_perturbation", "targeted_perturbation", "super_weights"]
+    flags = set()
+    for key, analysis in analyses.items():
+        assert callable(analysis.run) and callable(analysis.enabled) and callable(analysis.summary)
+        for settings_class in analysis.settings:
+            assert dataclasses.is_dataclass(settings_class) and options_of(settings_class)
+            flags |= {f.name for f, _ in options_of(settings_class)}
+        defaults = SimpleNamespace(**{
+            f.name: f.default for cls in analysis.settings for f in dataclasses.fields(cls)},
+            perturb=None, target_components=(), target_layers=None, layers=None,
+            stability_fraction=0.5, stability_batches=3, max_length=256, max_samples=16)
+        assert analysis.enabled(defaults) is False, f"{key} runs although no flag asked for it"
+    from src.config import RunConfig
+    core = {f.name for f in dataclasses.fields(RunConfig)}
+    assert not flags & core, "an analysis flag shadows a core flag"
+    assert sum(len(a.plots) for a in analyses.values()) == 6
+    assert sum(a.findings is not None for a in analyses.values()) == 8  # targeting: none
