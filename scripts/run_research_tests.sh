@@ -146,7 +146,7 @@ try:
     raise SystemExit(0)
 except OSError:
     pass
-from src.models.loader import hub_reachable
+from src.utils.hub import hub_reachable
 if not hub_reachable():
     print("the Hugging Face hub is unreachable (offline) and it is not in the local cache")
     raise SystemExit(3)

@@ -1,17 +1,19 @@
-"""Command line -> RunConfig -> pipeline.run. Exit codes: 0 ok, 2 bad input, 130 interrupted.
+"""Command line -> RunConfig -> pipeline.run. Exit codes: 0 ok, 2 bad input, 130 Ctrl-C,
+143 SIGTERM, 129 SIGHUP.
 
 The parser is built from the fields of RunConfig and of every analysis' settings (each field is
-its own flag, src/options.py); this module only parses and turns errors into exit codes.
+its own flag, src/options.py); this module only parses and turns errors into exit codes. The
+output folder is checked first, before torch and the model load, so a wrong --out-dir costs
+well under a second.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from src.analysis import registry
-from src.config import GROUP_HELP, RunConfig
 from src.errors import UserError
 from src.options import flag_of, options_of, shown_default
+from src.utils import output, signals
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,17 +22,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from src.analysis import registry
+    from src.config import GROUP_HELP, RunConfig
+
     parser = _Parser(
         prog="phase1_runner_enhanced.py",
         description="Critical Weight Analysis: score every weight of a causal LM, rank the most "
                     "critical ones, perturb them against random-K and bottom-K controls, and "
                     "write tables, statistics and a manifest to --out-dir.")
-    groups: dict[str, argparse._ArgumentGroup] = {}
     help_by_group = dict(GROUP_HELP)
     for settings_class in registry.settings_classes():
-        for _, meta in options_of(settings_class):
-            if getattr(settings_class, "GROUP_HELP", None):
-                help_by_group.setdefault(meta.group, settings_class.GROUP_HELP)
+        if getattr(settings_class, "GROUP_HELP", None):
+            help_by_group[options_of(settings_class)[0][1].group] = settings_class.GROUP_HELP
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for cls in (RunConfig, *registry.settings_classes()):
         for field, meta in options_of(cls):
             if meta.group not in groups:
@@ -52,24 +56,46 @@ def _add(group, field, meta) -> None:
     group.add_argument(flag_of(field), metavar=meta.metavar or field.name.upper(), **kwargs)
 
 
-def config_from_argv(argv: list[str] | None = None) -> RunConfig:
-    """The validated configuration of a command line (UserError when anything is wrong)."""
+def check_output_first(argv: list[str] | None) -> None:
+    """The output folder named on the command line, checked before anything heavy loads."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--out-dir")
+    early.add_argument("--overwrite", action="store_true")
+    known, _ = early.parse_known_args(argv)
+    if known.out_dir:
+        problem = output.folder_problem(known.out_dir, replace=known.overwrite)
+        if problem:
+            raise UserError(problem)
+
+
+def config_from_argv(argv: list[str] | None = None):
+    """The validated RunConfig of a command line (UserError when anything is wrong)."""
+    from src.config import RunConfig
+
     config = RunConfig.from_flags(vars(build_parser().parse_args(argv)))
     config.validate()
     return config
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = config_from_argv(argv)
-        from src.pipeline import run  # torch, transformers: only once the flags are good
+    args = sys.argv[1:] if argv is None else argv
+    with signals.as_exceptions():
+        try:
+            if "-h" not in args and "--help" not in args:
+                check_output_first(args)
+            config = config_from_argv(args)
+            from src.pipeline import run  # torch, transformers: only once the flags are good
 
-        run(config)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: weights were restored; outputs written so far are intact",
-              file=sys.stderr)
-        return 130
+            run(config)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted (SIGINT): weights were restored; outputs written so far are "
+                  "intact", file=sys.stderr)
+            return 130
+        except signals.Interrupted as stop:
+            print(f"{stop}: weights were restored; outputs written so far are intact",
+                  file=sys.stderr)
+            return stop.exit_code
     return 0

@@ -27,6 +27,7 @@ from src.sensitivity.experiment import CONTROL_ALIASES
 from src.sensitivity.metrics import METRICS
 from src.sensitivity.perturb import PERTURBATIONS, resolve_bit
 from src.sensitivity.rank import MODES, max_k
+from src.utils import output
 
 PLOT_FORMATS = ("png", "pdf", "svg")
 MODE_ALIASES = {"per_layer": "per_tensor"}  # the name the first users asked for
@@ -195,8 +196,12 @@ class RunConfig:
             value.lower(), flag),
         used_when=("--save-plots", lambda c: c.save_plots))
     # output
-    out_dir: str = option("", "output folder (default results/<model>_<metric>_k<K>_<time>)",
+    out_dir: str = option("", "output folder (default results/<model>_<metric>_k<K>_<time>); it "
+                          "must not hold another run's files unless --overwrite",
                           group="output", parse=text, show_default=False)
+    overwrite: bool = option(False, "replace the run in --out-dir: its files (what its manifest "
+                             "lists, the output files by name, plots/) are removed once this run "
+                             "starts; other files stay", group="output")
     verbose: bool = option(False, "progress bars and more detail", group="output")
     # each analysis' Settings instance, by settings class (src/analysis/registry.py)
     analyses: dict = field(default_factory=dict, compare=False)
@@ -279,9 +284,10 @@ class RunConfig:
                 yield str(error)
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 yield "--device-map cannot be combined with torchrun data parallelism"
-        out = Path(self.out_dir)
-        if out.exists() and not out.is_dir():
-            yield f"--out-dir '{self.out_dir}' exists and is a file; choose a folder"
+        if int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 alone writes the folder
+            problem = output.folder_problem(self.out_dir, replace=self.overwrite)
+            if problem:
+                yield problem
 
 
     def check_loaded(self, *, context: int | None, sizes: dict[str, int], dtypes,

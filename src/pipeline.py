@@ -7,7 +7,9 @@ analyses (src/analysis/registry.py) -> plots -> manifest.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
+import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch
 from src.analysis import registry
 from src.analysis.context import AnalysisContext, Preflight
 from src.config import RunConfig
-from src.data.loading import DataSplit, prepare_data
+from src.data.loading import DataSplit, load_documents, prepare_data
 from src.errors import UserError
 from src.eval import downstream_step
 from src.eval.perplexity import evaluate
@@ -32,7 +34,7 @@ from src.sensitivity.perturb import PerturbOptions
 from src.sensitivity.rank import selection_table, top_k
 from src.sensitivity.scoring import ScoringJob
 from src.sensitivity.statistics import tensor_statistics
-from src.utils import manifest, report_console
+from src.utils import manifest, output, report_console, signals
 from src.utils.io import update_json, write_csv, write_json, write_safetensors
 
 DEFAULT_METHOD = "zero"  # perturbation of the analyses' experiments when --perturb is not given
@@ -57,43 +59,68 @@ def run(config: RunConfig) -> dict:
         quiet_libraries(config.verbose)
         group = data_parallel.from_environment(config.device)
         environment = manifest.environment()
+    if group is not None and not group.is_main:  # torchrun rank > 0: scores rank 0's jobs
+        model, _, _ = load(config, timer)
+        return data_parallel.serve_scoring(model)
+    with output.claim(config.out_dir, replace=config.overwrite) as out_dir:
+        with timer.step("read_inputs"):  # text and task items first: fails fast when offline
+            documents = load_documents(config.data_file, config.dataset)
+            task_items = downstream_step.load_items(config.downstream_tasks, config.task_data,
+                                                    config.task_samples, config.seeds[0])
+        model, tokenizer, model_info = load(config, timer)
+        with timer.step("prepare_data"):
+            data = prepare_data(tokenizer, documents=documents, max_length=config.max_length,
+                                max_samples=config.max_samples)
+        with timer.step("preflight"):
+            plan = preflight(config, model, tokenizer, model_info, data, task_items)
+        with timer.step("start_output"):
+            foreign = clear_output(config, out_dir)
+            record = functools.partial(
+                manifest.build_manifest, config=config.to_dict(), model_info=model_info,
+                data_info=describe_data(data), seeds=config.seeds, timer=timer, out_dir=out_dir,
+                started_at=started, environment=environment, data_parallel=group,
+                foreign=foreign)
+            write_json(out_dir / "config.json", config.to_dict())
+            write_json(out_dir / output.MANIFEST, record(status="running"))
+        status, error = "failed", None
+        try:
+            results = run_steps(config, plan, out_dir, timer)
+            status = "succeeded"
+            data_parallel.finish()  # torchrun: rank 0 releases the other ranks
+            return results
+        except (KeyboardInterrupt, signals.Interrupted) as stop:
+            status, error = "interrupted", str(stop) or "interrupted by SIGINT (Ctrl-C)"
+            raise
+        except BaseException as failure:
+            error = {"message": f"{type(failure).__name__}: {failure}"}
+            if not isinstance(failure, UserError):
+                error["traceback"] = traceback.format_exc()
+            raise
+        finally:
+            write_json(out_dir / output.MANIFEST, record(status=status, error=error))
+
+
+def load(config: RunConfig, timer):
+    """(model, tokenizer, info) on this process's device; under torchrun rank 0 first."""
     with timer.step("load_model"), data_parallel.main_first():  # rank 0 fills caches first
-        model, tokenizer, model_info = load_model(
-            config.model, dtype=config.dtype, device=data_parallel.device_for(config.device),
-            device_map=config.device_map, cache_dir=config.cache_dir, revision=config.revision,
-            trust_remote_code=config.trust_remote_code)
-    if group is not None and not group.is_main:  # torchrun rank > 0
-        return data_parallel.serve_scoring(model)  # scores rank 0's jobs, writes nothing
-    with timer.step("prepare_data"):
-        data = prepare_data(tokenizer, data_file=config.data_file, dataset=config.dataset,
-                            max_length=config.max_length, max_samples=config.max_samples)
-    with timer.step("preflight"):
-        plan = preflight(config, model, tokenizer, model_info, data)
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "config.json", config.to_dict())
-    state = {"success": False, "error": None}
-    try:
-        results = run_steps(config, plan, out_dir, timer)
-        state["success"] = True
-        data_parallel.finish()  # torchrun: rank 0 releases the other ranks
-        return results
-    except BaseException as error:
-        state["error"] = f"{type(error).__name__}: {error}"
-        if not isinstance(error, (UserError, KeyboardInterrupt)):
-            state["traceback"] = traceback.format_exc()
-        raise
-    finally:
-        model_info["hardware_after_load"] = manifest.hardware()
-        model_info["data_parallel"] = vars(group) if group else None
-        record = manifest.build_manifest(
-            config=config.to_dict(), model_info=model_info, data_info=describe_data(data),
-            seeds=config.seeds, timer=timer, out_dir=out_dir, success=state["success"],
-            error=state["error"], started_at=started, environment=environment)
-        write_json(out_dir / "experiment_manifest.json", record)
+        return load_model(config.model, dtype=config.dtype,
+                          device=data_parallel.device_for(config.device),
+                          device_map=config.device_map, cache_dir=config.cache_dir,
+                          revision=config.revision, trust_remote_code=config.trust_remote_code)
 
 
-def preflight(config: RunConfig, model, tokenizer, model_info: dict, data: DataSplit) -> Plan:
+def clear_output(config: RunConfig, out_dir: Path) -> frozenset[str]:
+    """The run really starts: a replaced run's files go. Returns the files that stay (not this
+    run's: its manifest never lists them)."""
+    if config.overwrite:
+        removed = output.remove_previous_run(out_dir)
+        if removed:
+            print(f"[cwa] --overwrite: removed the previous run's {', '.join(removed)}")
+    return frozenset(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())
+
+
+def preflight(config: RunConfig, model, tokenizer, model_info: dict, data: DataSplit,
+              task_items: dict) -> Plan:
     """Every check that needs the model or the data, and every input an analysis prepares."""
     params = eligible_parameters(model, restriction(
         parse_layers(config.layers), parse_layers(config.target_layers),
@@ -102,8 +129,6 @@ def preflight(config: RunConfig, model, tokenizer, model_info: dict, data: DataS
                         sizes={n: p.numel() for n, p in params.items()},
                         dtypes=[p.dtype for p in params.values()],
                         n_calibration=len(data.calibration))
-    task_items = downstream_step.load_items(config.downstream_tasks, config.task_data,
-                                            config.task_samples, config.seeds[0])
     checked = Preflight(model, tokenizer, params, data)
     analyses = [(analysis, settings, analysis.prepare(settings, checked) if analysis.prepare
                  else None) for analysis, settings in registry.enabled(config)]
@@ -142,9 +167,9 @@ def run_steps(config: RunConfig, plan: Plan, out_dir: Path, timer) -> dict:
                                                         downstream, out_dir)
     if downstream:
         with timer.step("downstream_results"):
-            write_json(out_dir / "downstream_results.json", downstream.results())
+            write_json(out_dir / "downstream_results.json", downstream.results(complete=True))
             downstream.print_summary()
-            results["downstream"] = downstream.results()
+            results["downstream"] = downstream.results(complete=True)
     if config.stability_check:
         with timer.step("stability"):
             results["stability"] = stability_step(config, job, scores, out_dir)
@@ -188,20 +213,37 @@ def write_score_outputs(config: RunConfig, out_dir: Path, model, scored, selecti
 
 def perturbation_step(config: RunConfig, params, selection, scores, options, model, data,
                       baseline, downstream, out_dir: Path) -> dict:
+    """Top-K and control conditions; results (and downstream results) saved after every
+    condition with ``complete: false`` until the last, so an interrupted run keeps them."""
     conditions = experiment.build_conditions(selection, scores, config.topk, config.mode,
                                              list(config.controls), list(config.seeds),
                                              config.perturb, options)
-    rows, restored = experiment.run_conditions(
-        params, conditions, config.perturb, options,
-        lambda: evaluate(model, data.evaluation, config.batch_size), baseline,
-        on_condition=(lambda c: downstream.on_condition(c, config.perturb)) if downstream
-        else None)
-    perturbation = {"baseline": baseline.summary(), "method": config.perturb,
-                    "k": config.topk, "mode": config.mode, "metric": config.metric,
-                    "options": vars(options), "conditions": rows,
-                    "summary": experiment.summarize(rows, baseline.perplexity),
-                    "restore_verified": restored}
-    write_json(out_dir / "perturbation_results.json", perturbation)
+
+    def save(rows: list[dict], complete: bool) -> dict:
+        perturbation = {"baseline": baseline.summary(), "method": config.perturb,
+                        "k": config.topk, "mode": config.mode, "metric": config.metric,
+                        "options": vars(options), "complete": complete,
+                        "n_conditions": len(conditions), "conditions": rows,
+                        "summary": experiment.summarize(rows, baseline.perplexity),
+                        "restore_verified": all(row["restore_verified"] for row in rows)}
+        write_json(out_dir / "perturbation_results.json", perturbation)
+        if downstream:
+            write_json(out_dir / "downstream_results.json", downstream.results(complete))
+        return perturbation
+
+    finished: list[dict] = []
+    try:
+        experiment.run_conditions(
+            params, conditions, config.perturb, options,
+            lambda: evaluate(model, data.evaluation, config.batch_size), baseline,
+            on_condition=(lambda c: downstream.on_condition(c, config.perturb)) if downstream
+            else None, on_row=lambda rows: save(rows, complete=False), rows=finished)
+    except (KeyboardInterrupt, signals.Interrupted):
+        print(f"[cwa] interrupted: {len(finished)} of {len(conditions)} perturbation conditions "
+              f"finished and are kept in perturbation_results.json (complete: false)",
+              file=sys.stderr)
+        raise
+    perturbation = save(finished, complete=True)
     report_console.perturbation(perturbation)
     return perturbation
 

@@ -72,8 +72,8 @@ def test_full_run_writes_the_output_contract(full_runs):
 def test_manifest_content_and_secret_redaction(full_runs):
     out, _ = full_runs[0]
     manifest = read(out / "experiment_manifest.json")
-    assert manifest["success"] is True
-    assert manifest["environment"]["variables"]["MY_SERVICE_TOKEN"] == "<redacted>"
+    assert manifest["success"] is True and manifest["status"] == "succeeded"
+    assert "MY_SERVICE_TOKEN" not in manifest["environment"]["variables"]  # not allowlisted
     assert manifest["environment"]["variables"]["CWA_PLAIN"] == "visible"
     assert "supersecret-value" not in (out / "experiment_manifest.json").read_text()
     assert manifest["versions"]["torch"] and manifest["versions"]["transformers"]
@@ -101,8 +101,9 @@ def test_manifest_outside_a_git_checkout(tmp_path):
 
 
 def expect_user_error(args, out_dir, match, capsys):
-    """In process (no interpreter start): exit 2 and exactly one line naming the problem."""
-    assert main([*map(str, args), "--out-dir", str(out_dir)]) == 2
+    """In process (no interpreter start): exit 2 and exactly one line naming the problem. With
+    --overwrite: a previous run in ``out_dir`` is only replaced once a good run starts."""
+    assert main([*map(str, args), "--out-dir", str(out_dir), "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]

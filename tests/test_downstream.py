@@ -15,6 +15,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from src.eval import downstream as ds
+from src.errors import UserError
 from src.eval.downstream import TaskDataError
 
 
@@ -322,7 +323,7 @@ def test_hub_unreachable_says_what_to_do(monkeypatch):
         raise ConnectionError("Couldn't reach 'Rowan/hellaswag' on the Hub\n(offline)")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(TaskDataError) as info:
+    with pytest.raises(UserError) as info:
         ds.load_task_items("hellaswag", "hub")
     message = str(info.value)
     assert "\n" not in message and "bundled" in message and "--task-data hellaswag=PATH" in message

@@ -110,17 +110,23 @@ def test_html_is_self_contained(runs, tmp_path):
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def copy_run(source, destination, changes=None):
+    """A copy of a run folder with some files replaced (text) or removed (None)."""
+    shutil.copytree(source, destination)
+    for name, text in (changes or {}).items():
+        if text is None:
+            (destination / name).unlink()
+        else:
+            (destination / name).write_text(text)
+
+
 @pytest.mark.slow
 def test_broken_json_is_reported_and_skipped(runs, tmp_path):
     base, first, _ = runs
-    broken = tmp_path / "inputs" / "broken_run"
-    shutil.copytree(first, broken)
-    (broken / "stability_results.json").write_text('{"k": 5, "across_seeds": ')
-    good = tmp_path / "inputs" / "good_run"
-    shutil.copytree(first, good)
-    unperturbed = tmp_path / "inputs" / "no_perturb"  # as a run without --perturb leaves it
-    shutil.copytree(first, unperturbed)
-    (unperturbed / "perturbation_results.json").unlink()
+    inputs = tmp_path / "inputs"
+    copy_run(first, inputs / "broken_run", {"stability_results.json": '{"k": 5, "across_seeds": '})
+    copy_run(first, inputs / "good_run")
+    copy_run(first, inputs / "no_perturb", {"perturbation_results.json": None})  # no --perturb
     done = run_report("--input-dirs", tmp_path / "inputs", "--output", tmp_path / "r",
                       "--format", "md")
     assert done.returncode == 0, done.stderr
@@ -136,9 +142,7 @@ def test_broken_json_is_reported_and_skipped(runs, tmp_path):
 @pytest.mark.slow
 def test_no_readable_run_exits_2(runs, tmp_path):
     base, _, second = runs
-    broken = tmp_path / "only" / "run"
-    shutil.copytree(second, broken)
-    (broken / "config.json").write_text("{not json")
+    copy_run(second, tmp_path / "only" / "run", {"config.json": "{not json"})
     done = run_report("--input-dirs", tmp_path / "only", "--output", tmp_path / "r")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: no readable finished runs")
@@ -326,8 +330,8 @@ def test_every_suite_command_uses_real_flags(tmp_path):
     assert "SKIP [downstream]" not in done.stdout  # the runner's --help lists --downstream-tasks
     commands = [c.split("\x1f")[1:-1] for c in record.read_text().split("\x1e") if c]
     assert len(commands) == 17
-    for argv in commands:  # the real parser and its validation, in this process
-        config = config_from_argv(argv)
+    for argv in commands:  # the real parser and its validation (the recorder made each folder)
+        config = config_from_argv([*argv, "--overwrite"])
         assert config.out_dir.startswith(str(tmp_path))
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from src.errors import UserError
+from src.utils import hub
 
 CORPUS_PATH = Path(__file__).with_name("corpus.txt")
 
@@ -110,17 +111,13 @@ def _documents_from_file(path: Path) -> list[str]:
 
 def _documents_from_dataset(dataset: str) -> list[str]:
     """``NAME[:CONFIG[:SPLIT]]`` through the datasets library; the 'text' column."""
-    import datasets
-
     name, config, split = (dataset.split(":") + [None, None])[:3]
-    try:
-        table = datasets.load_dataset(name, config or None, split=split or "train")
-    except (ConnectionError, OSError, FileNotFoundError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"--dataset {dataset} could not be loaded (offline, or wrong name/config/"
-                        f"split: {first_line[:160]}); use --data-file PATH or the bundled corpus") from None
+    table = hub.load_dataset(name, config or None, split or "train", f"dataset '{dataset}'",
+                             "a local text file works offline (--data-file PATH), as does the "
+                             "bundled corpus")
     if "text" not in table.column_names:
-        raise UserError(f"--dataset {dataset} has no 'text' column (columns: {table.column_names})")
+        raise UserError(f"dataset '{dataset}' has no 'text' column (columns: "
+                        f"{table.column_names})")
     return [" ".join(t.split()) for t in table["text"] if t and t.strip()]
 
 
@@ -158,8 +155,11 @@ def pack_blocks(tokenizer, documents: list[str], max_length: int, max_blocks: in
 
 
 def prepare_data(tokenizer, *, data_file=None, dataset=None, max_length: int,
-                 max_samples: int | None) -> DataSplit:
-    documents, source = load_documents(data_file, dataset)
+                 max_samples: int | None, documents: tuple[list[str], str] | None = None) \
+        -> DataSplit:
+    """Disjoint calibration / evaluation blocks of ``documents`` ((texts, source), as
+    ``load_documents`` returns them; read here from ``data_file``/``dataset`` when None)."""
+    documents, source = documents or load_documents(data_file, dataset)
     calibration_docs, evaluation_docs = split_documents(documents)
     calibration = pack_blocks(tokenizer, calibration_docs, max_length, max_samples)
     evaluation = pack_blocks(tokenizer, evaluation_docs, max_length, max_samples)

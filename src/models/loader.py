@@ -11,8 +11,10 @@
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from src.models.builtin import (BUILTIN_ALIASES, BUILTIN_NAME, builtin_tokenizer
 from src.models.device_map import check_resident, dispatch_random, resolve_device_map
 from src.models.presets import PRESETS
 from src.models.properties import context_length
+from src.utils.hub import hub_reachable
 
 RANDOM_INIT_SEED = 0
 
@@ -86,7 +89,8 @@ def load_model(spec: str | None, *, dtype: str = "auto", device: str = "auto",
         model, tokenizer = _load_gguf_file(Path(spec), torch_dtype, device_map)
         source = "gguf"
     elif os.path.isdir(spec):
-        model, tokenizer = _load_pretrained(spec, torch_dtype, device_map, None, trust_remote_code)
+        model, tokenizer = _load_local_folder(Path(spec), torch_dtype, device_map,
+                                              trust_remote_code)
         source = "local"
     elif _looks_like_path(spec):
         raise UserError(f"model path '{spec}' does not exist; pass a model folder, a .gguf file, "
@@ -144,15 +148,51 @@ def _load_pretrained(path_or_id, torch_dtype, device_map, revision, trust_remote
     return model, tokenizer
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json",
+                   "spiece.model", "vocab.txt")
+
+
+def _load_local_folder(folder: Path, torch_dtype, device_map, trust_remote_code):
+    """A Hugging Face model folder: config.json, weights and tokenizer files, checked first so
+    that an incomplete folder is named as such."""
+    missing = [what for what, present in (
+        ("config.json", (folder / "config.json").is_file()),
+        ("weights (*.safetensors or *.bin)", any(any(folder.glob(p)) for p in WEIGHT_PATTERNS)),
+        ("tokenizer files (tokenizer.json, ...)",
+         any((folder / name).is_file() for name in TOKENIZER_FILES))) if not present]
+    if missing:
+        raise UserError(f"model folder '{folder}' holds no complete model: it lacks "
+                        f"{', '.join(missing)}")
+    try:
+        return _load_pretrained(str(folder), torch_dtype, device_map, None, trust_remote_code)
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(f"model folder '{folder}' could not be loaded: {_first_line(error)}") \
+            from None
+
+
 def _load_gguf_file(path: Path, torch_dtype, device_map):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not path.is_file():
         raise UserError(f"GGUF file '{path}' does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=torch_dtype, device_map=device_map)
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise UserError(f"'{path}' is not a GGUF file (it does not start with the GGUF "
+                            f"magic bytes)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     dtype=torch_dtype, device_map=device_map)
+    except (struct.error, EOFError, OSError, ValueError, KeyError, IndexError) as error:
+        raise UserError(f"GGUF file '{path}' could not be read (truncated or damaged?): "
+                        f"{_first_line(error)}") from None
     return model, tokenizer
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
 def _load_from_hub(model_id, torch_dtype, device_map, revision, trust_remote_code):
@@ -175,24 +215,6 @@ def _load_from_hub(model_id, torch_dtype, device_map, revision, trust_remote_cod
             raise UserError(f"'{model_id}' contains custom code: add --trust-remote-code if you "
                             f"trust it") from None
         raise
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """False when HF_HUB_OFFLINE is set or the hub endpoint cannot be connected to quickly."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    endpoint = urlparse(constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
 
 
 def _hub_error_line(model_id: str, error: Exception) -> str:
@@ -221,12 +243,16 @@ def _build_random(preset_or_path: str, cache: Path, torch_dtype, target: torch.d
         raise UserError(f"random:{preset_or_path}: vocab_size {config_dict['vocab_size']} is "
                         f"smaller than the tokenizer's {len(tokenizer)} tokens")
     model_type = config_dict.pop("model_type")
-    config = AutoConfig.for_model(model_type, **config_dict)
-    config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-        else tokenizer.eos_token_id
-    torch.manual_seed(RANDOM_INIT_SEED)
-    with torch.device(target):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    try:
+        config = AutoConfig.for_model(model_type, **config_dict)
+        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else tokenizer.eos_token_id
+        torch.manual_seed(RANDOM_INIT_SEED)
+        with torch.device(target):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    except (ValueError, TypeError, RuntimeError, ArithmeticError, AttributeError) as error:
+        raise UserError(f"random:{preset_or_path}: this config does not build a causal LM "
+                        f"({type(error).__name__}: {_first_line(error)})") from None
     return model, tokenizer
 
 
@@ -238,14 +264,40 @@ def _random_config_dict(preset_or_path: str) -> dict:
         if not path.is_file():
             raise UserError(f"random:{preset_or_path}: config file does not exist")
         try:
-            config_dict = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
+            config_dict = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise UserError(f"random:{preset_or_path}: not valid JSON ({error})") from None
-        if "model_type" not in config_dict:
-            raise UserError(f"random:{preset_or_path}: the config has no 'model_type'")
+        _check_random_config(preset_or_path, config_dict)
         return config_dict
     raise UserError(f"unknown random preset '{preset_or_path}'; choose one of "
                     f"{', '.join(PRESETS)} or give a config.json path")
+
+
+SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings", "vocab_size", "head_dim", "n_embd",
+             "n_layer", "n_head", "n_positions", "n_ctx", "n_inner", "ffn_dim",
+             "word_embed_proj_dim")
+
+
+def _check_random_config(name: str, config_dict) -> None:
+    """A config.json for a random model: a JSON object with a known model_type and sizes > 0."""
+    from transformers import CONFIG_MAPPING
+
+    if not isinstance(config_dict, dict):
+        raise UserError(f"random:{name}: the config must be a JSON object (got "
+                        f"{type(config_dict).__name__})")
+    model_type = config_dict.get("model_type")
+    if not isinstance(model_type, str):
+        raise UserError(f"random:{name}: the config has no 'model_type' string")
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING), n=3)
+        raise UserError(f"random:{name}: unknown model_type '{model_type}'"
+                        + (f"; close matches: {', '.join(close)}" if close else ""))
+    for key in SIZE_KEYS:
+        value = config_dict.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise UserError(f"random:{name}: '{key}' must be a positive integer (got {value!r})")
 
 
 def local_bpe_tokenizer(vocab_size: int = 8192):

@@ -12,6 +12,7 @@ import pandas as pd
 
 from src.sensitivity.experiment import summarize
 from src.utils.io import decode_non_finite
+from src.utils.output import process_alive
 
 JSON_FILES = {"config": "config.json", "manifest": "experiment_manifest.json",
               "perturbation": "perturbation_results.json",
@@ -75,6 +76,33 @@ class RunFolder:
 
     def get(self, key, default=None):
         return self.config.get(key, default)
+
+    @property
+    def status(self) -> str:
+        """succeeded, failed, interrupted, running, or killed (a manifest that still says
+        running although its process is gone); "not started" without a manifest."""
+        manifest = self.manifest
+        if manifest is None:
+            return "not started"
+        status = manifest.get("status") or ("succeeded" if manifest.get("success") else "failed")
+        if status == "running" and isinstance(manifest.get("pid"), int) and \
+                not process_alive(manifest):
+            return "killed"
+        return status
+
+    def incomplete_reason(self) -> str | None:
+        """Why this run is not counted among the results (None when it succeeded)."""
+        status = self.status
+        if status == "succeeded":
+            return None
+        error = (self.manifest or {}).get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+        return {"not started": "no experiment_manifest.json (still starting, or killed before "
+                               "the run began)",
+                "running": f"still running (pid {(self.manifest or {}).get('pid')})",
+                "killed": f"killed while running (pid {(self.manifest or {}).get('pid')} is gone)",
+                "interrupted": f"interrupted ({message})",
+                }.get(status, f"the run failed ({message})")
 
     @property
     def top(self) -> pd.DataFrame | None:
@@ -151,7 +179,8 @@ def _relative(root: Path, folder: Path) -> str:
 
 
 def read_runs(inputs: list[Path]) -> tuple[list[RunFolder], list[tuple[str, str]]]:
-    """Readable, succeeded runs, and (label, reason) for every folder left out."""
+    """Readable, succeeded runs, and (label, reason) for every folder left out: unreadable, or
+    incomplete (running, killed, interrupted, failed)."""
     pairs = find_run_folders(inputs)
     runs, skipped = [], []
     for (_, folder), label in zip(pairs, unique_labels(pairs)):
@@ -160,11 +189,9 @@ def read_runs(inputs: list[Path]) -> tuple[list[RunFolder], list[tuple[str, str]
         except RunFolderError as error:
             skipped.append((label, f"skipped: {error}"))
             continue
-        if run.manifest is None:
-            skipped.append((label, "skipped: no experiment_manifest.json "
-                                   "(still running or killed)"))
-        elif not run.manifest.get("success", False):
-            skipped.append((label, f"skipped: the run failed ({run.manifest.get('error')})"))
+        reason = run.incomplete_reason()
+        if reason:
+            skipped.append((label, f"incomplete, not counted: {reason}"))
         else:
             runs.append(run)
     return runs, skipped

@@ -53,10 +53,15 @@ def build_conditions(top_selection: Selection, scores, k: int, mode: str, contro
 
 def run_conditions(params, conditions: list[Condition], method: str, options: PerturbOptions,
                    evaluate: Callable[[], EvalResult], baseline: EvalResult,
-                   on_condition: Callable | None = None) -> tuple[list[dict], bool]:
-    """Evaluate every condition; returns (rows, restore_verified for all)."""
+                   on_condition: Callable | None = None, on_row: Callable | None = None,
+                   rows: list[dict] | None = None) -> tuple[list[dict], bool]:
+    """Evaluate every condition; returns (rows, restore_verified for all). ``on_condition`` runs
+    further measurements under each perturbation; ``on_row(rows)`` sees the rows after each
+    condition (to save finished work). ``rows`` collects them in a list the caller holds, so
+    the conditions that finished are known also when the run is interrupted."""
     reference = fingerprint(params)
-    rows, all_restored = [], True
+    rows = [] if rows is None else rows
+    all_restored = True
     for condition in conditions:
         before = snapshot_selected(params, condition.selection)
         with perturbed(params, condition.selection, method, options, seed=condition.seed or 0):
@@ -67,6 +72,8 @@ def run_conditions(params, conditions: list[Condition], method: str, options: Pe
             fingerprint(params) == reference
         all_restored &= restored
         rows.append(condition_row(condition, method, result, baseline, restored))
+        if on_row:
+            on_row(rows)
     return rows, all_restored
 
 
@@ -92,7 +99,11 @@ def ppl_ratio(perplexity: float, baseline_perplexity: float) -> float:
 
 def bootstrap_delta_ppl(baseline: EvalResult, result: EvalResult, n_samples: int = BOOTSTRAP_SAMPLES,
                         seed: int = 0) -> tuple[float, float]:
-    """Paired percentile bootstrap (95%) of perplexity change over evaluation blocks."""
+    """Paired percentile bootstrap (95%) of perplexity change over evaluation blocks.
+
+    Blocks whose loss overflowed make the resamples that draw them infinite: the interval is
+    then [finite, inf] (or [inf, inf] when most resamples draw one); NaN only when the baseline
+    itself is not finite."""
     n_blocks = baseline.block_tokens.numel()
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, n_blocks, size=(n_samples, n_blocks))
@@ -101,10 +112,26 @@ def bootstrap_delta_ppl(baseline: EvalResult, result: EvalResult, n_samples: int
         base = np.exp(baseline.block_nll_sum.numpy()[picks].sum(axis=1) / tokens)
         cond = np.exp(result.block_nll_sum.numpy()[picks].sum(axis=1) / tokens)
         delta = cond - base
+    if np.any(np.isnan(delta)):
+        return math.nan, math.nan
     if not np.all(np.isfinite(delta)):
-        return (math.inf, math.inf) if np.all(np.isinf(cond)) else (math.nan, math.nan)
+        return percentile_with_inf(delta, 2.5), percentile_with_inf(delta, 97.5)
     low, high = np.percentile(delta, [2.5, 97.5])
     return float(low), float(high)
+
+
+def percentile_with_inf(values: np.ndarray, q: float) -> float:
+    """numpy's linear-interpolation percentile, where a neighbour at +-inf gives +-inf (numpy
+    interpolates inf - x into NaN)."""
+    ordered = np.sort(values)
+    position = q / 100 * (len(ordered) - 1)
+    low, high = ordered[math.floor(position)], ordered[math.ceil(position)]
+    fraction = position - math.floor(position)
+    if fraction == 0 or low == high:
+        return float(low)
+    if not math.isfinite(low) or not math.isfinite(high):
+        return float(high if math.isinf(high) else low)
+    return float(low + (high - low) * fraction)
 
 
 def mean_sd(values) -> tuple[float, float]:

@@ -13,7 +13,8 @@ Registry ``PERTURBATIONS``: name -> function(values, generator, options) -> new 
 
 ``perturbed(params, selection, method, ...)`` saves the original values of exactly the selected
 weights (no model copy), writes the perturbed values, and restores the saved values on exit,
-also on an exception or KeyboardInterrupt.
+also on an exception, Ctrl-C, SIGTERM or SIGHUP; signals that arrive during the restore wait
+until it is complete.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 from src.errors import UserError
 from src.sensitivity.rank import Selection
 from src.sensitivity.scoring import generator_for
+from src.utils import signals
 
 # dtype -> (integer view, sign bit, exponent MSB, mantissa MSB)
 FLOAT_LAYOUT = {
@@ -140,7 +142,7 @@ def perturbed(params: dict[str, torch.nn.Parameter], selection: Selection, metho
                 flat[idx] = fn(saved[name][1].clone(), generator, options)
         yield
     finally:
-        with torch.no_grad():
+        with signals.deferred(), torch.no_grad():  # a second Ctrl-C cannot cut the restore short
             for name, (idx, original) in saved.items():
                 params[name].data.view(-1)[idx] = original
 

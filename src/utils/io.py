@@ -1,4 +1,10 @@
-"""Atomic writes: every output file appears whole or not at all (temp file + rename)."""
+"""Every file the tool writes: atomic (temp file + rename, so it appears whole or not at all),
+with the usual permissions (the umask's, 0644 by default, not the 0600 of a temp file), and
+with no credential in it (src/utils/secrets.py).
+
+JSON is strict (any parser reads it): non-finite numbers are written as the strings "inf",
+"-inf" and "nan", and ``read_json`` turns those strings back into floats.
+"""
 from __future__ import annotations
 
 import json
@@ -6,6 +12,14 @@ import math
 import os
 import tempfile
 from pathlib import Path
+
+from src.utils.secrets import redact
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _atomic(path: Path, write) -> Path:
@@ -15,6 +29,7 @@ def _atomic(path: Path, write) -> Path:
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
+        os.chmod(temp, _file_mode())
         os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):
@@ -24,7 +39,8 @@ def _atomic(path: Path, write) -> Path:
 
 
 def to_jsonable(value):
-    """Plain Python for json: tensors/arrays -> lists/floats, paths -> str, tuples -> lists."""
+    """Plain, strict-JSON Python: tensors/arrays -> lists, non-finite floats -> "inf"/"-inf"/
+    "nan", paths -> str, tuples -> lists, every string redacted."""
     import numpy as np
     import torch
 
@@ -36,20 +52,25 @@ def to_jsonable(value):
         return to_jsonable(value.detach().cpu().tolist())
     if isinstance(value, np.ndarray):
         return to_jsonable(value.tolist())
-    if isinstance(value, (np.floating,)):
-        return float(value)
+    if isinstance(value, (float, np.floating)):
+        return _finite_or_text(float(value))
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, np.bool_):
         return bool(value)
-    if isinstance(value, Path):
-        return str(value)
+    if isinstance(value, (str, Path)):
+        return redact(str(value))
     return value
 
 
+def _finite_or_text(number: float):
+    if math.isfinite(number):
+        return number
+    return "nan" if math.isnan(number) else ("inf" if number > 0 else "-inf")
+
+
 def write_json(path, data) -> Path:
-    """JSON with non-finite floats written as Infinity / NaN (read back by Python's json)."""
-    text = json.dumps(to_jsonable(data), indent=2, allow_nan=True)
+    text = json.dumps(to_jsonable(data), indent=2, allow_nan=False)
     return _atomic(path, lambda stream: stream.write(text.encode()))
 
 
@@ -74,18 +95,18 @@ def read_json(path):
 
 
 def write_text(path, text: str) -> Path:
-    return _atomic(path, lambda stream: stream.write(text.encode("utf-8")))
+    return _atomic(path, lambda stream: stream.write(redact(text).encode("utf-8")))
 
 
 def write_csv(path, frame) -> Path:
-    return _atomic(path, lambda stream: stream.write(frame.to_csv(index=False).encode()))
+    return write_text(path, frame.to_csv(index=False))
 
 
 def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> Path:
     from safetensors.torch import save
 
     payload = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                   metadata={k: str(v) for k, v in (metadata or {}).items()})
+                   metadata={k: redact(str(v)) for k, v in (metadata or {}).items()})
     return _atomic(path, lambda stream: stream.write(payload))
 
 

