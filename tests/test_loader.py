@@ -35,6 +35,14 @@ def test_each_random_family_builds_and_runs(preset):
     with torch.no_grad():
         logits = tiny.model(**ids).logits
     assert logits.shape[-1] == embedding_rows and torch.isfinite(logits).all()
+    # the pad token (also the document separator) has a random embedding like a trained
+    # model's, not the zero row a padding index gives: a block starting with a zero state
+    # overflowed the gradient of a bfloat16 llama-3.1-8b
+    pad = tiny.model.config.pad_token_id
+    assert pad is not None and pad == (tiny.tokenizer.pad_token_id
+                                       if tiny.tokenizer.pad_token_id is not None
+                                       else tiny.tokenizer.eos_token_id)
+    assert tiny.model.get_input_embeddings().weight[pad].abs().sum() > 0
 
 
 def test_random_model_from_config_json_and_without_builtin_tokenizer(tmp_path, monkeypatch):

@@ -245,11 +245,17 @@ def _build_random(preset_or_path: str, cache: Path, torch_dtype, target: torch.d
     model_type = config_dict.pop("model_type")
     try:
         config = AutoConfig.for_model(model_type, **config_dict)
-        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-            else tokenizer.eos_token_id
+        # Built without a padding index, so the pad token's embedding row is random like every
+        # other row (as a trained model's is), not zero. The pad token is also the document
+        # separator: a block starting with a zero embedding keeps an exactly zero state at that
+        # position through every layer, where each RMSNorm multiplies the gradient by
+        # 1/sqrt(eps) ~ 316; in bfloat16 it overflowed to NaN halfway down llama-3.1-8b.
+        config.pad_token_id = None
         torch.manual_seed(RANDOM_INIT_SEED)
         with torch.device(target):
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        model.config.pad_token_id = tokenizer.pad_token_id \
+            if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     except (ValueError, TypeError, RuntimeError, ArithmeticError, AttributeError) as error:
         raise UserError(f"random:{preset_or_path}: this config does not build a causal LM "
                         f"({type(error).__name__}: {_first_line(error)})") from None
