@@ -2,7 +2,7 @@
 # Research test suite: phases of real runs of phase1_runner_enhanced.py, a pass/fail/skip summary,
 # and a non-zero exit status when any run failed.
 #
-#   scripts/run_research_tests.sh [validation|perturbation|multi-metric|hutchinson|downstream|llama|mistral|all]
+#   scripts/run_research_tests.sh [validation|perturbation|multi-metric|hutchinson|downstream|compression|llama|mistral|all]
 #
 # validation    does the method beat its controls? grad_x_weight top-K vs 20 random-K draws
 #               (p-value can reach < 0.05), top-K stability over seeds and calibration parts, and
@@ -12,6 +12,8 @@
 # hutchinson    hutchinson_diag (Hessian diagonal), whole model and block by block
 # downstream    HellaSwag / LAMBADA accuracy (20 bundled items each) of the baseline and of every
 #               perturbation condition
+# compression   3- and 4-bit round-to-nearest of every weight except the top-100 (grad_x_weight,
+#               act_mag), each against 3 random-100 kept sets: recovery of the quantization loss
 # llama/mistral one run on $LLAMA_MODEL / $MISTRAL_MODEL (hub ids or local folders); skipped with
 #               a clear line when the model cannot be loaded here (offline, gated, not cached)
 #
@@ -20,10 +22,11 @@
 # CWA_MAX_SAMPLES (calibration and evaluation blocks of the built-in phases, default 4),
 # LLAMA_MODEL (default meta-llama/Llama-3.1-8B), MISTRAL_MODEL (default mistralai/Mistral-7B-v0.1).
 # Runs go to $CWA_RESULTS_DIR/suite_<time>/<phase>/<run>/ with the console log next to each folder.
-# A run passes when the CLI exits 0 and its manifest records success.
+# A run passes when the CLI exits 0 and its manifest records success. The built-in phases score
+# each metric once: the first run saves its scores, later runs of that metric use --scores-from.
 set -uo pipefail
 
-PHASES="validation perturbation multi-metric hutchinson downstream llama mistral"
+PHASES="validation perturbation multi-metric hutchinson downstream compression llama mistral"
 usage() {
     echo "usage: $0 [${PHASES// /|}|all]" >&2
     exit 2
@@ -80,6 +83,23 @@ run_case() {  # run_case PHASE NAME ARGS... : one CLI run into $SUITE_DIR/PHASE/
     fi
 }
 
+# Scores are computed once per metric and suite: the first run with the COMMON settings saves
+# them (--save-scores), later runs of that metric read them (--scores-from) instead of scoring.
+declare -A SCORED_BY=()
+
+run_scored() {  # run_scored PHASE NAME METRIC ARGS... : run_case with COMMON and shared scores
+    local phase="$1" name="$2" metric="$3"; shift 3
+    local source="${SCORED_BY[$metric]:-}"
+    if [ -n "$source" ]; then
+        run_case "$phase" "$name" "${COMMON[@]}" --metric "$metric" --scores-from "$source" "$@"
+        return
+    fi
+    run_case "$phase" "$name" "${COMMON[@]}" --metric "$metric" --save-scores "$@"
+    if grep -q '"success": true' "$SUITE_DIR/$phase/$name/experiment_manifest.json" 2>/dev/null; then
+        SCORED_BY[$metric]="$SUITE_DIR/$phase/$name"
+    fi
+}
+
 skip_case() {  # skip_case PHASE NAME REASON
     skipped=$((skipped + 1))
     skipped_runs+=("$1/$2: $3")
@@ -87,23 +107,23 @@ skip_case() {  # skip_case PHASE NAME REASON
 }
 
 phase_validation() {
-    run_case validation gxw_zero_k10_20seeds "${COMMON[@]}" --metric grad_x_weight --mode global \
+    run_scored validation gxw_zero_k10_20seeds grad_x_weight --mode global \
         --topk 10 --perturb zero --seeds "$SEEDS_20" --save-plots
-    run_case validation gxw_stability_k10 "${COMMON[@]}" --metric grad_x_weight --mode global \
+    run_scored validation gxw_stability_k10 grad_x_weight --mode global \
         --topk 10 --seeds 0,1,2 --stability-check --stability-batches 3 --save-plots
-    run_case validation random_null_k10 "${COMMON[@]}" --metric random --mode global --topk 10 \
+    run_scored validation random_null_k10 random --mode global --topk 10 \
         --perturb zero --seeds "$(seq -s, 0 9)" --save-plots
 }
 
 phase_perturbation() {
     local method
     for method in zero sign_flip gauss_noise bit_flip; do
-        run_case perturbation "gxw_${method}_k10" "${COMMON[@]}" --metric grad_x_weight \
+        run_scored perturbation "gxw_${method}_k10" grad_x_weight \
             --mode global --topk 10 --perturb "$method" --seeds 0,1,2 --save-plots
     done
     local k
     for k in 1 100; do
-        run_case perturbation "gxw_zero_k$k" "${COMMON[@]}" --metric grad_x_weight --mode global \
+        run_scored perturbation "gxw_zero_k$k" grad_x_weight --mode global \
             --topk "$k" --perturb zero --seeds 0,1,2 --save-plots
     done
 }
@@ -111,7 +131,7 @@ phase_perturbation() {
 phase_multi_metric() {
     local metric
     for metric in grad_x_weight grad_squared act_mag magnitude random; do
-        run_case multi-metric "${metric}_zero_k10" "${COMMON[@]}" --metric "$metric" \
+        run_scored multi-metric "${metric}_zero_k10" "$metric" \
             --mode global --topk 10 --perturb zero --seeds 0,1,2 --save-plots
     done
 }
@@ -128,9 +148,20 @@ phase_downstream() {
         skip_case downstream tasks "this version of phase1_runner_enhanced.py has no --downstream-tasks"
         return
     fi
-    run_case downstream gxw_zero_k10_tasks "${COMMON[@]}" --metric grad_x_weight --mode global \
+    run_scored downstream gxw_zero_k10_tasks grad_x_weight --mode global \
         --topk 10 --perturb zero --seeds 0,1,2 --downstream-tasks hellaswag,lambada \
         --task-samples 20 --save-plots
+}
+
+phase_compression() {
+    local bits metric
+    for bits in 3 4; do
+        for metric in grad_x_weight act_mag; do
+            run_scored compression "${metric}_rtn${bits}_keep100" "$metric" \
+                --mode global --topk 100 --quantize "$bits" --controls random_k --seeds 0,1,2 \
+                --save-plots
+        done
+    done
 }
 
 # Exit status of the preflight: 0 loadable, 3 not loadable here (skip), anything else: broken.
@@ -183,6 +214,7 @@ run_phase() {
         multi-metric) phase_multi_metric ;;
         hutchinson) phase_hutchinson ;;
         downstream) phase_downstream ;;
+        compression) phase_compression ;;
         llama) phase_hub_model llama "${LLAMA_MODEL:-meta-llama/Llama-3.1-8B}" ;;
         mistral) phase_hub_model mistral "${MISTRAL_MODEL:-mistralai/Mistral-7B-v0.1}" ;;
     esac

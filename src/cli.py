@@ -61,9 +61,11 @@ def check_output_first(argv: list[str] | None) -> None:
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--out-dir")
     early.add_argument("--overwrite", action="store_true")
+    early.add_argument("--resume", action="store_true")
     known, _ = early.parse_known_args(argv)
     if known.out_dir:
-        problem = output.folder_problem(known.out_dir, replace=known.overwrite)
+        problem = output.folder_problem(known.out_dir, replace=known.overwrite,
+                                        resume=known.resume)
         if problem:
             raise UserError(problem)
 

@@ -14,26 +14,30 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 
+from src import resume
 from src.analysis import registry
 from src.errors import UserError
 from src.eval.downstream import TASKS
 from src.models.components import COMPONENTS
 from src.models.builtin import BUILTIN_NAME
 from src.models.device_map import resolve_device_map
-from src.options import (choice, int_list, integer, name_list, number, option, parse_given,
-                         text, text_file, unused_settings)
+from src.options import (choice, folder, free_names, int_list, integer, integer_or_word,
+                         name_list, number, option, parse_given, text, text_file,
+                         unused_settings)
 from src.sensitivity.eligibility import parse_layers, unscorable
 from src.sensitivity.experiment import CONTROL_ALIASES
 from src.sensitivity.metrics import METRICS
 from src.sensitivity.perturb import PERTURBATIONS, resolve_bit
+from src.sensitivity import score_store
 from src.sensitivity.rank import MODES, max_k
 from src.utils import output
 
 PLOT_FORMATS = ("png", "pdf", "svg")
 MODE_ALIASES = {"per_layer": "per_tensor"}  # the name the first users asked for
 GROUP_HELP = {
-    "downstream tasks": "HellaSwag / LAMBADA scored as lm-evaluation-harness does; with --perturb "
-                        "also under every condition (downstream_results.json)",
+    "downstream tasks": "built-in HellaSwag / LAMBADA, scored as lm-evaluation-harness does, and "
+                        "any harness task through the harness itself; with --perturb also under "
+                        "every condition (downstream_results.json)",
     "plots": "figures written to <out-dir>/plots/ at the end of the run",
 }
 
@@ -73,8 +77,8 @@ def _perturbs(c: RunConfig) -> bool:
 
 
 def _controls_used(c: RunConfig) -> bool:
-    return _perturbs(c) or c.analysis_enabled("clustered_perturbation") or \
-        c.analysis_enabled("targeted_perturbation")
+    return _perturbs(c) or c.quantize is not None or \
+        c.analysis_enabled("clustered_perturbation") or c.analysis_enabled("targeted_perturbation")
 
 
 def _subsets_used(c: RunConfig) -> bool:
@@ -128,7 +132,12 @@ class RunConfig:
         "mlp_down,attn_q", group="scoring and ranking", parse=name_list(lambda: COMPONENTS))
     include_embeddings: bool = option(False, "also score embeddings and the output head",
                                       group="scoring and ranking")
-    save_scores: bool = option(False, "write every score tensor to scores.safetensors",
+    scores_from: str | None = option(
+        None, "a run folder or scores.safetensors whose scores this run uses instead of "
+        "scoring (same model, weights and scored set; --metric defaults to theirs)",
+        group="scoring and ranking", parse=text)
+    save_scores: bool = option(False, "keep scores.safetensors (every score tensor, written "
+                               "right after scoring for --resume) after the run succeeds",
                                group="scoring and ranking")
     hutchinson_samples: int = option(8, "Rademacher probes per calibration batch "
                                      "(hutchinson_diag)", group="scoring and ranking",
@@ -145,7 +154,8 @@ class RunConfig:
         ("random_k", "bottom_k"), "control selections: random_k (alias random), bottom_k (alias "
         "bottom), comma-separated, or none", group="perturbation",
         parse=name_list(lambda: ("random_k", "bottom_k"), CONTROL_ALIASES, none_word="none"),
-        used_when=("--perturb or --advanced-perturbations clustered/targeted", _controls_used))
+        used_when=("--perturb, --quantize or --advanced-perturbations clustered/targeted",
+                   _controls_used))
     perturb_scale: float = option(0.1, "gauss_noise: noise sd relative to |w|",
                                   group="perturbation", parse=number(0.0),
                                   used_when=("--perturb gauss_noise",
@@ -159,6 +169,19 @@ class RunConfig:
                                             lambda c: c.perturb == "bit_flip"))
     seeds: tuple[int, ...] = option((0, 1, 2), "comma-separated seeds: random-K draws, noise, "
                                     "stability subsets", group="perturbation", parse=int_list())
+    # compression
+    quantize: int | None = option(
+        None, "bits (2-8): round-to-nearest quantization of every scored weight, evaluated with "
+        "nothing kept (rtn) and with the top-K, each --controls set and per --seeds random-K "
+        "kept at full precision; recovery of the quantization loss per kept set "
+        "(quantization_results.json)", group="compression", parse=integer(2, 8))
+    quant_group: int | None = option(
+        128, "consecutive input weights of one output row per quantization group, or row (one "
+        "group per output row)", group="compression", parse=integer_or_word(1, "row"),
+        used_when=("--quantize", lambda c: c.quantize is not None))
+    quant_symmetric: bool = option(
+        False, "absmax quantization around zero instead of min-max with a zero point",
+        group="compression", used_when=("--quantize", lambda c: c.quantize is not None))
     # stability
     stability_check: bool = option(False, "Jaccard/Spearman of top-K across seeds and "
                                    "calibration batches", group="stability")
@@ -185,6 +208,24 @@ class RunConfig:
                                       parse=integer(1),
                                       used_when=("--downstream-tasks",
                                                  lambda c: bool(c.downstream_tasks)))
+    lm_eval_tasks: tuple[str, ...] = option(
+        (), "comma-separated lm-evaluation-harness task or group names (e.g. arc_easy,piqa,"
+        "winogrande,lambada_openai), scored by the harness itself on the model in memory, before "
+        "and under every perturbation condition", group="downstream tasks", parse=free_names)
+    lm_eval_include: str | None = option(
+        None, "folder of task YAML files for the harness (its include_path), e.g. "
+        "src/data/harness_tasks: tasks over local data run offline", group="downstream tasks",
+        parse=folder, used_when=("--lm-eval-tasks", lambda c: bool(c.lm_eval_tasks)))
+    lm_eval_limit: int | None = option(
+        None, "items per harness task (default: all)", group="downstream tasks",
+        parse=integer(1), used_when=("--lm-eval-tasks", lambda c: bool(c.lm_eval_tasks)))
+    lm_eval_fewshot: int | None = option(
+        None, "few-shot examples per harness task (default: each task's own setting)",
+        group="downstream tasks", parse=integer(0),
+        used_when=("--lm-eval-tasks", lambda c: bool(c.lm_eval_tasks)))
+    lm_eval_batch_size: int | None = option(
+        None, "harness batch size (default: --batch-size)", group="downstream tasks",
+        parse=integer(1), used_when=("--lm-eval-tasks", lambda c: bool(c.lm_eval_tasks)))
     # plots
     save_plots: bool = option(False, "draw the score distribution per component, the layer x "
                               "component heatmap, where the top-K weights sit, perturbation "
@@ -202,6 +243,9 @@ class RunConfig:
     overwrite: bool = option(False, "replace the run in --out-dir: its files (what its manifest "
                              "lists, the output files by name, plots/) are removed once this run "
                              "starts; other files stay", group="output")
+    resume: bool = option(False, "continue the unfinished run in --out-dir (same command): its "
+                          "saved scores and finished conditions are kept, the rest runs",
+                          group="output")
     verbose: bool = option(False, "progress bars and more detail", group="output")
     # each analysis' Settings instance, by settings class (src/analysis/registry.py)
     analyses: dict = field(default_factory=dict, compare=False)
@@ -211,7 +255,11 @@ class RunConfig:
         """A config from the flags given (argparse dest -> string, or True for a switch)."""
         analyses = {settings: settings(**parse_given(settings, given))
                     for settings in registry.settings_classes()}
-        config = cls(**parse_given(cls, given), analyses=analyses)
+        values = parse_given(cls, given)
+        if values.get("scores_from") and "metric" not in values:  # the stored scores' metric
+            values["metric"] = score_store.read_meta(score_store.locate(values["scores_from"]))[
+                "metric"]
+        config = cls(**values, analyses=analyses)
         if not config.out_dir:
             config = replace(config, out_dir=default_out_dir(config.model, config.metric,
                                                               config.topk))
@@ -272,6 +320,9 @@ class RunConfig:
         if self.stability_batches > self.max_samples and _subsets_used(self):
             yield (f"--stability-batches {self.stability_batches} needs at least as many "
                    f"calibration blocks, but --max-samples is {self.max_samples}")
+        for task in set(self.downstream_tasks) & set(self.lm_eval_tasks):
+            yield (f"'{task}' is in both --downstream-tasks and --lm-eval-tasks: choose the "
+                   f"built-in scorer or the harness for it")
         for task, source in self.task_data:
             if task not in self.downstream_tasks:
                 yield f"--task-data names '{task}', which is not in --downstream-tasks"
@@ -284,8 +335,23 @@ class RunConfig:
                 yield str(error)
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 yield "--device-map cannot be combined with torchrun data parallelism"
-        if int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 alone writes the folder
-            problem = output.folder_problem(self.out_dir, replace=self.overwrite)
+        yield from self._folder_problems()
+        if self.scores_from:
+            meta = score_store.read_meta(score_store.locate(self.scores_from))
+            if meta["metric"] != self.metric:
+                yield (f"--scores-from holds {meta['metric']} scores but --metric is "
+                       f"{self.metric}")
+
+    def _folder_problems(self):
+        if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 alone writes the folder
+            return
+        if self.resume and self.overwrite:
+            yield "give --resume or --overwrite, not both"
+        problem = output.folder_problem(self.out_dir, replace=self.overwrite, resume=self.resume)
+        if problem:
+            yield problem
+        elif self.resume:
+            problem = resume.refusal(self.out_dir, self.to_dict())
             if problem:
                 yield problem
 

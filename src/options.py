@@ -123,7 +123,7 @@ def text_file(value: str, flag: str) -> str:
     return value
 
 
-def integer(minimum: int | None = None) -> Parser:
+def integer(minimum: int | None = None, maximum: int | None = None) -> Parser:
     def parse(value: str, flag: str) -> int:
         try:
             number = int(value)
@@ -131,8 +131,33 @@ def integer(minimum: int | None = None) -> Parser:
             raise UserError(f"{flag} must be an integer (got '{value}')") from None
         if minimum is not None and number < minimum:
             raise UserError(f"{flag} must be at least {minimum} (got {number})")
+        if maximum is not None and number > maximum:
+            raise UserError(f"{flag} must be at most {maximum} (got {number})")
         return number
     return parse
+
+
+def integer_or_word(minimum: int, word: str) -> Parser:
+    """An integer, or ``word`` (parsed as None), e.g. a group size or "row"."""
+    as_integer = integer(minimum)
+
+    def parse(value: str, flag: str) -> int | None:
+        return None if value == word else as_integer(value, flag)
+    return parse
+
+
+def folder(value: str, flag: str) -> str:
+    if not Path(value).expanduser().is_dir():
+        raise UserError(f"{flag} '{value}' is not a folder")
+    return value
+
+
+def free_names(value: str, flag: str) -> tuple[str, ...]:
+    """Comma-separated names checked elsewhere (duplicates dropped, at least one)."""
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    if not names:
+        raise UserError(f"{flag} needs at least one name")
+    return names
 
 
 def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,

@@ -6,12 +6,11 @@ analyses (src/analysis/registry.py) -> plots -> manifest.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import random
-import sys
+import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +21,19 @@ from src.analysis.context import AnalysisContext, Preflight
 from src.config import RunConfig
 from src.data.loading import DataSplit, load_documents, prepare_data
 from src.errors import UserError
-from src.eval import downstream_step
+from src.eval import downstream_step, harness
 from src.eval.perplexity import evaluate
 from src.models.components import describe_parameters
 from src.models.loader import load_model
-from src.sensitivity import data_parallel, experiment, stability
-from src.sensitivity.eligibility import (eligible_parameters, parse_layers, restriction,
-                                         tied_parameter_names)
-from src.sensitivity.metrics import METRICS, compute_scores
+from src.sensitivity import data_parallel, score_store
+from src.sensitivity.eligibility import (eligible_parameters, parse_layers, restriction)
+from src.sensitivity.metrics import compute_scores
 from src.sensitivity.perturb import PerturbOptions
-from src.sensitivity.rank import selection_table, top_k
+from src.sensitivity.rank import top_k
 from src.sensitivity.scoring import ScoringJob
-from src.sensitivity.statistics import tensor_statistics
+from src import resume, steps
 from src.utils import manifest, output, report_console, signals
-from src.utils.io import update_json, write_csv, write_json, write_safetensors
+from src.utils.io import update_json, write_json
 
 DEFAULT_METHOD = "zero"  # perturbation of the analyses' experiments when --perturb is not given
 
@@ -49,7 +47,14 @@ class Plan:
     data: DataSplit
     params: dict[str, torch.nn.Parameter]
     task_items: dict
+    harness_tasks: object  # src.eval.harness.HarnessTasks when --lm-eval-tasks, else None
     analyses: list  # (Analysis, its settings, what its prepare() returned)
+    job: ScoringJob
+    previous: object = None       # resume.Previous with --resume
+    stored_scores: Path | None = None
+    cache: dict = field(default_factory=dict)  # results the analyses of this run share
+    record: dict = field(default_factory=dict)  # extra manifest sections
+    state_kept: dict = field(default_factory=dict)  # what --resume kept
 
 
 def run(config: RunConfig) -> dict:
@@ -62,24 +67,31 @@ def run(config: RunConfig) -> dict:
     if group is not None and not group.is_main:  # torchrun rank > 0: scores rank 0's jobs
         model, _, _ = load(config, timer)
         return data_parallel.serve_scoring(model)
-    with output.claim(config.out_dir, replace=config.overwrite) as out_dir:
+    with output.claim(config.out_dir, replace=config.overwrite, resume=config.resume) as out_dir:
         with timer.step("read_inputs"):  # text and task items first: fails fast when offline
             documents = load_documents(config.data_file, config.dataset)
             task_items = downstream_step.load_items(config.downstream_tasks, config.task_data,
                                                     config.task_samples, config.seeds[0])
+            harness_tasks = harness.load_tasks(
+                config.lm_eval_tasks, config.lm_eval_include, config.lm_eval_fewshot,
+                config.lm_eval_limit, config.lm_eval_batch_size or config.batch_size,
+                config.verbose) if config.lm_eval_tasks else None
         model, tokenizer, model_info = load(config, timer)
         with timer.step("prepare_data"):
             data = prepare_data(tokenizer, documents=documents, max_length=config.max_length,
                                 max_samples=config.max_samples)
         with timer.step("preflight"):
-            plan = preflight(config, model, tokenizer, model_info, data, task_items)
+            previous = resume.read_previous(out_dir) if config.resume else None
+            plan = preflight(config, model, tokenizer, model_info, data, task_items,
+                             harness_tasks, previous)
         with timer.step("start_output"):
             foreign = clear_output(config, out_dir)
             record = functools.partial(
                 manifest.build_manifest, config=config.to_dict(), model_info=model_info,
                 data_info=describe_data(data), seeds=config.seeds, timer=timer, out_dir=out_dir,
                 started_at=started, environment=environment, data_parallel=group,
-                foreign=foreign)
+                foreign=foreign, extra=plan.record)
+            plan.record["lm_eval"] = harness_tasks.info if harness_tasks else None
             write_json(out_dir / "config.json", config.to_dict())
             write_json(out_dir / output.MANIFEST, record(status="running"))
         status, error = "failed", None
@@ -110,18 +122,24 @@ def load(config: RunConfig, timer):
 
 
 def clear_output(config: RunConfig, out_dir: Path) -> frozenset[str]:
-    """The run really starts: a replaced run's files go. Returns the files that stay (not this
-    run's: its manifest never lists them)."""
+    """The run really starts: a replaced run's files go. Returns the files that are not this
+    run's (its manifest never lists them): what stays after a replace; with --resume, what is
+    neither a run file nor listed by the run's manifest."""
     if config.overwrite:
         removed = output.remove_previous_run(out_dir)
         if removed:
             print(f"[cwa] --overwrite: removed the previous run's {', '.join(removed)}")
-    return frozenset(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file())
+    present = {str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()}
+    if config.resume:
+        present -= set(output.RUN_FILES) | output.listed_files(out_dir)
+        present = {name for name in present if not name.startswith("plots/")}
+    return frozenset(present)
 
 
 def preflight(config: RunConfig, model, tokenizer, model_info: dict, data: DataSplit,
-              task_items: dict) -> Plan:
-    """Every check that needs the model or the data, and every input an analysis prepares."""
+              task_items: dict, harness_tasks, previous) -> Plan:
+    """Every check that needs the model or the data (stored scores that must fit included),
+    and every input an analysis prepares."""
     params = eligible_parameters(model, restriction(
         parse_layers(config.layers), parse_layers(config.target_layers),
         config.target_components, config.include_embeddings))
@@ -132,7 +150,35 @@ def preflight(config: RunConfig, model, tokenizer, model_info: dict, data: DataS
     checked = Preflight(model, tokenizer, params, data)
     analyses = [(analysis, settings, analysis.prepare(settings, checked) if analysis.prepare
                  else None) for analysis, settings in registry.enabled(config)]
-    return Plan(model, tokenizer, model_info, data, params, task_items, analyses)
+    job = ScoringJob(model=model, params=params, blocks=data.calibration,
+                     data_parallel=data_parallel.current(), batch_size=config.batch_size,
+                     seed=config.seeds[0], hutchinson_samples=config.hutchinson_samples,
+                     hutchinson_block=config.hutchinson_block, progress=config.verbose)
+    plan = Plan(model, tokenizer, model_info, data, params, task_items, harness_tasks, analyses,
+                job, previous=previous)
+    plan.stored_scores = stored_scores_for(config, plan)
+    return plan
+
+
+def stored_scores_for(config: RunConfig, plan: Plan) -> Path | None:
+    """The scores file this run uses instead of scoring: --scores-from (it must fit: exit 2
+    otherwise), or with --resume the run's own when they fit; None: score."""
+    source = score_store.locate(config.scores_from) if config.scores_from else None
+    if plan.previous is not None and plan.previous.scores is not None:
+        source = plan.previous.scores
+    if source is None:
+        return None
+    meta = score_store.read_meta(source)
+    why = score_store.mismatch(meta, config.metric, plan.job,
+                               score_store.model_fingerprint(plan.model))
+    if why and plan.previous is not None and source == plan.previous.scores:
+        print(f"[cwa] --resume: the saved scores do not fit ({why}); scoring again")
+        return None
+    if why:
+        raise UserError(f"--scores-from '{config.scores_from}' does not fit this run: {why}")
+    if meta["calibration_sha256"] != plan.data.calibration.sha256():
+        print(f"[cwa] note: the scores in {source} were computed on other calibration text")
+    return source
 
 
 def run_steps(config: RunConfig, plan: Plan, out_dir: Path, timer) -> dict:
@@ -141,133 +187,118 @@ def run_steps(config: RunConfig, plan: Plan, out_dir: Path, timer) -> dict:
         baseline = evaluate(model, data.evaluation, config.batch_size, config.verbose)
         report_console.baseline(plan.model_info, data, baseline)
     downstream = None
-    if plan.task_items:
+    if plan.task_items or plan.harness_tasks:
         with timer.step("downstream_baseline"):
-            downstream = downstream_step.DownstreamRecorder(model, plan.tokenizer,
-                                                            plan.task_items, config.batch_size)
-    job = ScoringJob(model=model, params=params, blocks=data.calibration,
-                     data_parallel=data_parallel.current(), batch_size=config.batch_size,
-                     seed=config.seeds[0], hutchinson_samples=config.hutchinson_samples,
-                     hutchinson_block=config.hutchinson_block, progress=config.verbose)
-    with timer.step(f"score_{config.metric}"):
-        scored = compute_scores(job, config.metric)
-    scores = scored.scores
+            downstream = downstream_step.DownstreamRecorder(
+                model, plan.tokenizer, plan.task_items, config.batch_size, plan.harness_tasks,
+                previous=plan.previous.downstream if plan.previous else None)
+            if downstream.resumed:
+                plan.state_kept["downstream_baseline"] = True
+    job = plan.job
+    scored = score_or_load(config, plan, out_dir, timer)
     with timer.step("rank"):
-        selection = top_k(scores, config.topk, config.mode)
+        selection = top_k(scored.scores, config.topk, config.mode)
+    state = steps.RunState(
+        config, out_dir, model, params, describe_parameters(model, params), data, baseline, job,
+        scored, selection, downstream, PerturbOptions(scale=config.perturb_scale,
+                                                      bit=config.bit_position,
+                                                      prob=config.perturb_prob),
+        previous=plan.previous, kept=plan.state_kept)
     with timer.step("write_scores"):
-        metas = describe_parameters(model, params)
-        table = write_score_outputs(config, out_dir, model, scored, selection, params, metas)
-    results = {"baseline": baseline, "scores": scores, "selection": selection, "table": table}
-    options = PerturbOptions(scale=config.perturb_scale, bit=config.bit_position,
-                             prob=config.perturb_prob)
-    if config.perturb:
-        with timer.step("perturbation"):
-            results["perturbation"] = perturbation_step(config, params, selection, scores,
-                                                        options, model, data, baseline,
-                                                        downstream, out_dir)
+        table = steps.score_outputs(state)
+    results = {"baseline": baseline, "scores": scored.scores, "selection": selection,
+               "table": table}
+    for wanted, name, step in ((config.perturb, "perturbation", steps.perturbation),
+                               (config.quantize, "quantization", steps.quantization),
+                               (config.stability_check, "stability", steps.stability_check)):
+        if wanted:
+            with timer.step(name):
+                results[name] = step(state)
     if downstream:
         with timer.step("downstream_results"):
-            write_json(out_dir / "downstream_results.json", downstream.results(complete=True))
+            steps.save_downstream(state, complete=True)
             downstream.print_summary()
-            results["downstream"] = downstream.results(complete=True)
-    if config.stability_check:
-        with timer.step("stability"):
-            results["stability"] = stability_step(config, job, scores, out_dir)
-    shared = AnalysisContext(
-        model=model, params=params, scores=scores, selection=selection, metas=metas, job=job,
-        data=data, baseline=baseline, metric=config.metric, k=config.topk, mode=config.mode,
-        seeds=config.seeds, controls=config.controls, method=config.perturb or DEFAULT_METHOD,
-        options=options, batch_size=config.batch_size, progress=config.verbose,
-        tokenizer=plan.tokenizer)
     for analysis, settings, prepared in plan.analyses:
+        kept = (plan.previous.analyses if plan.previous else {}).get(analysis.key)
+        if kept is not None:  # --resume: a finished section stays
+            state.kept.setdefault("analyses", []).append(analysis.key)
+            results[analysis.key] = kept
+            continue
         with timer.step(analysis.key):
-            context = dataclasses.replace(shared, settings=settings, prepared=prepared)
-            results[analysis.key] = analysis.run(context)
-            update_json(out_dir / "enhanced_analysis.json", analysis.key, results[analysis.key])
-            for line in analysis.summary(results[analysis.key]):
-                print(f"[cwa] {line}")
+            results[analysis.key] = run_analysis(state, plan, analysis, settings, prepared)
+    if plan.previous is not None:
+        plan.record["resumed"] = resume.record(plan.previous, state.kept)
     if config.save_plots:  # keep last: draws the outputs of every step above
         with timer.step("plots"):
-            results["plots"] = plots_step(config, out_dir, scores, metas)
+            results["plots"] = steps.plots(state, registry.plots())
+    if not config.save_scores:  # the resume state goes once the run has succeeded
+        (out_dir / score_store.FILE_NAME).unlink(missing_ok=True)
     return results
 
 
-def write_score_outputs(config: RunConfig, out_dir: Path, model, scored, selection, params,
-                        metas):
-    """sensitivity_stats.json, top_weights.csv and (--save-scores) scores.safetensors."""
-    scores = scored.scores
-    table = selection_table(selection, scores, params, metas, config.mode)
-    if "stderr" in scored.extra:
-        table["score_stderr"] = _gather_table(scored.extra["stderr"], table)
-    write_json(out_dir / "sensitivity_stats.json",
-               sensitivity_stats(scores, metas, config.metric, tied_parameter_names(model)))
-    write_csv(out_dir / "top_weights.csv", table)
-    if config.save_scores:
-        stderr = scored.extra.get("stderr", {})
-        tensors = dict(scores) | {f"{n}::stderr": s for n, s in stderr.items()}
-        write_safetensors(out_dir / "scores.safetensors", tensors,
-                          {"metric": config.metric, "convention": "stored parameter layout"})
-    report_console.top_weights(table, config.metric, scored.extra)
-    return table
+def score_or_load(config: RunConfig, plan: Plan, out_dir: Path, timer):
+    """The run's scores: loaded (--scores-from, or --resume after scoring), else computed and
+    saved at once, so a killed run can resume after its scoring."""
+    if plan.stored_scores is not None:
+        with timer.step("load_scores"):
+            stored = score_store.load(plan.stored_scores, plan.params)
+        plan.record["scores_source"] = {"path": str(stored.path), "sha256": stored.sha256,
+                                        "metric": stored.meta["metric"]}
+        if plan.previous is not None:
+            plan.state_kept["scoring_seconds"] = stored.meta.get("scoring_seconds", 0.0)
+            plan.state_kept["scores"] = True
+        print(f"[cwa] scores loaded from {stored.path} (scoring skipped; it took "
+              f"{stored.meta.get('scoring_seconds', '?')} s)")
+        own = out_dir / score_store.FILE_NAME
+        if config.save_scores and stored.path.resolve() != own.resolve():
+            score_store.save(own, stored.output, stored.meta)
+        return stored.output
+    with timer.step(f"score_{config.metric}"):
+        start = time.perf_counter()
+        scored = compute_scores(plan.job, config.metric)
+        seconds = time.perf_counter() - start
+    if not config.save_scores and not worth_keeping_for_resume(scored, seconds):
+        print(f"[cwa] scores not written for --resume: computing them took {seconds:.1f} s, "
+              f"less than writing them would (--save-scores writes them anyway)")
+        return scored
+    with timer.step("save_scores"):
+        score_store.save(out_dir / score_store.FILE_NAME, scored, score_store.describe(
+            config.metric, plan.job, score_store.model_fingerprint(plan.model),
+            plan.data.calibration.sha256(), seconds))
+    return scored
 
 
-def perturbation_step(config: RunConfig, params, selection, scores, options, model, data,
-                      baseline, downstream, out_dir: Path) -> dict:
-    """Top-K and control conditions; results (and downstream results) saved after every
-    condition with ``complete: false`` until the last, so an interrupted run keeps them."""
-    conditions = experiment.build_conditions(selection, scores, config.topk, config.mode,
-                                             list(config.controls), list(config.seeds),
-                                             config.perturb, options)
-
-    def save(rows: list[dict], complete: bool) -> dict:
-        perturbation = {"baseline": baseline.summary(), "method": config.perturb,
-                        "k": config.topk, "mode": config.mode, "metric": config.metric,
-                        "options": vars(options), "complete": complete,
-                        "n_conditions": len(conditions), "conditions": rows,
-                        "summary": experiment.summarize(rows, baseline.perplexity),
-                        "restore_verified": all(row["restore_verified"] for row in rows)}
-        write_json(out_dir / "perturbation_results.json", perturbation)
-        if downstream:
-            write_json(out_dir / "downstream_results.json", downstream.results(complete))
-        return perturbation
-
-    finished: list[dict] = []
-    try:
-        experiment.run_conditions(
-            params, conditions, config.perturb, options,
-            lambda: evaluate(model, data.evaluation, config.batch_size), baseline,
-            on_condition=(lambda c: downstream.on_condition(c, config.perturb)) if downstream
-            else None, on_row=lambda rows: save(rows, complete=False), rows=finished)
-    except (KeyboardInterrupt, signals.Interrupted):
-        print(f"[cwa] interrupted: {len(finished)} of {len(conditions)} perturbation conditions "
-              f"finished and are kept in perturbation_results.json (complete: false)",
-              file=sys.stderr)
-        raise
-    perturbation = save(finished, complete=True)
-    report_console.perturbation(perturbation)
-    return perturbation
+# The GPU machine wrote llama-3.1-8b's 30 GB of float32 scores in 92 s (~330 MB/s), 30 times
+# longer than grad_x_weight took to compute them on 50 blocks.
+SCORE_WRITE_BYTES_PER_SECOND = 300e6
+ALWAYS_KEPT_BYTES = 2**30  # written in a few seconds at most
 
 
-def stability_step(config: RunConfig, job: ScoringJob, scores, out_dir: Path) -> dict:
-    if not METRICS[config.metric].uses_data and config.metric != "random":
-        print(f"[cwa] note: {config.metric} does not use data, so stability is trivially 1")
-    with stability.room_for_rescoring(scores):
-        result = stability.stability_check(job, config.metric, config.topk, config.mode,
-                                           list(config.seeds), config.stability_fraction,
-                                           config.stability_batches)
-    write_json(out_dir / "stability_results.json", result)
-    report_console.stability(result)
-    return result
+def worth_keeping_for_resume(scored, scoring_seconds: float) -> bool:
+    """Whether the resume state should hold these scores: always when they are small, else only
+    when recomputing them on a resume would take longer than writing them."""
+    tensors = list(scored.scores.values()) + [t for extra in scored.extra.values()
+                                               for t in extra.values()]
+    n_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    return n_bytes <= ALWAYS_KEPT_BYTES or \
+        scoring_seconds > n_bytes / SCORE_WRITE_BYTES_PER_SECOND
 
 
-def plots_step(config: RunConfig, out_dir: Path, scores, metas) -> list[str]:
-    from src.report.run_folder import RunFolder  # matplotlib only when plotting
-    from src.utils import run_plots, visualize
-
-    folder = RunFolder.read(out_dir)
-    folder.scores, folder.metas = scores, metas
-    return visualize.save_run_plots(folder, {**run_plots.CORE_PLOTS, **registry.plots()},
-                                    config.plot_formats)
+def run_analysis(state: steps.RunState, plan: Plan, analysis, settings, prepared) -> dict:
+    """One registered analysis: its section of enhanced_analysis.json and console lines."""
+    config = state.config
+    context = AnalysisContext(
+        model=state.model, params=state.params, scores=state.scores, selection=state.selection,
+        metas=state.metas, job=state.job, data=state.data, baseline=state.baseline,
+        metric=config.metric, k=config.topk, mode=config.mode, seeds=config.seeds,
+        controls=config.controls, method=config.perturb or DEFAULT_METHOD, options=state.options,
+        batch_size=config.batch_size, progress=config.verbose, tokenizer=plan.tokenizer,
+        settings=settings, prepared=prepared, cache=plan.cache)
+    section = analysis.run(context)
+    update_json(state.out_dir / "enhanced_analysis.json", analysis.key, section)
+    for line in analysis.summary(section):
+        print(f"[cwa] {line}")
+    return section
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -295,31 +326,3 @@ def describe_data(data: DataSplit) -> dict:
                        "tokens": int(blocks.attention_mask.sum()), "sha256": blocks.sha256()}
     return {"source": data.source, "n_documents": data.n_documents,
             "split": "documents at even positions -> evaluation, odd -> calibration", **sides}
-
-
-STATS_KEYS = ("mean", "std", "min", "max", "p50", "p95", "p99", "quantiles_sampled")
-
-
-def sensitivity_stats(scores, metas, metric: str, tied: dict) -> dict:
-    """Per scored parameter: layer, component, numel, mean, std, min, max, p50/p95/p99 of the
-    signed score (quantiles from a fixed sample on large tensors)."""
-    statistics = tensor_statistics(scores)
-    per_param = {}
-    for name, values in statistics.items():
-        meta = metas[name]
-        per_param[name] = {"layer": meta.layer, "component": meta.component,
-                           "shape_out_in": list(meta.shape_out_in),
-                           "numel": scores[name].numel(), **{k: values[k] for k in STATS_KEYS}}
-    return {"metric": metric, "signed": METRICS[metric].signed, "n_parameters": len(per_param),
-            "n_weights": sum(v["numel"] for v in per_param.values()),
-            "tied_parameters": tied, "parameters": per_param}
-
-
-def _gather_table(extra_scores, table):
-    """One value per table row from per-parameter tensors (e.g. Hutchinson standard errors)."""
-    column = np.empty(len(table))
-    for name, group in table.groupby("parameter", sort=False):
-        idx = torch.as_tensor(group["flat_index"].to_numpy())
-        tensor = extra_scores[name].reshape(-1)
-        column[group.index] = tensor[idx.to(tensor.device)].cpu().numpy()
-    return column

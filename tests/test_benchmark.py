@@ -31,7 +31,7 @@ def report(tmp_path_factory):
 def test_every_figure_is_reported(report):
     data, stdout = report
     expected = ["forward", "forward_backward", *[f"score_{m}" for m in METRICS], "evaluate",
-                "topk_global", "topk_per_tensor", "perturb_restore"]
+                "topk_global", "topk_per_tensor", "perturb_restore", "quantize_rtn"]
     assert list(data["figures"]) == expected
     for name, figure in data["figures"].items():
         assert "error" not in figure, name

@@ -46,6 +46,7 @@ def test_guides_document_enough_commands():
 
 
 TEXT_FILE_FLAGS = ("--data-file", "--conditions-data")
+FOLDER_FLAGS = ("--lm-eval-include",)
 
 
 @pytest.mark.parametrize("guide, line", documented_lines(RUNNER))
@@ -55,6 +56,8 @@ def test_runner_command_parses(guide, line, tmp_path, monkeypatch):
     for flag, value in zip(argv, argv[1:]):
         if flag in TEXT_FILE_FLAGS:
             (tmp_path / value).write_text("Some text of the user's own.\n")
+        if flag in FOLDER_FLAGS:
+            (tmp_path / value).mkdir(parents=True, exist_ok=True)
     config = config_from_argv(argv)  # parsed and validated as the CLI does
     assert config.out_dir
 

@@ -79,9 +79,15 @@ class FixedLogitsLM(torch.nn.Module):
 
 
 def reference_score(model, tok, context, continuation):
-    """Plain per-token loop: summed log-prob of the continuation and whether each token is argmax."""
-    context_ids = enc(tok, context) if context else [tok.eos_token_id]
-    cont_ids = enc(tok, continuation)
+    """Plain per-token loop: summed log-prob of the continuation and whether each token is argmax.
+    Encoded as the harness documents it: context + continuation together, split where the
+    context's encoding ends; an empty context is BOS (EOS without one)."""
+    if context:
+        context_ids = tok.encode(context)
+        cont_ids = tok.encode(context + continuation)[len(context_ids):]
+    else:
+        context_ids = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+        cont_ids = enc(tok, continuation)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([context_ids + cont_ids])).logits[0]
     total, greedy = 0.0, True
@@ -236,12 +242,16 @@ def test_empty_context_trailing_space_and_left_truncation(tok, tiny):
     assert len(ids) > 7 and ll != pytest.approx(reference_score(tiny, tok, context, continuation)[0], abs=1e-3)
 
 
-def test_non_finite_model_scores_zero(tok, tiny):
+def test_non_finite_model_is_scored_as_the_harness_scores_it(tok, tiny):
+    """NaN logliks: argmax picks the first ending (numpy's NaN rule), so accuracy is the share
+    of items whose gold ending is the first; perplexity is NaN."""
     model = FixedLogitsLM(torch.full((len(tok),), float("nan")))
-    hs = ds.evaluate_task(model, tok, "hellaswag", [hs_item("A b.", "c", ["x", "y"], 0)])
+    items = [hs_item("A b.", "c", ["x", "y"], 0), hs_item("D e.", "f", ["x", "y", "z"], 2),
+             hs_item("G h.", "i", ["x", "y"], 0), hs_item("J k.", "l", ["x", "y"], 1)]
+    hs = ds.evaluate_task(model, tok, "hellaswag", items)
     lb = ds.evaluate_task(model, tok, "lambada", [{"text": "a b c"}, {"text": "d e"}])
-    assert (hs["acc"], hs["acc_norm"]) == (0.0, 0.0)
-    assert lb["acc"] == 0.0 and lb["perplexity"] == math.inf
+    assert (hs["acc"], hs["acc_norm"]) == (0.5, 0.5)
+    assert lb["acc"] == 0.0 and math.isnan(lb["perplexity"])
 
 
 def test_evaluate_tasks_runs_every_task(tok, tiny):

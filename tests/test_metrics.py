@@ -183,6 +183,7 @@ def relative_error(estimate, exact):
     return num / den
 
 
+@pytest.mark.slow
 def test_hutchinson_converges_to_exact_diagonal(hessian_case):
     model, data, names, exact = hessian_case
     params = {n: dict(model.named_parameters())[n] for n in names}

@@ -326,13 +326,23 @@ def test_every_suite_command_uses_real_flags(tmp_path):
     done = run_suite("all", tmp_path, str(wrapper), HF_HUB_OFFLINE="1",
                      LLAMA_MODEL="nobody-has-this/llama", MISTRAL_MODEL="nobody-has-this/mistral")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "summary: 17 passed, 0 failed, 2 skipped" in done.stdout
+    assert "summary: 21 passed, 0 failed, 2 skipped" in done.stdout
     assert "SKIP [downstream]" not in done.stdout  # the runner's --help lists --downstream-tasks
     commands = [c.split("\x1f")[1:-1] for c in record.read_text().split("\x1e") if c]
-    assert len(commands) == 17
+    assert len(commands) == 21
+    saved = {}  # out-dir -> (metric, data flags) of runs that keep their scores
     for argv in commands:  # the real parser and its validation (the recorder made each folder)
+        source = argv[argv.index("--scores-from") + 1] if "--scores-from" in argv else None
+        if source:  # the recorder wrote no scores: check the source instead of reading it
+            argv = [a for a in argv if a not in ("--scores-from", source)]
         config = config_from_argv([*argv, "--overwrite"])
         assert config.out_dir.startswith(str(tmp_path))
+        scored_with = (config.metric, config.model, config.max_length, config.max_samples)
+        if source:
+            assert saved[source] == scored_with, f"{config.out_dir} reuses unfitting scores"
+        elif config.save_scores:
+            saved[config.out_dir] = scored_with
+    assert sum("--scores-from" in argv for argv in commands) == 14  # 19 runs, 5 metrics
 
 
 def test_suite_rejects_unknown_phase(tmp_path):

@@ -15,11 +15,11 @@ from src.cli import config_from_argv
 from src.errors import UserError
 from src.models.components import ParamMeta
 from src.report.run_folder import RunFolder
-from src.utils import run_plots, visualize
+from src.utils import experiment_plots, run_plots, visualize  # noqa: F401 - register plots
 from tests.conftest import run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-ALL_PLOTS = {**run_plots.CORE_PLOTS, **registry.plots()}
+ALL_PLOTS = {**visualize.RUN_PLOTS, **registry.plots()}
 CORE_PLOTS = ("sensitivity_distribution", "layer_component_heatmap", "topk_location",
               "perturbation_effects")
 ANALYSIS_PLOTS = ("architecture_depth", "progressive_curve", "super_weight_spikes")

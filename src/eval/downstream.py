@@ -5,11 +5,14 @@ scored by one forward pass over ``context + continuation``: the summed log-proba
 continuation tokens under teacher forcing (``loglik``) and whether every continuation token is
 the model's argmax prediction (``is_greedy``).
 
-Tokenization (the harness's ``_encode_pair``): trailing whitespace of the context is moved to
-the front of the continuation; context and continuation are encoded separately without special
-tokens and concatenated; an empty context becomes the tokenizer's EOS token (BOS when there is
-no EOS). The sequence is truncated from the left so that at most ``max_length`` tokens are fed
-(position t predicts token t+1), ``max_length`` being the model's context size.
+Tokenization (the harness's ``HFLM``, 0.4.9.2 and later): trailing whitespace of the context is
+moved to the front of the continuation; context + continuation are encoded together with the
+tokenizer's default special tokens (so a tokenizer that adds BOS gets it, as in the harness),
+and the continuation is what follows the context's own encoding; text that already starts with
+the prefix token gets no special tokens. An empty context is the prefix token (BOS, else EOS)
+before the continuation encoded without special tokens. The sequence is truncated from the left
+so that at most ``max_length`` tokens are fed (position t predicts token t+1), ``max_length``
+being the model's context size.
 
 HellaSwag (``Rowan/hellaswag``, zero-shot): query = preprocess(activity_label + ": " + ctx_a +
 " " + ctx_b.capitalize()); choice_i = preprocess(ending_i); continuation = " " + choice_i, where
@@ -25,9 +28,11 @@ space, continuation = " " + the last word. ``acc``: every target token is the gr
 Standard errors are the harness's sample standard error of a mean of 0/1 scores,
 sqrt(p(1-p)/(n-1)) (NaN for fewer than two items).
 
-Damaged models: a non-finite loglik (NaN/inf logits) counts as -inf and is never greedy, and a
-multiple-choice item counts as correct only when the gold ending's loglik is finite, so a model
-that outputs NaN scores 0 rather than "whatever index 0 happens to be".
+Damaged models are scored as the harness scores them: a NaN loglik stays NaN, ``argmax`` takes
+the first NaN (numpy and torch treat NaN as the largest value), so a model whose outputs are all
+NaN picks the first ending of every item (accuracy = the share of items whose gold ending is the
+first, about chance) and LAMBADA perplexity is NaN. Read accuracy of a destroyed model together
+with its perplexity.
 """
 from __future__ import annotations
 
@@ -105,9 +110,8 @@ def _hellaswag_metrics(items: list[dict], results: list[list[tuple[float, bool]]
         _, choices, gold = hellaswag_doc(item)
         lls = np.array([ll for ll, _ in scored], dtype=np.float64)
         lengths = np.array([float(len(c)) for c in choices])
-        gold_ok = bool(np.isfinite(lls[gold]))
-        acc.append(float(gold_ok and int(np.argmax(lls)) == gold))
-        acc_norm.append(float(gold_ok and int(np.argmax(lls / lengths)) == gold))
+        acc.append(float(int(np.argmax(lls)) == gold))
+        acc_norm.append(float(int(np.argmax(lls / lengths)) == gold))
     return {"acc": _mean(acc), "acc_stderr": mean_stderr(acc),
             "acc_norm": _mean(acc_norm), "acc_norm_stderr": mean_stderr(acc_norm), "n": len(items)}
 
@@ -179,10 +183,10 @@ def mean_stderr(values: list[float]) -> float:
 
 
 def perplexity(logliks: list[float]) -> float:
-    """exp(-mean(loglik)); inf when it overflows or any loglik is -inf."""
-    if not logliks:
-        return float("nan")
-    return perplexity_of(-float(np.mean(logliks)))
+    """exp(-mean(loglik)) as the harness aggregates it: NaN when a loglik is NaN, inf when it
+    overflows or a loglik is -inf."""
+    mean = float(np.mean(logliks)) if logliks else math.nan
+    return math.nan if math.isnan(mean) else perplexity_of(-mean)
 
 
 # ----------------------------------------------------------------------------- data loading
@@ -273,29 +277,37 @@ def model_max_length(model, tokenizer) -> int:
     return DEFAULT_MAX_LENGTH
 
 
-def _context_token(tokenizer) -> int:
-    for token_id in (tokenizer.eos_token_id, tokenizer.bos_token_id):
+def prefix_token(tokenizer) -> int:
+    """What stands before a continuation with an empty context: BOS, else EOS (the harness's
+    ``prefix_token_id``)."""
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if token_id is not None:
             return token_id
-    raise ValueError("an empty context needs an EOS or BOS token, and the tokenizer has neither")
+    raise ValueError("an empty context needs a BOS or EOS token, and the tokenizer has neither")
 
 
 def encode_requests(tokenizer, requests: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """Token ids (context, continuation) of each request, following the harness's conventions."""
-    pairs = []
+    """Token ids (context, continuation) of each request, as the harness encodes them."""
+    prefix = prefix_token(tokenizer)
+    prefix_text = tokenizer.decode(prefix)
+    encoded = []
     for context, continuation in requests:
         n_spaces = len(context) - len(context.rstrip())
         if n_spaces:
             context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-        pairs.append((context, continuation))
-    texts = sorted({text for pair in pairs for text in pair if text})
-    ids = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
-    encoded = []
-    for context, continuation in pairs:
-        if not ids.get(continuation):
+        if context:
+            special = {"add_special_tokens": False} if context.startswith(prefix_text) else {}
+            whole = tokenizer.encode(context + continuation, **special)
+            context_ids = tokenizer.encode(context, **special)
+            continuation_ids = whole[len(context_ids):]
+        else:
+            continuation_ids = tokenizer.encode(continuation, add_special_tokens=False)
+            context_ids = [prefix]
+            if continuation_ids and continuation_ids[0] == prefix:
+                context_ids, continuation_ids = continuation_ids[:1], continuation_ids[1:]
+        if not continuation_ids:
             raise ValueError(f"continuation {continuation!r} encodes to no tokens")
-        context_ids = list(ids[context]) if context else [_context_token(tokenizer)]
-        encoded.append((context_ids, list(ids[continuation])))
+        encoded.append((context_ids, continuation_ids))
     return encoded
 
 
@@ -313,11 +325,10 @@ def _score_batch(model, sequences: list[list[int]], n_scored: list[int], device)
     logprobs = torch.log_softmax(logits[scored.to(logits.device)].float(), dim=-1)
     targets = tokens[:, 1:][scored].to(logprobs.device)
     token_ll = logprobs.gather(-1, targets[:, None]).squeeze(-1).double()
-    missed = (logprobs.argmax(-1) != targets) | ~torch.isfinite(token_ll)
+    missed = logprobs.argmax(-1) != targets  # NaN rows: argmax is the first NaN, as in the harness
     rows = torch.arange(len(sequences))[:, None].expand_as(scored)[scored].to(logprobs.device)
     ll = torch.zeros(len(sequences), dtype=torch.float64, device=logprobs.device).index_add_(0, rows, token_ll)
     misses = torch.zeros(len(sequences), dtype=torch.long, device=logprobs.device).index_add_(0, rows, missed.long())
-    ll = torch.nan_to_num(ll, nan=-math.inf, posinf=-math.inf)
     return [(float(v), int(m) == 0) for v, m in zip(ll.tolist(), misses.tolist())]
 
 

@@ -8,7 +8,6 @@ The cache folder is ``--cache-dir``, else ``$XDG_CACHE_HOME/critical-weight-anal
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from src.errors import UserError
+from src.utils.io import file_sha256
 
 BUILTIN_NAME = "smollm2-135m"
 BUILTIN_ALIASES = {BUILTIN_NAME, "builtin", "smollm2"}
@@ -95,7 +95,7 @@ def _build_builtin_cache(gguf: Path, staging: Path) -> None:
     plain.load_state_dict(gguf_model.state_dict())
     plain.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    marker = {name: _sha256(staging / name) for name in _weight_files(staging)}
+    marker = {name: file_sha256(staging / name) for name in _weight_files(staging)}
     (staging / CACHE_MARKER).write_text(json.dumps(marker, indent=1))
 
 
@@ -118,16 +118,8 @@ def _cache_is_valid(folder: Path) -> bool:
         return False  # valid JSON of the wrong shape is a corrupt cache too
     if not any(name.endswith(".safetensors") for name in expected):
         return False
-    return all((folder / name).is_file() and _sha256(folder / name) == digest
+    return all((folder / name).is_file() and file_sha256(folder / name) == digest
                for name, digest in expected.items())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def builtin_tokenizer(cache: Path):

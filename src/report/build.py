@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from src.errors import UserError
-from src.report.cross_run import cross_run_findings, draw_cross_run_plots
+from src.report.cross_run import CROSS_RUN_PLOTS, cross_run_findings, draw_cross_run_plots
 from src.report.document import Doc, to_html, to_markdown
 from src.report.findings import jaccard_of, mean_sd_text, run_findings
 from src.report.run_folder import RunFolder, read_runs
@@ -72,9 +72,7 @@ def build_report(runs: list[RunFolder], skipped: list[tuple[str, str]], figures:
     if figures:
         doc.heading(2, "Cross-run plots")
         for name, path in figures.items():
-            doc.image(path, {"by_model": "Perturbation damage by model",
-                             "by_metric": "Perturbation damage by metric",
-                             "by_k": "Damage and stability by K"}[name])
+            doc.image(path, CROSS_RUN_PLOTS[name][0])
     doc.heading(2, "Runs in detail")
     for run in runs:
         run_section(doc, run)

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib.ticker import PercentFormatter
 
 from src.report.findings import jaccard_of, ppl_ratios
 from src.report.run_folder import RunFolder
@@ -227,19 +228,60 @@ def _jaccard_by_k(ax, runs: list[RunFolder]):
     ax.legend(fontsize=8)
 
 
+def plot_recovery_by_k(runs: list[RunFolder]):
+    """Recovery of the quantization loss against K: top-K solid, random-K mean dashed, one
+    colour per (model, metric, quantization) series."""
+    series: dict[tuple, list] = {}
+    for run in runs:
+        q = run.quantization
+        if not q or "top_k" not in q["summary"]:
+            continue
+        key = (run.get("model"), q["metric"], q["quantization"]["label"])
+        random = q["summary"].get("random_k", {}).get("mean_recovery", math.nan)
+        series.setdefault(key, []).append((q["k"], q["summary"]["top_k"]["mean_recovery"],
+                                           random))
+    if not series:
+        return None
+    figure, ax = plt.subplots(figsize=(7.5, 4.6 + 0.18 * len(series)))
+    for index, (key, points) in enumerate(sorted(series.items(), key=str)):
+        ks, top, random = zip(*sorted(points))
+        colour = PALETTE[index % len(PALETTE)]
+        ax.plot(ks, top, "-o", color=colour, markeredgecolor="black", markeredgewidth=0.4,
+                label="/".join(map(str, key)))
+        ax.plot(ks, random, "--s", color=colour, markeredgecolor="black", markeredgewidth=0.4)
+    ax.axhline(0, color="black", linestyle=":", linewidth=1)
+    highest = max((value for points in series.values() for _, top, random in points
+                   for value in (top, random) if math.isfinite(value)), default=0.0)
+    if highest > 0.5:  # the full-recovery line only where the data come near it
+        ax.axhline(1, color="black", linestyle="--", linewidth=1, label="full recovery")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_xscale("log")
+    ax.set_xlabel("K kept at full precision (log scale)")
+    ax.set_ylabel("recovery of the quantization loss")
+    ax.set_title("Recovery by K: top-K solid circles, random-K mean dashed squares", fontsize=10)
+    ax.legend(title="model/metric/quantization", title_fontsize=7, fontsize=7,
+              loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
+    figure.tight_layout()
+    return figure
+
+
+# name -> (caption, function(runs) -> Figure or None when no run has the results it needs)
 CROSS_RUN_PLOTS = {
-    "by_model": lambda runs: plot_by(runs, "model", "Perturbation damage by model"),
-    "by_metric": lambda runs: plot_by(runs, "metric", "Perturbation damage by metric"),
-    "by_k": plot_by_k,
+    "by_model": ("Perturbation damage by model",
+                 lambda runs: plot_by(runs, "model", "Perturbation damage by model")),
+    "by_metric": ("Perturbation damage by metric",
+                  lambda runs: plot_by(runs, "metric", "Perturbation damage by metric")),
+    "by_k": ("Damage and stability by K", plot_by_k),
+    "recovery_by_k": ("Compression: recovery of the quantization loss by K", plot_recovery_by_k),
 }
 
 
 def draw_cross_run_plots(runs: list[RunFolder], folder: Path) -> dict[str, Path]:
     written = {}
-    for name, draw in CROSS_RUN_PLOTS.items():
+    for name, (caption, draw) in CROSS_RUN_PLOTS.items():
         figure = draw(runs)
         if figure is None:
-            print(f"[report] cross-run plot {name} skipped: no run has perturbation results")
+            print(f"[report] cross-run plot {name} skipped: no run has its results")
             continue
         written[name] = Path(save_figure(figure, folder / name, ("png",))[0])
     return written

@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from src.analysis import registry
+from src.eval.downstream_step import ACCURACY_METRICS
 from src.report.run_folder import RunFolder
 from src.utils.format import pct, ppl, sig, times
 
@@ -211,7 +212,7 @@ def downstream_findings(run: RunFolder) -> list[str]:
         return []
     out = []
     for task, base in d["baseline"].items():
-        for metric in ("acc", "acc_norm"):
+        for metric in ACCURACY_METRICS:
             if metric not in base:
                 continue
             parts = []
@@ -244,6 +245,30 @@ def analysis_findings(run: RunFolder) -> list[str]:
     return out
 
 
+def compression_findings(run: RunFolder) -> list[str]:
+    """What keeping the top-K at full precision buys against quantizing everything."""
+    q = run.quantization
+    if not q or "top_k" not in q["summary"]:
+        return []
+    spec, summary = q["quantization"], q["summary"]
+    rtn = summary.get("none", {}).get("mean_perplexity")
+    text = (f"Keeping the top {q['k']} {q['metric']} weights ({sig(100 * q['share_kept'], 2)}% "
+            f"of the scored weights) at full precision recovers "
+            f"{pct(summary['top_k']['mean_recovery'], signed=True)}"
+            f" of the {spec['bits']}-bit loss ({spec['label']}: perplexity "
+            f"{ppl(q['baseline']['perplexity'])} at full precision, {ppl(rtn)} quantized, "
+            f"{ppl(summary['top_k']['mean_perplexity'])} with the top-K kept)")
+    versus = summary.get("top_vs_random")
+    if versus:
+        text += (f"; random {q['k']} recover "
+                 f"{pct(versus['random_k_mean_recovery'], signed=True)} ± "
+                 f"{pct(versus['random_k_sd_recovery'])} (p = "
+                 f"{versus['empirical_p_value']:.3g} over {versus['n_random_draws']} draws)")
+    if "bottom_k" in summary:
+        text += f", bottom {q['k']} {pct(summary['bottom_k']['mean_recovery'], signed=True)}"
+    return [text + "."]
+
+
 def run_findings(run: RunFolder) -> list[str]:
-    return (perturbation_findings(run) + stability_findings(run) + location_findings(run)
-            + downstream_findings(run) + analysis_findings(run))
+    return (perturbation_findings(run) + compression_findings(run) + stability_findings(run)
+            + location_findings(run) + downstream_findings(run) + analysis_findings(run))

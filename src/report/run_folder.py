@@ -17,7 +17,8 @@ from src.utils.output import process_alive
 JSON_FILES = {"config": "config.json", "manifest": "experiment_manifest.json",
               "perturbation": "perturbation_results.json",
               "stability": "stability_results.json", "downstream": "downstream_results.json",
-              "enhanced": "enhanced_analysis.json", "sensitivity_stats": "sensitivity_stats.json"}
+              "enhanced": "enhanced_analysis.json", "sensitivity_stats": "sensitivity_stats.json",
+              "quantization": "quantization_results.json"}
 RUN_MARKERS = ("config.json", "experiment_manifest.json")
 MODE_NAMES = {"per_layer": "per_tensor"}  # folders written before the mode was renamed
 
@@ -42,6 +43,7 @@ class RunFolder:
     downstream: dict | None = None
     enhanced: dict | None = None
     sensitivity_stats: dict | None = None
+    quantization: dict | None = None
     plots: list[Path] = field(default_factory=list)
     # only while the run that writes the folder is in memory:
     scores: dict | None = None          # name -> fp32 score tensor (stored layout)

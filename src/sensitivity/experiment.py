@@ -14,8 +14,9 @@ interval of Δppl over evaluation blocks (blocks resampled with replacement).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager
 
 import numpy as np
 
@@ -54,24 +55,32 @@ def build_conditions(top_selection: Selection, scores, k: int, mode: str, contro
 def run_conditions(params, conditions: list[Condition], method: str, options: PerturbOptions,
                    evaluate: Callable[[], EvalResult], baseline: EvalResult,
                    on_condition: Callable | None = None, on_row: Callable | None = None,
-                   rows: list[dict] | None = None) -> tuple[list[dict], bool]:
-    """Evaluate every condition; returns (rows, restore_verified for all). ``on_condition`` runs
-    further measurements under each perturbation; ``on_row(rows)`` sees the rows after each
-    condition (to save finished work). ``rows`` collects them in a list the caller holds, so
-    the conditions that finished are known also when the run is interrupted."""
+                   rows: list[dict] | None = None,
+                   apply: Callable[[Condition], ContextManager] | None = None) \
+        -> tuple[list[dict], bool]:
+    """Evaluate every condition; returns (rows, restore_verified for all). ``apply(condition)``
+    changes the weights for the duration (default: ``perturbed`` with ``method``; the
+    compression experiment quantizes instead). ``on_condition`` runs further measurements under
+    each condition; ``on_row(rows)`` sees the rows after each condition (to save finished work).
+    ``rows`` collects them in a list the caller holds, so the conditions that finished are known
+    also when the run is interrupted."""
     reference = fingerprint(params)
     rows = [] if rows is None else rows
     all_restored = True
+    apply = apply or (lambda c: perturbed(params, c.selection, method, options,
+                                          seed=c.seed or 0))
     for condition in conditions:
         before = snapshot_selected(params, condition.selection)
-        with perturbed(params, condition.selection, method, options, seed=condition.seed or 0):
+        start = time.perf_counter()
+        with apply(condition):
             result = evaluate()
             if on_condition:  # further measurements under the same perturbation
                 on_condition(condition)
         restored = selected_bits_equal(params, condition.selection, before) and \
             fingerprint(params) == reference
         all_restored &= restored
-        rows.append(condition_row(condition, method, result, baseline, restored))
+        rows.append({**condition_row(condition, method, result, baseline, restored),
+                     "seconds": round(time.perf_counter() - start, 3)})
         if on_row:
             on_row(rows)
     return rows, all_restored

@@ -35,14 +35,16 @@ class Metric:
     uses_data: bool
     signed: bool
     description: str
+    options: tuple[str, ...] = ()  # ScoringJob fields that change the scores (model, data aside)
 
 
 METRICS: dict[str, Metric] = {}
 
 
-def register(name: str, *, uses_data: bool, signed: bool = False, description: str = ""):
+def register(name: str, *, uses_data: bool, signed: bool = False, description: str = "",
+             options: tuple[str, ...] = ()):
     def wrap(fn):
-        METRICS[name] = Metric(fn, uses_data, signed, description)
+        METRICS[name] = Metric(fn, uses_data, signed, description, options)
         return fn
     return wrap
 
@@ -83,7 +85,8 @@ def magnitude(job: ScoringJob) -> MetricOutput:
     return MetricOutput({n: p.detach().float().abs() for n, p in job.params.items()})
 
 
-@register("random", uses_data=False, description="seeded uniform [0,1) null metric")
+@register("random", uses_data=False, description="seeded uniform [0,1) null metric",
+          options=("seed",))
 def random_scores(job: ScoringJob) -> MetricOutput:
     scores = {}
     for name, p in job.params.items():
@@ -335,7 +338,8 @@ def _column_sumsq(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 @register("hutchinson_diag", uses_data=True, signed=True,
-          description="Hutchinson estimate of the Hessian diagonal (signed)")
+          description="Hutchinson estimate of the Hessian diagonal (signed)",
+          options=("seed", "batch_size", "hutchinson_samples", "hutchinson_block"))
 def hutchinson_diag(job: ScoringJob) -> MetricOutput:
     mean, stderr = hutchinson_diagonal(job)
     return MetricOutput(mean, {"stderr": stderr})

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from src.sensitivity.metrics import compute_scores
+from src.sensitivity.metrics import METRICS, compute_scores
 from src.sensitivity.rank import Selection, top_k
 from src.sensitivity.scoring import ScoringJob
 
@@ -94,15 +94,28 @@ def compare_rankings(score_sets: list, selections: list[Selection], labels: list
             "union_size": int(sum(v.numel() for v in union.values()))}
 
 
+def same_as_main(job: ScoringJob, metric: str, index, seed: int) -> bool:
+    """Whether scoring this subset and seed repeats the run's own scoring exactly (all blocks or
+    a data-free metric, and the run's seed or a metric the seed does not change)."""
+    spec = METRICS[metric]
+    return (len(index) == len(job.blocks) or not spec.uses_data) and \
+        (seed == job.seed or "seed" not in spec.options)
+
+
 def _score_subset(job: ScoringJob, metric: str, index, seed: int, k: int, mode: str,
-                  keep: bool = True):
+                  keep: bool = True, main_scores: dict | None = None):
     """(scores offloaded to the CPU, or a callable that rescores when they are too large to keep
-    beside the other sets; top-K selection ranked where the scores were computed)."""
+    beside the other sets; top-K selection ranked where the scores were computed). The run's
+    ``main_scores`` stand in when they are what this scoring would compute."""
     sub_job = dataclasses.replace(job, blocks=job.blocks.subset(index), seed=seed)
-    scores = compute_scores(sub_job, metric).scores
+    if main_scores is not None and same_as_main(job, metric, index, seed):
+        rescore = lambda: main_scores  # noqa: E731
+    else:
+        rescore = lambda: compute_scores(sub_job, metric).scores  # noqa: E731
+    scores = rescore()
     selection = top_k(scores, k, mode)
     if not keep:
-        return (lambda: compute_scores(sub_job, metric).scores), selection
+        return rescore, selection
     return {name: s.cpu() for name, s in scores.items()}, selection
 
 
@@ -143,21 +156,23 @@ def room_for_rescoring(scores: dict):
 
 
 def stability_check(job: ScoringJob, metric: str, k: int, mode: str, seeds: list[int],
-                    fraction: float, n_batches: int) -> dict:
+                    fraction: float, n_batches: int, main_scores: dict | None = None) -> dict:
     """Jaccard and Spearman across seed subsets and across disjoint calibration parts;
-    ``n_batches`` must be between 2 and the number of calibration blocks."""
+    ``n_batches`` must be between 2 and the number of calibration blocks. ``main_scores``: the
+    run's scores (computed or loaded), reused where a subset would repeat them."""
     n_blocks = len(job.blocks)
     keep = _sets_fit_in_memory(job.params, len(seeds) + n_batches)
     seed_scores, seed_selections = [], []
     for seed in seeds:
         index = seed_subset(n_blocks, fraction, seed)
-        scores, selection = _score_subset(job, metric, index, seed, k, mode, keep)
+        scores, selection = _score_subset(job, metric, index, seed, k, mode, keep, main_scores)
         seed_scores.append(scores)
         seed_selections.append(selection)
     parts = disjoint_parts(n_blocks, n_batches)
     batch_scores, batch_selections = [], []
     for part in parts:
-        scores, selection = _score_subset(job, metric, part, job.seed, k, mode, keep)
+        scores, selection = _score_subset(job, metric, part, job.seed, k, mode, keep,
+                                          main_scores)
         batch_scores.append(scores)
         batch_selections.append(selection)
     return {

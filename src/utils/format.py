@@ -52,14 +52,18 @@ def ppl(value) -> str:
     return fixed(value, 2)
 
 
-def pct(value: float) -> str:
-    """A relative change (0.05 = 5%) as an unsigned percentage with sensible precision."""
-    if not math.isfinite(value):
-        return "inf%"
+def pct(value: float, signed: bool = False) -> str:
+    """A share or relative change (0.05 = 5%) as a percentage with sensible precision; the
+    magnitude only, unless ``signed``."""
+    if value is None or math.isnan(value):
+        return "nan"
+    sign = "-" if signed and value < 0 else ""
+    if math.isinf(value):
+        return f"{sign}inf%"
     magnitude = abs(value) * 100
     if magnitude < 0.01:
         return "<0.01%"
-    return f"{magnitude:.2f}%" if magnitude < 10 else f"{magnitude:.3g}%"
+    return f"{sign}{magnitude:.2f}%" if magnitude < 10 else f"{sign}{magnitude:.3g}%"
 
 
 def times(value: float) -> str:

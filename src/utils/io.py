@@ -7,6 +7,7 @@ JSON is strict (any parser reads it): non-finite numbers are written as the stri
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -119,3 +120,9 @@ def update_json(path, key: str, value) -> Path:
     data = read_json(path) if path.is_file() else {}
     data[key] = value
     return write_json(path, data)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (model weights and scores are gigabytes)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

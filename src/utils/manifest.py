@@ -126,7 +126,7 @@ STATUSES = ("running", "succeeded", "failed", "interrupted")
 def build_manifest(*, status: str, config: dict, model_info: dict | None,
                    data_info: dict | None, seeds, timer: StepTimer, out_dir: Path,
                    started_at: str, environment: dict, error=None, data_parallel=None,
-                   foreign: frozenset[str] = frozenset()) -> dict:
+                   foreign: frozenset[str] = frozenset(), extra: dict | None = None) -> dict:
     """The manifest at one moment of the run: ``status`` one of STATUSES; ``error`` a message, or
     {"message", "traceback"} for an unexpected failure."""
     files = [f for f in output_files(out_dir, foreign) if f["path"] != "experiment_manifest.json"]
@@ -151,6 +151,7 @@ def build_manifest(*, status: str, config: dict, model_info: dict | None,
         "versions": environment["versions"],
         "hardware": hardware(),
         "output_files": files + [{"path": "experiment_manifest.json"}],
+        **(extra or {}),
     }
 
 

@@ -110,19 +110,23 @@ def occupied_message(path: str, files: list[str]) -> str:
             f"the run there, or choose another folder")
 
 
+def listed_files(folder: Path) -> set[str]:
+    """The files the folder's manifest lists as its run's (none when it has no readable one)."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return set()
+    try:
+        return {f["path"] for f in json.loads(manifest.read_text()).get("output_files", [])
+                if isinstance(f, dict) and isinstance(f.get("path"), str)}
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
 def remove_previous_run(folder: Path) -> list[str]:
     """The files of the run that was in ``folder``: what its manifest lists, the contract's file
     names and plots/; anything else stays. Returns what was removed."""
-    listed = []
-    manifest = folder / MANIFEST
-    if manifest.is_file():
-        try:
-            listed = [f["path"] for f in json.loads(manifest.read_text()).get("output_files", [])
-                      if isinstance(f, dict) and isinstance(f.get("path"), str)]
-        except (OSError, ValueError, AttributeError):
-            listed = []
     removed = []
-    for name in dict.fromkeys([*listed, *RUN_FILES]):
+    for name in dict.fromkeys([*sorted(listed_files(folder)), *RUN_FILES]):
         target = (folder / name).resolve()
         if folder.resolve() not in target.parents or not target.is_file():
             continue  # never outside the folder, never a folder named like a file
@@ -179,7 +183,15 @@ def process_alive(record: dict) -> bool:
         return False
     except PermissionError:  # exists, owned by someone else
         return True
-    return True
+    return not _zombie(record["pid"])
+
+
+def _zombie(pid: int) -> bool:
+    """A killed process whose parent has not reaped it yet still answers kill(pid, 0)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _remove_if_empty(folder: Path, created: bool) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from src.utils.format import fixed
+from src.utils.format import fixed, sig
 
 
 def baseline(model_info: dict, data, result) -> None:
@@ -55,3 +55,23 @@ def stability(results: dict) -> None:
         print(f"[cwa] stability {family.replace('_', ' ')}: Jaccard mean "
               f"{fixed(part['jaccard']['mean'])} ± {fixed(part['jaccard']['std'])}, Spearman mean "
               f"{fixed(part['spearman']['mean'])}")
+
+
+def quantization(results: dict) -> None:
+    spec = results["quantization"]
+    base = results["baseline"]["perplexity"]
+    print(f"[cwa] compression {spec['label']}: K={results['k']} ({results['mode']}, "
+          f"{results['metric']}) kept at full precision, {sig(100 * results['share_kept'], 2)}% "
+          f"of the scored weights; baseline perplexity {fixed(base)}")
+    print(f"  {'condition':<18} {'seed':>5} {'perplexity':>12} {'x baseline':>11} "
+          f"{'recovery':>9} {'restored':>9}")
+    for row in results["conditions"]:
+        print(f"  {row['condition']:<18} {fixed(row['seed']):>5} {fixed(row['perplexity']):>12} "
+              f"{fixed(row['ppl_ratio']):>11} {fixed(row['recovery']):>9} "
+              f"{str(row['restore_verified']):>9}")
+    versus = results["summary"].get("top_vs_random")
+    if versus:
+        print(f"[cwa] top-K recovers {fixed(versus['top_k_recovery'])} of the quantization loss, "
+              f"random-K {fixed(versus['random_k_mean_recovery'])} ± "
+              f"{fixed(versus['random_k_sd_recovery'])}; empirical p "
+              f"{fixed(versus['empirical_p_value'])} ({versus['n_random_draws']} random draws)")

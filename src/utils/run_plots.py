@@ -1,6 +1,6 @@
-"""The core plots of a run (``--save-plots``): score distribution, layer x component heatmap,
-where the top-K sit, perturbation effects, stability and downstream accuracy. Each analysis
-brings its own plots (src/analysis/registry.py).
+"""The score plots of a run (``--save-plots``): score distribution, layer x component heatmap
+and where the top-K sit (src/utils/experiment_plots.py draws the experiments; each analysis
+brings its own plots, src/analysis/registry.py).
 
 Score distributions are exact octave histograms of |score| computed on the score tensors (on
 their device), never from Python lists of weights.
@@ -15,20 +15,9 @@ import torch
 from matplotlib.colors import LogNorm
 
 from src.report.run_folder import InputAbsent, RunFolder
-from src.utils.format import count, is_finite_number, sig
-from src.utils.visualize import (PALETTE, SELECTION_COLOURS, SELECTION_ORDER, SkipPlot, colours,
-                                 draw_heatmap, grid, metric_label, ordered_components,
-                                 pair_heatmap, plt)
-
-CORE_PLOTS: dict = {}
-
-
-def core_plot(name: str):
-    def add(function):
-        CORE_PLOTS[name] = function
-        return function
-    return add
-
+from src.utils.format import count
+from src.utils.visualize import (SkipPlot, colours, draw_heatmap, grid, metric_label,
+                                 ordered_components, plt, run_plot)
 
 # ----------------------------------------------------------------------------- score summaries
 
@@ -99,7 +88,7 @@ def _need_scores(run: RunFolder) -> None:
         raise SkipPlot("score tensors are only available while the run is in memory")
 
 
-@core_plot("sensitivity_distribution")
+@run_plot("sensitivity_distribution")
 def sensitivity_distribution(run: RunFolder) -> plt.Figure:
     _need_scores(run)
     hists = log_histograms(run.scores, run.metas)
@@ -149,7 +138,7 @@ def _topk_threshold(run: RunFolder) -> float | None:
     return float(run.table["score"].abs().min())
 
 
-@core_plot("layer_component_heatmap")
+@run_plot("layer_component_heatmap")
 def layer_component_heatmap(run: RunFolder) -> plt.Figure:
     _need_scores(run)
     cells = mean_abs_by_cell(run.scores, run.metas)
@@ -164,7 +153,7 @@ def layer_component_heatmap(run: RunFolder) -> plt.Figure:
     return figure
 
 
-@core_plot("topk_location")
+@run_plot("topk_location")
 def topk_location(run: RunFolder) -> plt.Figure:
     table = _top_table(run)
     layers = table["layer"].map(lambda v: None if v != v else int(v))  # NaN -> outside blocks
@@ -212,160 +201,3 @@ def _scored_cells(run: RunFolder) -> set[tuple]:
         return {(m.layer, m.component) for m in run.metas.values()}
     stats = (run.sensitivity_stats or {}).get("parameters", {})
     return {(p["layer"], p["component"]) for p in stats.values()}
-
-
-@core_plot("perturbation_effects")
-def perturbation_effects(run: RunFolder) -> plt.Figure:
-    results = run.need("perturbation", "needs --perturb")
-    rows = results["conditions"]
-    baseline = results["baseline"]["perplexity"]
-    selections = [s for s in SELECTION_ORDER if any(r["selection"] == s for r in rows)]
-    selections += sorted({r["selection"] for r in rows} - set(selections))
-    wide = max(1.6, 0.09 * len(rows))
-    figure, (left, right) = plt.subplots(1, 2, figsize=(7 + 3.2 * wide, 4.8),
-                                         gridspec_kw={"width_ratios": [1, wide]})
-    _perplexity_panel(left, rows, selections, baseline)
-    _delta_panel(right, rows, selections)
-    comparison = results.get("summary", {}).get("top_vs_random")
-    subtitle = ""
-    if comparison:
-        subtitle = (f"\neffect ratio {sig(comparison['effect_ratio'])}, empirical p = "
-                    f"{comparison['empirical_p_value']:.3g} over "
-                    f"{comparison['n_random_draws']} random-K draws")
-    figure.suptitle(f"Perturbation '{results['method']}' of K={results['k']} weights "
-                    f"({results['mode']}, {results['metric']}); baseline perplexity "
-                    f"{baseline:.3f}{subtitle}", fontsize=11)
-    figure.tight_layout()
-    return figure
-
-
-def _perplexity_panel(ax, rows, selections, baseline):
-    finite = [r["perplexity"] for r in rows if is_finite_number(r["perplexity"])] + [baseline]
-    top = max(finite) * 3
-    for x, name in enumerate(selections):
-        values = np.array([r["perplexity"] for r in rows if r["selection"] == name], dtype=float)
-        jitter = np.linspace(-0.12, 0.12, len(values)) if len(values) > 1 else np.zeros(1)
-        shown = np.where(np.isfinite(values), values, top)
-        ax.scatter(x + jitter, shown, color=SELECTION_COLOURS.get(name, PALETTE[7]), s=36,
-                   zorder=3, edgecolor="black", linewidth=0.4,
-                   label=f"{name} (n={len(values)})")
-        for xi, value in zip(x + jitter, values):
-            if not np.isfinite(value):
-                ax.annotate("inf" if np.isinf(value) else "nan", (xi, top), ha="center",
-                            va="bottom", fontsize=8)
-        if len(values) > 1 and np.all(np.isfinite(values)):
-            mean, sd = values.mean(), values.std(ddof=1)
-            ax.errorbar(x + 0.25, mean, yerr=sd, fmt="_", color="black", capsize=4, zorder=4)
-    ax.axhline(baseline, color="black", linestyle="--", linewidth=1, label="baseline")
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(selections)), selections)
-    ax.set_xlim(-0.6, len(selections) - 0.4)
-    ax.set_ylabel("perplexity after perturbation (log scale)")
-    ax.set_xlabel("selection (each dot = one seed; bar = mean ± sd)")
-    ax.set_title("Perplexity per condition", fontsize=10)
-    ax.legend(fontsize=7, loc="best")
-
-
-def _delta_panel(ax, rows, selections):
-    ordered = [r for name in selections for r in rows if r["selection"] == name]
-    deltas = np.array([r["delta_perplexity"] for r in ordered], dtype=float)
-    intervals = np.array([r.get("delta_perplexity_ci95") or [np.nan, np.nan] for r in ordered],
-                         dtype=float)
-    magnitudes = np.abs(np.concatenate([deltas, intervals.ravel()]))
-    magnitudes = magnitudes[np.isfinite(magnitudes) & (magnitudes > 0)]
-    linthresh = 10 ** math.floor(math.log10(magnitudes.min())) if magnitudes.size else 1.0
-    top = magnitudes.max() * 3 if magnitudes.size else 1.0
-    for x, (row, delta, (low, high)) in enumerate(zip(ordered, deltas, intervals)):
-        colour = SELECTION_COLOURS.get(row["selection"], PALETTE[7])
-        if np.isfinite(delta):
-            bounded = np.isfinite(low) and np.isfinite(high)
-            err = [[delta - low], [high - delta]] if bounded else None
-            ax.errorbar(x, delta, yerr=err, fmt="o", color=colour, capsize=4,
-                        markeredgecolor="black", markeredgewidth=0.4)
-        else:
-            ax.scatter(x, top, marker="^", color=colour)
-            ax.annotate("inf", (x, top), ha="center", va="bottom", fontsize=8)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_yscale("symlog", linthresh=linthresh)
-    reach = np.concatenate([deltas, intervals.ravel()])
-    reach = reach[np.isfinite(reach)]
-    if reach.size:
-        ax.set_ylim(min(reach.min() * 3, -linthresh), max(reach.max() * 3, top, linthresh))
-    crowded = len(ordered) > 8
-    labels = [r["selection"] + ("" if r["seed"] is None else
-                                (f" s{r['seed']}" if crowded else f"\nseed {r['seed']}"))
-              for r in ordered]
-    ax.set_xticks(range(len(ordered)), labels, fontsize=7, rotation=90 if crowded else 0)
-    ax.set_ylabel(f"Δ perplexity vs baseline\n(symlog; linear below {linthresh:g})")
-    ax.set_xlabel("condition")
-    ax.set_title("Δ perplexity with paired bootstrap 95% interval over evaluation blocks",
-                 fontsize=10)
-
-
-@core_plot("stability")
-def stability_plot(run: RunFolder) -> plt.Figure:
-    results = run.need("stability", "needs --stability-check")
-    families = [f for f in ("across_seeds", "across_batches") if f in results]
-    figure, axes = plt.subplots(2, len(families), figsize=(5.2 * len(families), 8.2),
-                                squeeze=False)
-    for column, family in enumerate(families):
-        block = results[family]
-        for row, measure in enumerate(("jaccard", "spearman")):
-            ax = axes[row, column]
-            pair_heatmap(ax, block["labels"], block[measure]["pairs"], lambda p: p["value"],
-                         _measure_label(measure), signed=measure == "spearman")
-            mean = block[measure]["mean"]
-            what = "seed" if family == "across_seeds" else "calibration part"
-            ax.set_title(f"{_measure_label(measure)} {family.replace('_', ' ')}: mean "
-                         f"{'n/a' if mean is None else f'{mean:.3f}'}", fontsize=10)
-            ax.set_xlabel(what)
-            ax.set_ylabel(what)
-    figure.suptitle(f"Stability of the top-{results['k']} set ({results['metric']}, "
-                    f"{results['mode']})")
-    figure.tight_layout()
-    return figure
-
-
-def _measure_label(measure: str) -> str:
-    return {"jaccard": "Jaccard |A∩B|/|A∪B|", "spearman": "Spearman ρ of |score|"}[measure]
-
-
-ACCURACY_METRICS = ("acc", "acc_norm")
-
-
-@core_plot("downstream_tasks")
-def downstream_tasks(run: RunFolder) -> plt.Figure:
-    results = run.need("downstream", "needs --downstream-tasks")
-    panels = [(task, metric) for task, metrics in results["baseline"].items()
-              for metric in ACCURACY_METRICS if metric in metrics]
-    if not panels:
-        raise SkipPlot("downstream_results.json has no accuracy metrics")
-    conditions = results.get("conditions", [])
-    names = ["baseline"] + [s for s in SELECTION_ORDER
-                            if any(c["selection"] == s for c in conditions)]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels) + 1, 4.4),
-                                squeeze=False)
-    for ax, (task, metric) in zip(axes[0], panels):
-        base = results["baseline"][task]
-        for x, name in enumerate(names):
-            if name == "baseline":
-                values = [base[metric]]
-                err = base.get(f"{metric}_stderr")
-            else:
-                values = [c["tasks"][task][metric] for c in conditions if c["selection"] == name]
-                err = float(np.std(values, ddof=1)) if len(values) > 1 else None
-            colour = SELECTION_COLOURS.get(name, PALETTE[7])
-            ax.bar(x, float(np.mean(values)), color=colour, edgecolor="black", linewidth=0.4,
-                   yerr=err if err is not None and np.isfinite(err) else None, capsize=4)
-            if len(values) > 1:
-                ax.scatter(np.full(len(values), x), values, color="black", s=10, zorder=3)
-        ax.set_xticks(range(len(names)), names)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel(f"{metric} (fraction correct)")
-        ax.set_title(f"{task} {metric} (n={base.get('n')})", fontsize=10)
-    figure.suptitle("Downstream accuracy: baseline (± standard error) and each perturbation "
-                    "condition (dots = seeds, bar = mean ± sd)", fontsize=10)
-    figure.tight_layout()
-    return figure
-
-

@@ -1,7 +1,8 @@
 """The figure style and drawing helpers of every plot, and ``save_run_plots``.
 
-A plot is a function(RunFolder) -> Figure: the core ones are in src/utils/run_plots.py, each
-analysis brings its own (src/analysis/registry.py). A plot whose input is absent (no --perturb,
+A plot is a function(RunFolder) -> Figure: the core ones (``RUN_PLOTS``) are in
+src/utils/run_plots.py and experiment_plots.py, each analysis brings its own
+(src/analysis/registry.py). A plot whose input is absent (no --perturb,
 an analysis that did not run) raises ``InputAbsent``; one that cannot be drawn from this run
 raises ``SkipPlot``; ``save_run_plots`` reports either and moves on.
 
@@ -46,6 +47,17 @@ METRIC_UNITS = {
 
 class SkipPlot(Exception):
     """The plot cannot be drawn from this run; the message says why."""
+
+
+RUN_PLOTS: dict[str, Callable] = {}  # the core plots: src/utils/run_plots, experiment_plots
+
+
+def run_plot(name: str):
+    """Registers a core plot: function(RunFolder) -> Figure."""
+    def add(function):
+        RUN_PLOTS[name] = function
+        return function
+    return add
 
 
 def save_run_plots(run: RunFolder, plots: dict[str, Callable], formats=("png",)) -> list[str]:

@@ -1,0 +1,29 @@
+#!/usr/bin/env python3
+"""scripts/benchmark.py: throughput of the tool's hot paths against the same model's bare ceilings, in one process.
+
+Figures (each timed after one warm-up call, the fastest of ``--repeats`` timed calls, with
+``torch.cuda.synchronize`` around every timing):
+
+* ``forward``           bare ``model(input_ids, attention_mask)`` under inference mode: the ceiling
+                        for evaluation and ``act_mag``.
+* ``forward_backward``  bare training step: every parameter requires grad, the model's own loss
+                        (``labels=input_ids``), backward, gradients dropped: the ceiling for the
+                        gradient metrics and Hutchinson.
+* ``score_<metric>``    ``compute_scores`` for every metric in ``METRICS`` on the same blocks
+                        (``hutchinson_diag`` with one probe per batch: its ratio is the cost of one
+                        probe, first-order graph included, per token, relative to one fwd+bwd).
+* ``evaluate``          ``src.eval.perplexity.evaluate`` (NLL, accuracy, per-block sums).
+* ``topk_global`` / ``topk_per_tensor``  ``rank.top_k`` over every scored weight's scores.
+* ``perturb_restore``   ``perturbed(..., "sign_flip")`` of the K globally selected weights and
+                        their exact restore.
+* ``quantize_rtn``      round-to-nearest (``--quant-bits``, groups of 128) of every scored weight,
+                        written back in place (the compression experiment's cost per condition).
+
+Throughput is tokens per second over ``--steps`` batches of ``--batch-size`` x ``--max-length``
+random token ids; ``ratio`` = figure's tokens/s / ceiling's tokens/s (1.0 = no overhead over the
+bare model). Peak memory per figure: CUDA max allocated (largest over visible GPUs), else the
+process's peak RSS (reset per figure where Linux allows it, else the running peak).
+
+Example: python scripts/benchmark.py --model random:llama-3.1-8b --dtype bfloat16 \\
+             --batch-size 8 --max-length 512 --json results/bench.json
+"""

@@ -1,0 +1,131 @@
+"""The command line of scripts/benchmark.py (src/bench/__init__.py)."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
+
+from src.bench.figures import Bench  # noqa: E402
+from src.bench.measure import CLOCKS, PeakMemory, table  # noqa: E402
+from src.errors import UserError  # noqa: E402
+from src.models.loader import load_model  # noqa: E402
+from src.sensitivity.eligibility import eligible_parameters  # noqa: E402
+from src.sensitivity.metrics import METRICS  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Throughput of scoring, evaluation, ranking and perturbation against the same "
+                    "model's bare forward and forward+backward (ratios in one process).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="random:tiny-llama",
+                        help="model spec as for phase1_runner_enhanced.py --model")
+    parser.add_argument("--batch-size", type=int, default=8, help="blocks per forward pass")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per block")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="timed batches per figure (after one warm-up batch)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto = bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--device-map", help="auto|balanced|sequential or a JSON map file")
+    parser.add_argument("--metrics", default=",".join(METRICS),
+                        help="comma-separated metrics to time")
+    parser.add_argument("--topk", type=int, default=500, help="K for top-K and perturb+restore")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time each figure this many times and keep the fastest (for shared, "
+                             "noisy machines)")
+    parser.add_argument("--quant-bits", type=int, default=4,
+                        help="bits of the round-to-nearest quantization figure")
+    parser.add_argument("--rank-metric", default="grad_x_weight",
+                        help="whose scores the top-K and perturbation figures use")
+    parser.add_argument("--hutchinson-batch-size", type=int,
+                        help="batch size for the Hutchinson figure (default --batch-size)")
+    parser.add_argument("--hutchinson-mode", choices=["whole", "block", "auto"], default="auto",
+                        help="Hutchinson over the whole model at once, one transformer block at a "
+                             "time (less memory, one pass per block), or whole and block mode "
+                             "only if that runs out of GPU memory")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or process CPU time (for a CPU run on a shared, busy "
+                             "machine; use with --threads 1)")
+    parser.add_argument("--json", help="write every figure to this JSON file")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.metrics.split(",") if m and m not in METRICS]
+    if unknown:
+        parser.error(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
+    for flag in ("batch_size", "max_length", "steps", "topk", "repeats"):
+        if getattr(args, flag) < 1 or (flag == "max_length" and args.max_length < 2):
+            parser.error(f"--{flag.replace('_', '-')} is too small")
+    return args
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    model, _, info = load_model(args.model, dtype=args.dtype, device=args.device,
+                                device_map=args.device_map)
+    print(f"[bench] {info['spec']} ({info['n_parameters'] / 1e6:.1f}M parameters, {info['dtype']}, "
+          f"{info['device'] if not args.device_map else args.device_map}) built in "
+          f"{time.perf_counter() - started:.1f} s", flush=True)
+    use_cuda = any(p.device.type == "cuda" for p in model.parameters())
+    params = eligible_parameters(model)
+    memory = PeakMemory(use_cuda)
+    bench = Bench(model, params, args, memory)
+    bench.forward()
+    bench.forward_backward()
+    metrics = [m for m in args.metrics.split(",") if m]
+    ordered = [args.rank_metric] * (args.rank_metric in metrics) + \
+        [m for m in metrics if m != args.rank_metric]
+    for metric in ordered:
+        bench.metric(metric)
+        if metric == args.rank_metric:
+            bench.ranking_and_perturbation()
+    if args.rank_metric not in metrics:
+        bench.ranking_and_perturbation()
+    bench.evaluate()
+    bench.quantization()
+    figures = {name: bench.figures[name] for name in
+               ["forward", "forward_backward", *[f"score_{m}" for m in metrics], "evaluate",
+                "topk_global", "topk_per_tensor", "perturb_restore", "quantize_rtn"]}
+    return {
+        "model": info, "batch_size": args.batch_size, "max_length": args.max_length,
+        "steps": args.steps, "warmup_batches": 1, "repeats": args.repeats, "clock": args.clock,
+        "topk": args.topk,
+        "tokens_per_figure": bench.tokens, "n_scored_weights": sum(p.numel() for p in params.values()),
+        "device": (torch.cuda.get_device_name(0) if use_cuda else platform.processor() or "cpu"),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "transformers": __import__("transformers").__version__,
+        "peak_memory_kind": memory.kind(),
+        "peak_memory_bytes": max((f.get("peak_memory_bytes") or 0) for f in figures.values()),
+        "wall_seconds": time.perf_counter() - started, "figures": figures,
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"\n{report['model']['spec']}  batch {args.batch_size} x {args.max_length}, "
+          f"{args.steps} timed batches (best of {args.repeats}, {args.clock} clock), "
+          f"{report['model']['dtype']} on {report['device']}, {report['threads']} threads")
+    print(table(report["figures"]))
+    print(f"peak memory ({report['peak_memory_kind']}): {report['peak_memory_bytes'] / 2**20:.0f} MiB")
+    if args.json:
+        from src.utils.io import write_json
+        write_json(args.json, report)
+        print(f"[bench] wrote {args.json}")
+    failed = [n for n, f in report["figures"].items() if "error" in f]
+    if failed:
+        print(f"[bench] figures that failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,180 @@
+"""The benchmark's figures: bare ceilings, every metric, evaluation, ranking, perturbation and
+quantization, each timed in the same process (src/bench/__init__.py)."""
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from src.bench.measure import PeakMemory, random_blocks, timed
+from src.eval.perplexity import evaluate
+from src.models.components import describe_parameters
+from src.models.properties import input_device
+from src.sensitivity.metrics import METRICS, compute_scores
+from src.sensitivity.perturb import perturbed
+from src.sensitivity.quantize import QuantSpec, quantize_stored
+from src.sensitivity.rank import top_k
+from src.sensitivity.scoring import ScoringJob
+
+# Which bare ceiling each scoring metric is compared with (default: forward_backward).
+FORWARD_ONLY_METRICS = {"act_mag"}
+
+
+class Bench:
+    def __init__(self, model, params, args, memory: PeakMemory):
+        self.model, self.params, self.args, self.memory = model, params, args, memory
+        vocab = model.get_input_embeddings().num_embeddings
+        n = args.batch_size * args.steps
+        self.blocks = random_blocks(n, args.max_length, vocab, seed=1)
+        self.warm_blocks = random_blocks(args.batch_size, args.max_length, vocab, seed=2)
+        self.tokens = n * args.max_length
+        self.figures: dict[str, dict] = {}
+        self.scores = None
+
+    def record(self, name: str, fn, warm_data=None, data=None, *, tokens: int | None = None,
+               ceiling: str | None = None, note: str = "") -> dict:
+        self.memory.reset()
+        try:
+            seconds = timed(fn, warm_data, data, self.args.repeats, self.args.clock)
+        except torch.cuda.OutOfMemoryError as error:
+            figure = {"error": f"out of memory: {str(error).splitlines()[0][:160]}",
+                      "peak_memory_bytes": self.memory.peak_bytes(), "note": note}
+            self.figures[name] = figure
+            gc.collect()
+            torch.cuda.empty_cache()
+            print(f"[bench] {name}: OUT OF MEMORY", flush=True)
+            return figure
+        figure = {"seconds": seconds, "tokens": tokens,
+                  "tokens_per_s": tokens / seconds if tokens else None,
+                  "ceiling": ceiling, "ratio": None, "cost_x_ceiling": None,
+                  "peak_memory_bytes": self.memory.peak_bytes(), "note": note}
+        base = self.figures.get(ceiling or "", {}).get("tokens_per_s")
+        if tokens and base:
+            figure["ratio"] = figure["tokens_per_s"] / base
+            figure["cost_x_ceiling"] = base / figure["tokens_per_s"]
+        self.figures[name] = figure
+        print(f"[bench] {name}: {seconds:.4f} s" +
+              (f", {figure['tokens_per_s']:.1f} tok/s" if tokens else "") +
+              (f", ratio {figure['ratio']:.3f} vs {ceiling}" if figure["ratio"] else ""), flush=True)
+        return figure
+
+    def batches(self, blocks):
+        device = input_device(self.model)
+        return list(blocks.batches(self.args.batch_size, device))
+
+    def forward(self):
+        batches, warm = self.batches(self.blocks), self.batches(self.warm_blocks)
+
+        def run(items):
+            with torch.inference_mode():
+                for ids, mask in items:
+                    self.model(input_ids=ids, attention_mask=mask)
+
+        self._measure("forward", run, batches, warm, ceiling=None,
+                      note="bare model forward, inference mode")
+
+    def forward_backward(self):
+        batches, warm = self.batches(self.blocks), self.batches(self.warm_blocks)
+        saved = {n: p.requires_grad for n, p in self.model.named_parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+
+        def run(items):
+            for ids, mask in items:
+                self.model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+                self.model.zero_grad(set_to_none=True)
+        try:
+            self._measure("forward_backward", run, batches, warm, ceiling=None,
+                          note="bare training step: all parameters, model's own loss")
+        finally:
+            for n, p in self.model.named_parameters():
+                p.requires_grad_(saved[n])
+
+    def _measure(self, name, run, batches, warm, ceiling, note):
+        self.record(name, run, warm, batches, tokens=self.tokens, ceiling=ceiling, note=note)
+
+    def metric(self, metric: str, block_mode: bool = False):
+        args = self.args
+        uses_data = METRICS[metric].uses_data
+        batch_size = args.batch_size
+        blocks, warm = self.blocks, self.warm_blocks
+        note = "" if uses_data else "no data: seconds for all scored weights"
+        if metric == "hutchinson_diag":
+            batch_size = args.hutchinson_batch_size or args.batch_size
+            vocab = self.model.get_input_embeddings().num_embeddings
+            blocks = random_blocks(batch_size * args.steps, args.max_length, vocab, seed=3)
+            warm = random_blocks(batch_size, args.max_length, vocab, seed=4)
+            block_mode = block_mode or args.hutchinson_mode == "block"
+            note = (f"1 probe per batch of {batch_size}, "
+                    + ("block mode (one pass per transformer block)" if block_mode
+                       else "whole model") + "; cost_x_ceiling = cost of one probe per token "
+                    "in fwd+bwd units")
+        ceiling = "forward" if metric in FORWARD_ONLY_METRICS else "forward_backward"
+        result = {}
+
+        def run(data):
+            result.clear()
+            job = ScoringJob(self.model, self.params, data, batch_size=batch_size, seed=0,
+                             hutchinson_samples=1, hutchinson_block=block_mode)
+            result["scores"] = compute_scores(job, metric).scores
+
+        tokens = len(blocks) * args.max_length if uses_data else None
+        figure = self.record(f"score_{metric}", run, warm, blocks, tokens=tokens,
+                             ceiling=ceiling if uses_data else None, note=note)
+        if metric == args.rank_metric and "scores" in result:
+            self.scores = result["scores"]
+        result.clear()
+        if "error" in figure and metric == "hutchinson_diag" and not block_mode \
+                and args.hutchinson_mode == "auto":
+            print("[bench] hutchinson_diag: whole-model mode ran out of memory; block mode",
+                  flush=True)
+            self.metric(metric, block_mode=True)
+
+    def evaluate(self):
+        self.record("evaluate", lambda data: evaluate(self.model, data, self.args.batch_size),
+                    self.warm_blocks, self.blocks, tokens=self.tokens, ceiling="forward",
+                    note="NLL, accuracy, per-block sums")
+
+    def ranking_and_perturbation(self):
+        if self.scores is None:
+            self.scores = compute_scores(ScoringJob(self.model, self.params, self.warm_blocks,
+                                                    self.args.batch_size), "magnitude").scores
+        n_weights = sum(s.numel() for s in self.scores.values())
+        k = self.args.topk
+        selection = {}
+
+        def global_top(_):
+            selection["global"] = top_k(self.scores, k, "global")
+
+        self.record("topk_global", global_top,
+                    note=f"exact global top-{k} of {n_weights} weights ({self.args.rank_metric})")
+        self.record("topk_per_tensor", lambda _: top_k(self.scores, k, "per_tensor"),
+                    note=f"top-{k} in each of {len(self.scores)} tensors")
+
+        def flip(_):
+            with perturbed(self.params, selection["global"], "sign_flip"):
+                pass
+
+        self.record("perturb_restore", flip, note=f"sign_flip of {k} weights and exact restore")
+        self.scores = None
+
+    def quantization(self):
+        """Round-to-nearest of every scored weight, tensor by tensor, written back in place
+        (the originals restored after each timing, outside it)."""
+        spec = QuantSpec(self.args.quant_bits, 128)
+        metas = describe_parameters(self.model, self.params)
+        n_weights = sum(p.numel() for p in self.params.values())
+
+        def quantize_all(_):
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.data.copy_(quantize_stored(p, metas[name], spec, None))
+
+        originals = {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
+        try:
+            self.record("quantize_rtn", quantize_all,
+                        note=f"{spec.label} of all {n_weights} scored weights")
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.data.copy_(originals[name].to(p.device))
