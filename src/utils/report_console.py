@@ -33,14 +33,15 @@ def perturbation(results: dict) -> None:
     base = results["baseline"]["perplexity"]
     print(f"[cwa] perturbation {results['method']} of K={results['k']} ({results['mode']}); "
           f"baseline perplexity {fixed(base)}")
-    print(f"  {'selection':<10} {'seed':>5} {'n':>7} {'perplexity':>12} {'x baseline':>11} "
-          f"{'Δppl 95% CI':>24} {'restored':>9}")
-    for row in results["conditions"]:
-        low, high = row["delta_perplexity_ci95"]
-        interval = f"[{fixed(low, 2)}, {fixed(high, 2)}]"
-        print(f"  {row['selection']:<10} {fixed(row['seed']):>5} {row['n_weights']:>7} "
-              f"{fixed(row['perplexity']):>12} {fixed(row['ppl_ratio']):>11} "
-              f"{interval:>24} {str(row['restore_verified']):>9}")
+    table(results["conditions"], [
+        ("selection", 10, lambda row: row["selection"]),
+        ("seed", 5, lambda row: fixed(row["seed"])),
+        ("n", 7, lambda row: row["n_weights"]),
+        ("perplexity", 12, lambda row: fixed(row["perplexity"])),
+        ("x baseline", 11, lambda row: fixed(row["ppl_ratio"])),
+        ("Δppl 95% CI", 24, lambda row: "[{}, {}]".format(
+            *(fixed(end, 2) for end in row["delta_perplexity_ci95"]))),
+        ("restored", 9, lambda row: str(row["restore_verified"]))])
     versus = results["summary"].get("top_vs_random")
     if versus:
         print(f"[cwa] top-K vs random-K: effect ratio {fixed(versus['effect_ratio'])}, z "
@@ -63,15 +64,27 @@ def quantization(results: dict) -> None:
     print(f"[cwa] compression {spec['label']}: K={results['k']} ({results['mode']}, "
           f"{results['metric']}) kept at full precision, {sig(100 * results['share_kept'], 2)}% "
           f"of the scored weights; baseline perplexity {fixed(base)}")
-    print(f"  {'condition':<18} {'seed':>5} {'perplexity':>12} {'x baseline':>11} "
-          f"{'recovery':>9} {'restored':>9}")
-    for row in results["conditions"]:
-        print(f"  {row['condition']:<18} {fixed(row['seed']):>5} {fixed(row['perplexity']):>12} "
-              f"{fixed(row['ppl_ratio']):>11} {fixed(row['recovery']):>9} "
-              f"{str(row['restore_verified']):>9}")
+    table(results["conditions"], [
+        ("condition", 18, lambda row: row["condition"]),
+        ("seed", 5, lambda row: fixed(row["seed"])),
+        ("perplexity", 12, lambda row: fixed(row["perplexity"])),
+        ("x baseline", 11, lambda row: fixed(row["ppl_ratio"])),
+        ("recovery", 9, lambda row: fixed(row["recovery"])),
+        ("restored", 9, lambda row: str(row["restore_verified"]))])
     versus = results["summary"].get("top_vs_random")
     if versus:
         print(f"[cwa] top-K recovers {fixed(versus['top_k_recovery'])} of the quantization loss, "
               f"random-K {fixed(versus['random_k_mean_recovery'])} ± "
               f"{fixed(versus['random_k_sd_recovery'])}; empirical p "
               f"{fixed(versus['empirical_p_value'])} ({versus['n_random_draws']} random draws)")
+
+
+def table(rows, columns) -> None:
+    """An indented text table: ``columns`` are (header, width, cell of a row); the first column
+    is left-aligned, the others right-aligned."""
+    def line(cells):
+        return "  " + " ".join(f"{cell:<{width}}" if i == 0 else f"{cell:>{width}}"
+                               for i, (cell, (_, width, _)) in enumerate(zip(cells, columns)))
+    print(line([header for header, _, _ in columns]))
+    for row in rows:
+        print(line([str(cell(row)) for _, _, cell in columns]))
