@@ -26,6 +26,10 @@ TINY = ["--model", "random:tiny-llama", "--device", "cpu", "--max-length", "32",
         "--max-samples", "4", "--topk", "3", "--mode", "global"]
 
 
+# random-K conditions enough for a signal to land mid-perturbation on a fast idle machine
+MANY_SEEDS = ",".join(map(str, range(200)))
+
+
 def run_main(capsys, *args) -> tuple[int, str]:
     code = main([str(a) for a in args])
     return code, capsys.readouterr().err
@@ -116,7 +120,7 @@ def test_a_folder_held_by_a_live_run_is_refused_and_a_stale_lock_taken_over(tmp_
 def test_two_concurrent_runs_into_one_folder(tmp_path):
     out = tmp_path / "shared"
     first = start_run(*TINY, "--max-samples", "16", "--perturb", "zero", "--seeds",
-                      ",".join(map(str, range(30))), "--out-dir", out)
+                      MANY_SEEDS, "--out-dir", out)
     try:
         wait_for(lambda: (out / output.LOCK_NAME).exists())
         second = subprocess.run([sys.executable, str(RUNNER), *TINY, "--out-dir", str(out)],
@@ -135,7 +139,7 @@ def test_two_concurrent_runs_into_one_folder(tmp_path):
 def test_a_signal_mid_perturbation_keeps_finished_conditions(tmp_path, signum, code):
     out = tmp_path / "run"
     run = start_run(*TINY, "--max-samples", "16", "--perturb", "zero", "--seeds",
-                    ",".join(map(str, range(30))), "--out-dir", out)
+                    MANY_SEEDS, "--out-dir", out)
     results = out / "perturbation_results.json"
     wait_for(results.exists)
     run.send_signal(signum)
@@ -157,7 +161,7 @@ def test_a_signal_mid_perturbation_keeps_finished_conditions(tmp_path, signum, c
 def test_sigkill_leaves_running_with_a_dead_pid_and_the_report_leaves_it_out(tmp_path):
     out = tmp_path / "killed"
     run = start_run(*TINY, "--max-samples", "16", "--perturb", "zero", "--seeds",
-                    ",".join(map(str, range(30))), "--out-dir", out)
+                    MANY_SEEDS, "--out-dir", out)
     wait_for((out / "perturbation_results.json").exists)
     run.kill()
     run.communicate(timeout=60)
@@ -175,7 +179,7 @@ def test_sigkill_leaves_running_with_a_dead_pid_and_the_report_leaves_it_out(tmp
 def test_the_manifest_says_running_from_the_start(tmp_path):
     out = tmp_path / "run"
     run = start_run(*TINY, "--max-samples", "16", "--perturb", "zero", "--seeds",
-                    ",".join(map(str, range(30))), "--out-dir", out)
+                    MANY_SEEDS, "--out-dir", out)
     try:
         wait_for((out / "experiment_manifest.json").exists)
         manifest = strict_json(out / "experiment_manifest.json")

@@ -12,9 +12,9 @@ import torch
 from src.cli import main
 from src.sensitivity import score_store
 from src.utils.io import file_sha256
-from tests.test_hostile import TINY, files_of, start_run, strict_json, wait_for
+from tests.test_hostile import MANY_SEEDS, TINY, files_of, start_run, strict_json, wait_for
 
-SEEDS = ["--seeds", ",".join(map(str, range(30)))]
+SEEDS = ["--seeds", MANY_SEEDS]
 PERTURB = [*TINY, "--max-samples", "16", "--perturb", "zero", *SEEDS]  # long enough to kill
 SCORED = [*TINY, "--max-samples", "16", "--perturb", "zero", "--seeds", "0"]
 
@@ -68,7 +68,7 @@ def test_sigkill_during_perturbation_then_resume_equals_an_uninterrupted_run(
     resumed = manifest["resumed"]
     assert resumed["from_status"] == "running" and resumed["previous_pid"] == run.pid
     assert resumed["kept"]["scores"] and resumed["kept"]["perturbation_conditions"] == finished
-    assert resumed["resumed_at_step"] == f"perturbation condition {finished + 1} of 32"
+    assert resumed["resumed_at_step"] == f"perturbation condition {finished + 1} of 202"
     assert resumed["seconds_saved"] > 0
     assert not (out / score_store.FILE_NAME).exists()  # resume state goes after success
 
