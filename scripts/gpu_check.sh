@@ -16,6 +16,8 @@
 #                   block mode if that runs out of GPU memory)
 #   3. protocol:    grad_x_weight, K=500 per layer, sign_flip vs random_k,bottom_k, seeds 0,1,2,
 #                   stability check, 50 blocks of 512 tokens per side
+#   4. sharded:     with more than one GPU, the benchmark with the model sharded over all of them
+#                   (torchrun --shard, FSDP2)
 # Exit status 0 only if every step succeeded; the summary at the end names the failed steps.
 set -euo pipefail
 
@@ -121,6 +123,25 @@ print(f"[gpu_check] protocol after the model is built: {after_build:.1f} s "
       f"({data['calibration']['blocks']} calibration / {data['evaluation']['blocks']} evaluation "
       f"blocks); success={manifest['success']}")
 EOF
+fi
+
+# ----------------------------------------------------------------------------- 4. sharded
+# With more than one GPU visible (--smoke: 2 CPU processes), the benchmark again with the model
+# sharded over every GPU (torchrun, FSDP2): forward, forward+backward, scoring and evaluation.
+if [ "$DEVICE" = cpu ]; then N_SHARDS=2; else
+    N_SHARDS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0); fi
+if [ "$N_SHARDS" -gt 1 ]; then
+    say "sharded benchmark: $MODEL over $N_SHARDS processes (limit ${BENCH_LIMIT_S}s)"
+    if ! OMP_NUM_THREADS=1 limited "$BENCH_LIMIT_S" "$PY" -m torch.distributed.run \
+            --nproc-per-node "$N_SHARDS" --master-addr 127.0.0.1 --master-port 29517 \
+            scripts/benchmark.py --model "$MODEL" --dtype "$DTYPE" --device "$DEVICE" \
+            --batch-size "$BATCH" --max-length "$LENGTH" --steps 3 --shard \
+            --metrics grad_x_weight,act_mag,magnitude --json "$OUT_DIR/benchmark_sharded.json" \
+            2>&1 | tee "$OUT_DIR/benchmark_sharded.txt"; then
+        FAILED+=("sharded benchmark (exit ${PIPESTATUS[0]}; see $OUT_DIR/benchmark_sharded.txt)")
+    fi
+else
+    say "sharded benchmark: skipped (one GPU visible)"
 fi
 
 # ----------------------------------------------------------------------------- summary

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
-from datetime import datetime
 from pathlib import Path
 
 from src import resume
@@ -26,9 +25,9 @@ from src.options import (choice, folder, free_names, int_list, integer, integer_
                          unused_settings)
 from src.sensitivity.eligibility import parse_layers, unscorable
 from src.sensitivity.experiment import CONTROL_ALIASES
-from src.sensitivity.metrics import METRICS
+from src.sensitivity.metrics import METRICS, shardable_metrics
 from src.sensitivity.perturb import PERTURBATIONS, resolve_bit
-from src.sensitivity import score_store
+from src.sensitivity import score_store, sharding
 from src.sensitivity.rank import MODES, max_k
 from src.utils import output
 
@@ -105,6 +104,9 @@ class RunConfig:
         "balanced_low_0, sequential, or a JSON file mapping module names to a GPU index, cuda:N "
         "or cpu (also for random:<preset>); weights offloaded to disk/meta are refused. Not with "
         "torchrun", group="model", parse=text)
+    shard: bool = option(False, "under torchrun: shard every weight over the processes with "
+                         "FSDP2 (each holds 1/N); scoring, ranking, perturbation and evaluation "
+                         "run on the shards", group="model")
     # data
     data_file: str | None = option(None, "UTF-8 text: documents separated by blank lines, or one "
                                    "per line (default: the bundled corpus)", group="data",
@@ -261,7 +263,7 @@ class RunConfig:
                 "metric"]
         config = cls(**values, analyses=analyses)
         if not config.out_dir:
-            config = replace(config, out_dir=default_out_dir(config.model, config.metric,
+            config = replace(config, out_dir=output.default_out_dir(config.model, config.metric,
                                                               config.topk))
         return config
 
@@ -335,12 +337,22 @@ class RunConfig:
                 yield str(error)
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 yield "--device-map cannot be combined with torchrun data parallelism"
+        if self.shard:
+            yield from self._shard_problems()
         yield from self._folder_problems()
         if self.scores_from:
             meta = score_store.read_meta(score_store.locate(self.scores_from))
             if meta["metric"] != self.metric:
                 yield (f"--scores-from holds {meta['metric']} scores but --metric is "
                        f"{self.metric}")
+
+    def _shard_problems(self):
+        if not METRICS[self.metric].shardable:
+            yield (f"--metric {self.metric} does not run under --shard yet; use one of "
+                   f"{', '.join(shardable_metrics())}")
+        for flag in [*sharding.unsharded_options(self),
+                     *(analysis.flag or analysis.key for analysis, _ in registry.enabled(self))]:
+            yield f"{flag} does not run under --shard yet"
 
     def _folder_problems(self):
         if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 alone writes the folder
@@ -386,9 +398,3 @@ def _float32():
     import torch
 
     return torch.float32
-
-
-def default_out_dir(model: str, metric: str, topk: int) -> str:
-    safe_model = re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-") or "model"
-    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
-    return str(Path("results") / f"{safe_model}_{metric}_k{topk}_{stamp}")

@@ -6,11 +6,14 @@ analyses (src/analysis/registry.py) -> plots -> manifest.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import random
+import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,7 @@ from src.eval import downstream_step, harness
 from src.eval.perplexity import evaluate
 from src.models.components import describe_parameters
 from src.models.loader import load_model
-from src.sensitivity import data_parallel, score_store
+from src.sensitivity import data_parallel, score_store, sharding
 from src.sensitivity.eligibility import (eligible_parameters, parse_layers, restriction)
 from src.sensitivity.metrics import compute_scores
 from src.sensitivity.perturb import PerturbOptions
@@ -54,18 +57,31 @@ class Plan:
     stored_scores: Path | None = None
     cache: dict = field(default_factory=dict)  # results the analyses of this run share
     record: dict = field(default_factory=dict)  # extra manifest sections
+    layout: object = None  # sharding.Layout under --shard: where each weight's rows live
     state_kept: dict = field(default_factory=dict)  # what --resume kept
 
 
 def run(config: RunConfig) -> dict:
+    if config.shard and int(os.environ.get("RANK", "0")) != 0:
+        # every rank runs every step on its shards; rank 0 alone writes the real folder and
+        # the console, the others a scratch folder that goes when they finish
+        with tempfile.TemporaryDirectory(prefix="cwa_shard_rank") as scratch, \
+                open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            return run_steps_of(replace(config, out_dir=str(Path(scratch) / "run"),
+                                        overwrite=False))
+    return run_steps_of(config)
+
+
+def run_steps_of(config: RunConfig) -> dict:
     timer, started = manifest.StepTimer(), manifest.utc_now()
     with timer.step("setup"):
         seed_everything(config.seeds[0])
         quiet_libraries(config.verbose)
         group = data_parallel.from_environment(config.device)
+        shards = sharding.from_group(group) if config.shard else None
         environment = manifest.environment()
-    if group is not None and not group.is_main:  # torchrun rank > 0: scores rank 0's jobs
-        model, _, _ = load(config, timer)
+    if group is not None and not group.is_main and shards is None:  # torchrun rank > 0:
+        model, _, _ = load(config, timer)                            # scores rank 0's jobs
         return data_parallel.serve_scoring(model)
     with output.claim(config.out_dir, replace=config.overwrite, resume=config.resume) as out_dir:
         with timer.step("read_inputs"):  # text and task items first: fails fast when offline
@@ -76,7 +92,7 @@ def run(config: RunConfig) -> dict:
                 config.lm_eval_tasks, config.lm_eval_include, config.lm_eval_fewshot,
                 config.lm_eval_limit, config.lm_eval_batch_size or config.batch_size,
                 config.verbose) if config.lm_eval_tasks else None
-        model, tokenizer, model_info = load(config, timer)
+        model, tokenizer, model_info = load(config, timer, shards)
         with timer.step("prepare_data"):
             data = prepare_data(tokenizer, documents=documents, max_length=config.max_length,
                                 max_samples=config.max_samples)
@@ -98,7 +114,7 @@ def run(config: RunConfig) -> dict:
         try:
             results = run_steps(config, plan, out_dir, timer)
             status = "succeeded"
-            data_parallel.finish()  # torchrun: rank 0 releases the other ranks
+            data_parallel.finish(release_servers=shards is None)  # torchrun: leave the group
             return results
         except (KeyboardInterrupt, signals.Interrupted) as stop:
             status, error = "interrupted", str(stop) or "interrupted by SIGINT (Ctrl-C)"
@@ -112,13 +128,15 @@ def run(config: RunConfig) -> dict:
             write_json(out_dir / output.MANIFEST, record(status=status, error=error))
 
 
-def load(config: RunConfig, timer):
-    """(model, tokenizer, info) on this process's device; under torchrun rank 0 first."""
-    with timer.step("load_model"), data_parallel.main_first():  # rank 0 fills caches first
+def load(config: RunConfig, timer, shards=None):
+    """(model, tokenizer, info) on this process's device (sharded with --shard); under torchrun
+    rank 0 first, so it fills the caches alone."""
+    with timer.step("load_model"), data_parallel.main_first():
         return load_model(config.model, dtype=config.dtype,
                           device=data_parallel.device_for(config.device),
                           device_map=config.device_map, cache_dir=config.cache_dir,
-                          revision=config.revision, trust_remote_code=config.trust_remote_code)
+                          revision=config.revision, trust_remote_code=config.trust_remote_code,
+                          shards=shards)
 
 
 def clear_output(config: RunConfig, out_dir: Path) -> frozenset[str]:
@@ -150,12 +168,17 @@ def preflight(config: RunConfig, model, tokenizer, model_info: dict, data: DataS
     checked = Preflight(model, tokenizer, params, data)
     analyses = [(analysis, settings, analysis.prepare(settings, checked) if analysis.prepare
                  else None) for analysis, settings in registry.enabled(config)]
+    shards = sharding.from_group(data_parallel.current()) if config.shard else None
     job = ScoringJob(model=model, params=params, blocks=data.calibration,
-                     data_parallel=data_parallel.current(), batch_size=config.batch_size,
+                     data_parallel=None if shards else data_parallel.current(), shards=shards,
+                     batch_size=config.batch_size,
                      seed=config.seeds[0], hutchinson_samples=config.hutchinson_samples,
                      hutchinson_block=config.hutchinson_block, progress=config.verbose)
     plan = Plan(model, tokenizer, model_info, data, params, task_items, harness_tasks, analyses,
-                job, previous=previous)
+                job, previous=previous,
+                layout=sharding.Layout.of(params, shards) if shards else None)
+    if shards:
+        plan.record["sharding"] = sharding.describe(shards, model)
     plan.stored_scores = stored_scores_for(config, plan)
     return plan
 
@@ -184,7 +207,8 @@ def stored_scores_for(config: RunConfig, plan: Plan) -> Path | None:
 def run_steps(config: RunConfig, plan: Plan, out_dir: Path, timer) -> dict:
     model, data, params = plan.model, plan.data, plan.params
     with timer.step("baseline_eval"):
-        baseline = evaluate(model, data.evaluation, config.batch_size, config.verbose)
+        baseline = evaluate(model, data.evaluation, config.batch_size, config.verbose,
+                            shards=plan.job.shards)
         report_console.baseline(plan.model_info, data, baseline)
     downstream = None
     if plan.task_items or plan.harness_tasks:
@@ -197,13 +221,13 @@ def run_steps(config: RunConfig, plan: Plan, out_dir: Path, timer) -> dict:
     job = plan.job
     scored = score_or_load(config, plan, out_dir, timer)
     with timer.step("rank"):
-        selection = top_k(scored.scores, config.topk, config.mode)
+        selection = top_k(scored.scores, config.topk, config.mode, layout=plan.layout)
     state = steps.RunState(
         config, out_dir, model, params, describe_parameters(model, params), data, baseline, job,
         scored, selection, downstream, PerturbOptions(scale=config.perturb_scale,
                                                       bit=config.bit_position,
                                                       prob=config.perturb_prob),
-        previous=plan.previous, kept=plan.state_kept)
+        previous=plan.previous, kept=plan.state_kept, layout=plan.layout)
     with timer.step("write_scores"):
         table = steps.score_outputs(state)
     results = {"baseline": baseline, "scores": scored.scores, "selection": selection,
@@ -257,6 +281,8 @@ def score_or_load(config: RunConfig, plan: Plan, out_dir: Path, timer):
         start = time.perf_counter()
         scored = compute_scores(plan.job, config.metric)
         seconds = time.perf_counter() - start
+    if plan.job.shards is not None:  # the file holds whole tensors: a sharded run keeps none
+        return scored
     if not config.save_scores and not worth_keeping_for_resume(scored, seconds):
         print(f"[cwa] scores not written for --resume: computing them took {seconds:.1f} s, "
               f"less than writing them would (--save-scores writes them anyway)")

@@ -43,13 +43,15 @@ class RunState:
     options: PerturbOptions = field(default_factory=PerturbOptions)
     previous: object = None     # resume.Previous: what an unfinished run left (--resume)
     kept: dict = field(default_factory=dict)  # what --resume kept, for the manifest
+    layout: object = None       # sharding.Layout under --shard
 
     @property
     def scores(self):
         return self.scored.scores
 
     def evaluate(self) -> EvalResult:
-        return evaluate(self.model, self.data.evaluation, self.config.batch_size)
+        return evaluate(self.model, self.data.evaluation, self.config.batch_size,
+                        shards=self.job.shards)
 
 
 def score_outputs(state: RunState):
@@ -57,11 +59,12 @@ def score_outputs(state: RunState):
     they are computed: src/sensitivity/score_store.py)."""
     config, out_dir, scored, metas = state.config, state.out_dir, state.scored, state.metas
     scores, selection, params, model = scored.scores, state.selection, state.params, state.model
-    table = selection_table(selection, scores, params, metas, config.mode)
+    table = selection_table(selection, scores, params, metas, config.mode, state.layout)
     if "stderr" in scored.extra:
         table["score_stderr"] = _gather_table(scored.extra["stderr"], table)
     write_json(out_dir / "sensitivity_stats.json",
-               sensitivity_stats(scores, metas, config.metric, tied_parameter_names(model)))
+               sensitivity_stats(scores, metas, config.metric, tied_parameter_names(model),
+                                 state.layout))
     write_csv(out_dir / "top_weights.csv", table)
     report_console.top_weights(table, config.metric, scored.extra)
     return table
@@ -73,7 +76,7 @@ def perturbation(state: RunState) -> dict:
     conditions = experiment.build_conditions(state.selection, state.scores, config.topk,
                                              config.mode,
                                              list(config.controls), list(config.seeds),
-                                             config.perturb, options)
+                                             config.perturb, options, layout=state.layout)
 
     def save(rows: list[dict], complete: bool) -> dict:
         perturbation = {"baseline": baseline.summary(), "method": config.perturb,
@@ -161,7 +164,8 @@ def run_saving(state: RunState, conditions, file_name: str, save, method: str, a
             state.params, conditions[len(finished):], method, state.options, state.evaluate,
             state.baseline,
             on_condition=(lambda c: downstream.on_condition(c, method)) if downstream else None,
-            on_row=lambda rows: save(rows, complete=False), rows=finished, apply=apply)
+            on_row=lambda rows: save(rows, complete=False), rows=finished, apply=apply,
+            layout=state.layout)
     except (KeyboardInterrupt, signals.Interrupted):
         print(f"[cwa] interrupted: {len(finished)} of {len(conditions)} conditions finished and "
               f"are kept in {file_name} (complete: false)", file=sys.stderr)
@@ -206,16 +210,17 @@ def plots(state: RunState, extra_plots: dict) -> list[str]:
 STATS_KEYS = ("mean", "std", "min", "max", "p50", "p95", "p99", "quantiles_sampled")
 
 
-def sensitivity_stats(scores, metas, metric: str, tied: dict) -> dict:
+def sensitivity_stats(scores, metas, metric: str, tied: dict, layout=None) -> dict:
     """Per scored parameter: layer, component, numel, mean, std, min, max, p50/p95/p99 of the
-    signed score (quantiles from a fixed sample on large tensors)."""
-    statistics = tensor_statistics(scores)
+    signed score (quantiles from a fixed sample on large tensors). ``layout``: sharded scores."""
+    statistics = tensor_statistics(scores, layout=layout)
     per_param = {}
     for name, values in statistics.items():
         meta = metas[name]
+        numel = layout.numel[name] if layout is not None else scores[name].numel()
         per_param[name] = {"layer": meta.layer, "component": meta.component,
                            "shape_out_in": list(meta.shape_out_in),
-                           "numel": scores[name].numel(), **{k: values[k] for k in STATS_KEYS}}
+                           "numel": numel, **{k: values[k] for k in STATS_KEYS}}
     return {"metric": metric, "signed": METRICS[metric].signed, "n_parameters": len(per_param),
             "n_weights": sum(v["numel"] for v in per_param.values()),
             "tied_parameters": tied, "parameters": per_param}

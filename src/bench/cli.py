@@ -16,6 +16,7 @@ from src.bench.measure import CLOCKS, PeakMemory, table  # noqa: E402
 from src.errors import UserError  # noqa: E402
 from src.models.loader import load_model  # noqa: E402
 from src.sensitivity.eligibility import eligible_parameters  # noqa: E402
+from src.sensitivity import data_parallel, sharding  # noqa: E402
 from src.sensitivity.metrics import METRICS  # noqa: E402
 
 
@@ -54,6 +55,10 @@ def parse_args(argv=None):
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall time, or process CPU time (for a CPU run on a shared, busy "
                              "machine; use with --threads 1)")
+    parser.add_argument("--shard", action="store_true",
+                        help="under torchrun: shard the model over the processes with FSDP2 and "
+                             "time each rank on batches of its own (the forward, forward+backward, "
+                             "shardable metrics and evaluation); tokens/s are all ranks' together")
     parser.add_argument("--json", help="write every figure to this JSON file")
     args = parser.parse_args(argv)
     unknown = [m for m in args.metrics.split(",") if m and m not in METRICS]
@@ -69,32 +74,40 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    model, _, info = load_model(args.model, dtype=args.dtype, device=args.device,
+    shards = sharding.from_group(data_parallel.from_environment(args.device)) \
+        if args.shard else None
+    device = str(shards.device) if shards else args.device
+    model, _, info = load_model(args.model, dtype=args.dtype, device=device,
                                 device_map=args.device_map)
-    print(f"[bench] {info['spec']} ({info['n_parameters'] / 1e6:.1f}M parameters, {info['dtype']}, "
-          f"{info['device'] if not args.device_map else args.device_map}) built in "
-          f"{time.perf_counter() - started:.1f} s", flush=True)
+    if shards:
+        sharding.shard_model(model, shards)
+    say(shards, f"[bench] {info['spec']} ({info['n_parameters'] / 1e6:.1f}M parameters, "
+        f"{info['dtype']}, {info['device'] if not args.device_map else args.device_map}"
+        f"{f', sharded over {shards.world_size} processes' if shards else ''}) built in "
+        f"{time.perf_counter() - started:.1f} s")
     use_cuda = any(p.device.type == "cuda" for p in model.parameters())
     params = eligible_parameters(model)
     memory = PeakMemory(use_cuda)
-    bench = Bench(model, params, args, memory)
+    bench = Bench(model, params, args, memory, shards)
     bench.forward()
     bench.forward_backward()
-    metrics = [m for m in args.metrics.split(",") if m]
+    metrics = [m for m in args.metrics.split(",") if m and (not shards or METRICS[m].shardable)]
     ordered = [args.rank_metric] * (args.rank_metric in metrics) + \
         [m for m in metrics if m != args.rank_metric]
     for metric in ordered:
         bench.metric(metric)
-        if metric == args.rank_metric:
+        if metric == args.rank_metric and not shards:
             bench.ranking_and_perturbation()
-    if args.rank_metric not in metrics:
+    if args.rank_metric not in metrics and not shards:
         bench.ranking_and_perturbation()
     bench.evaluate()
-    bench.quantization()
-    figures = {name: bench.figures[name] for name in
-               ["forward", "forward_backward", *[f"score_{m}" for m in metrics], "evaluate",
-                "topk_global", "topk_per_tensor", "perturb_restore", "quantize_rtn"]}
+    names = ["forward", "forward_backward", *[f"score_{m}" for m in metrics], "evaluate"]
+    if not shards:  # ranking, perturbation and quantization figures: one process
+        bench.quantization()
+        names += ["topk_global", "topk_per_tensor", "perturb_restore", "quantize_rtn"]
+    figures = {name: bench.figures[name] for name in names}
     return {
+        "world_size": shards.world_size if shards else 1,
         "model": info, "batch_size": args.batch_size, "max_length": args.max_length,
         "steps": args.steps, "warmup_batches": 1, "repeats": args.repeats, "clock": args.clock,
         "topk": args.topk,
@@ -108,6 +121,11 @@ def run(args) -> dict:
     }
 
 
+def say(shards, line: str) -> None:
+    if shards is None or shards.is_main:
+        print(line, flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -115,10 +133,16 @@ def main(argv=None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if report["world_size"] > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports
     print(f"\n{report['model']['spec']}  batch {args.batch_size} x {args.max_length}, "
           f"{args.steps} timed batches (best of {args.repeats}, {args.clock} clock), "
           f"{report['model']['dtype']} on {report['device']}, {report['threads']} threads")
     print(table(report["figures"]))
+    if report["world_size"] > 1:
+        print(f"{report['world_size']} processes, model sharded (FSDP2): seconds are the slowest "
+              f"rank's, tokens/s all ranks' together (per rank: divide by "
+              f"{report['world_size']}); peak memory is rank 0's")
     print(f"peak memory ({report['peak_memory_kind']}): {report['peak_memory_bytes'] / 2**20:.0f} MiB")
     if args.json:
         from src.utils.io import write_json

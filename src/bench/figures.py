@@ -15,27 +15,37 @@ from src.sensitivity.perturb import perturbed
 from src.sensitivity.quantize import QuantSpec, quantize_stored
 from src.sensitivity.rank import top_k
 from src.sensitivity.scoring import ScoringJob
+from src.sensitivity.sharding import without_grad
 
 # Which bare ceiling each scoring metric is compared with (default: forward_backward).
 FORWARD_ONLY_METRICS = {"act_mag"}
 
 
 class Bench:
-    def __init__(self, model, params, args, memory: PeakMemory):
+    """``shards`` (sharding.ShardGroup, benchmark --shard): every rank times ``--steps`` batches
+    of its own; a figure's seconds are the slowest rank's and its tokens all ranks' tokens."""
+
+    def __init__(self, model, params, args, memory: PeakMemory, shards=None):
         self.model, self.params, self.args, self.memory = model, params, args, memory
+        self.shards = shards
+        self.world = shards.world_size if shards else 1
         vocab = model.get_input_embeddings().num_embeddings
-        n = args.batch_size * args.steps
+        n = args.batch_size * args.steps * self.world
         self.blocks = random_blocks(n, args.max_length, vocab, seed=1)
-        self.warm_blocks = random_blocks(args.batch_size, args.max_length, vocab, seed=2)
+        self.warm_blocks = random_blocks(args.batch_size * self.world, args.max_length, vocab,
+                                         seed=2)
         self.tokens = n * args.max_length
         self.figures: dict[str, dict] = {}
         self.scores = None
+        self.main = shards is None or shards.is_main
 
     def record(self, name: str, fn, warm_data=None, data=None, *, tokens: int | None = None,
                ceiling: str | None = None, note: str = "") -> dict:
         self.memory.reset()
         try:
             seconds = timed(fn, warm_data, data, self.args.repeats, self.args.clock)
+            if self.shards is not None:  # the figure takes as long as its slowest rank
+                seconds = max(self.shards.all_gather_objects(seconds))
         except torch.cuda.OutOfMemoryError as error:
             figure = {"error": f"out of memory: {str(error).splitlines()[0][:160]}",
                       "peak_memory_bytes": self.memory.peak_bytes(), "note": note}
@@ -53,20 +63,25 @@ class Bench:
             figure["ratio"] = figure["tokens_per_s"] / base
             figure["cost_x_ceiling"] = base / figure["tokens_per_s"]
         self.figures[name] = figure
-        print(f"[bench] {name}: {seconds:.4f} s" +
-              (f", {figure['tokens_per_s']:.1f} tok/s" if tokens else "") +
-              (f", ratio {figure['ratio']:.3f} vs {ceiling}" if figure["ratio"] else ""), flush=True)
+        if self.main:
+            print(f"[bench] {name}: {seconds:.4f} s" +
+                  (f", {figure['tokens_per_s']:.1f} tok/s" if tokens else "") +
+                  (f", ratio {figure['ratio']:.3f} vs {ceiling}" if figure["ratio"] else ""),
+                  flush=True)
         return figure
 
     def batches(self, blocks):
+        """This process's batches of ``blocks`` (under --shard its share)."""
         device = input_device(self.model)
-        return list(blocks.batches(self.args.batch_size, device))
+        n_batches = len(blocks) // self.args.batch_size
+        mine = range(n_batches) if self.shards is None else self.shards.my_batches(n_batches)
+        return [blocks.batch(index, self.args.batch_size, device) for index in mine]
 
     def forward(self):
         batches, warm = self.batches(self.blocks), self.batches(self.warm_blocks)
 
         def run(items):
-            with torch.inference_mode():
+            with without_grad(self.shards is not None):
                 for ids, mask in items:
                     self.model(input_ids=ids, attention_mask=mask)
 
@@ -115,7 +130,8 @@ class Bench:
         def run(data):
             result.clear()
             job = ScoringJob(self.model, self.params, data, batch_size=batch_size, seed=0,
-                             hutchinson_samples=1, hutchinson_block=block_mode)
+                             hutchinson_samples=1, hutchinson_block=block_mode,
+                             shards=self.shards)
             result["scores"] = compute_scores(job, metric).scores
 
         tokens = len(blocks) * args.max_length if uses_data else None
@@ -131,7 +147,8 @@ class Bench:
             self.metric(metric, block_mode=True)
 
     def evaluate(self):
-        self.record("evaluate", lambda data: evaluate(self.model, data, self.args.batch_size),
+        self.record("evaluate", lambda data: evaluate(self.model, data, self.args.batch_size,
+                                                      shards=self.shards),
                     self.warm_blocks, self.blocks, tokens=self.tokens, ceiling="forward",
                     note="NLL, accuracy, per-block sums")
 

@@ -51,6 +51,14 @@ class TokenBlocks:
                 ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
             yield ids, mask
 
+    def batch(self, index: int, batch_size: int, device=None):
+        """(input_ids, attention_mask) of batch ``index`` (blocks index·B .. index·B+B-1)."""
+        rows = slice(index * batch_size, (index + 1) * batch_size)
+        ids, mask = self.input_ids[rows], self.attention_mask[rows]
+        if device is not None:
+            ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        return ids, mask
+
     def n_predicted_tokens(self) -> int:
         """Positions with a valid (input, next-token) pair: what the mean NLL averages over."""
         mask = self.attention_mask

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from src.data.loading import TokenBlocks
 from src.models.properties import input_device
+from src.sensitivity.sharding import without_grad
 
 
 @dataclass
@@ -98,27 +99,43 @@ def masked_nll_sum(logits, input_ids, attention_mask) -> torch.Tensor:
     return (nll * valid).sum()
 
 
-@torch.inference_mode()
-def evaluate(model, blocks: TokenBlocks, batch_size: int, progress: bool = False) -> EvalResult:
+def evaluate(model, blocks: TokenBlocks, batch_size: int, progress: bool = False,
+             shards=None) -> EvalResult:
+    """Token-mean NLL, perplexity and next-token accuracy over ``blocks``. Under --shard
+    (``shards``, a sharding.ShardGroup) each rank evaluates its share of the batches (padded to
+    equal passes) and the per-block sums are gathered: the same result on every rank."""
     device = input_device(model)
-    block_nll, block_tokens, block_correct = [], [], []
-    batches = blocks.batches(batch_size, device)
     n_batches = math.ceil(len(blocks) / batch_size)
-    for input_ids, attention_mask in tqdm(batches, total=n_batches, desc="evaluate",
-                                          disable=not progress, leave=False):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        nll, valid = token_nll(logits, input_ids, attention_mask)
-        nll = torch.where(torch.isfinite(nll), nll, torch.full_like(nll, math.inf))
-        correct = logits.argmax(dim=-1)[:, :-1] == input_ids[:, 1:].to(logits.device)
-        block_nll.append(torch.where(valid, nll.double(), 0.0).sum(dim=1))
-        block_tokens.append(valid.sum(dim=1))
-        block_correct.append((correct & valid).sum(dim=1))
-    nll_sum = torch.cat(block_nll).cpu()
-    tokens = torch.cat(block_tokens).cpu()
+    mine = range(n_batches) if shards is None else shards.my_batches(n_batches)
+    per_batch = {}
+    with without_grad(shards is not None):
+        for index in tqdm(mine, desc="evaluate", disable=not progress, leave=False):
+            input_ids, attention_mask = blocks.batch(0 if index is None else index, batch_size,
+                                                     device)
+            sums = _block_sums(model(input_ids=input_ids, attention_mask=attention_mask).logits,
+                               input_ids, attention_mask)
+            if index is not None:  # None: a --shard padding step
+                per_batch[index] = sums
+    if shards is not None:
+        per_batch = {index: sums for part in shards.all_gather_objects(
+            {i: tuple(t.cpu() for t in sums) for i, sums in per_batch.items()})
+            for index, sums in part.items()}
+    nll_sum, tokens, correct = (torch.cat([per_batch[i][part] for i in range(n_batches)]).cpu()
+                                for part in range(3))
     n_tokens = int(tokens.sum())
     mean_nll = float(nll_sum.sum()) / max(n_tokens, 1)
-    accuracy = float(torch.cat(block_correct).sum()) / max(n_tokens, 1)
+    accuracy = float(correct.sum()) / max(n_tokens, 1)
     return EvalResult(mean_nll, perplexity_of(mean_nll), accuracy, n_tokens, nll_sum, tokens)
+
+
+def _block_sums(logits, input_ids, attention_mask):
+    """Per block of the batch: NLL sum (float64; inf when a token's NLL is not finite), valid
+    tokens, correctly predicted tokens."""
+    nll, valid = token_nll(logits, input_ids, attention_mask)
+    nll = torch.where(torch.isfinite(nll), nll, torch.full_like(nll, math.inf))
+    correct = logits.argmax(dim=-1)[:, :-1] == input_ids[:, 1:].to(logits.device)
+    return (torch.where(valid, nll.double(), 0.0).sum(dim=1), valid.sum(dim=1),
+            (correct & valid).sum(dim=1))
 
 
 def perplexity_of(mean_nll: float) -> float:

@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 
 from src.errors import UserError
+from src.sensitivity.sharding import shard_model
 from src.models.builtin import (BUILTIN_ALIASES, BUILTIN_NAME, builtin_tokenizer,
                                 default_cache_dir, ensure_cache)
 from src.models.device_map import check_resident, dispatch_random, resolve_device_map
+from src.models import random_init
 from src.models.presets import PRESETS
 from src.models.properties import context_length
 from src.utils.hub import hub_reachable
 
-RANDOM_INIT_SEED = 0
 
 
 # ----------------------------------------------------------------------------- devices, dtypes
@@ -65,10 +66,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_model(spec: str | None, *, dtype: str = "auto", device: str = "auto",
                device_map: str | None = None, cache_dir: str | None = None,
-               revision: str | None = None, trust_remote_code: bool = False):
+               revision: str | None = None, trust_remote_code: bool = False, shards=None):
     """Load a causal LM and its tokenizer; returns (model, tokenizer, info dict).
 
     The model is in eval mode on ``device`` (or spread by ``device_map``), with ``dtype``.
+    ``shards`` (sharding.ShardGroup, --shard): the model comes back sharded over the processes;
+    a random preset is built shard by shard (no process holds the whole model), anything else
+    is loaded whole by every process and then sharded.
     """
     spec = spec or BUILTIN_NAME
     target = resolve_device(device)
@@ -81,7 +85,8 @@ def load_model(spec: str | None, *, dtype: str = "auto", device: str = "auto",
         source = "builtin"
     elif spec.startswith("random:"):
         build_on = torch.device("cpu") if device_map is not None else target
-        model, tokenizer = _build_random(spec[len("random:"):], cache, torch_dtype, build_on)
+        model, tokenizer = _build_random(spec[len("random:"):], cache, torch_dtype, build_on,
+                                         shards)
         if device_map is not None:
             model = dispatch_random(model, device_map)
         source = "random"
@@ -101,6 +106,8 @@ def load_model(spec: str | None, *, dtype: str = "auto", device: str = "auto",
         source = "hub"
     if device_map is None and source != "random":
         model.to(target)
+    if shards is not None and source != "random":
+        shard_model(model, shards)
     if device_map is not None:
         check_resident(model)
     model.eval()
@@ -232,8 +239,9 @@ def _hub_error_line(model_id: str, error: Exception) -> str:
 
 # ----------------------------------------------------------------------------- random init
 
-def _build_random(preset_or_path: str, cache: Path, torch_dtype, target: torch.device):
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _build_random(preset_or_path: str, cache: Path, torch_dtype, target: torch.device,
+                  shards=None):
+    from transformers import AutoConfig
 
     config_dict = _random_config_dict(preset_or_path)
     tokenizer = builtin_tokenizer(cache) or local_bpe_tokenizer()
@@ -251,15 +259,40 @@ def _build_random(preset_or_path: str, cache: Path, torch_dtype, target: torch.d
         # position through every layer, where each RMSNorm multiplies the gradient by
         # 1/sqrt(eps) ~ 316; in bfloat16 it overflowed to NaN halfway down llama-3.1-8b.
         config.pad_token_id = None
-        torch.manual_seed(RANDOM_INIT_SEED)
-        with torch.device(target):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        model = _sharded_skeleton(config, torch_dtype, target, shards) if shards else \
+            _whole(config, torch_dtype, target)
+        random_init.initialize_(model)
         model.config.pad_token_id = tokenizer.pad_token_id \
             if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     except (ValueError, TypeError, RuntimeError, ArithmeticError, AttributeError) as error:
         raise UserError(f"random:{preset_or_path}: this config does not build a causal LM "
                         f"({type(error).__name__}: {_first_line(error)})") from None
     return model, tokenizer
+
+
+def _whole(config, torch_dtype, target: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(target):
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+
+
+def _sharded_skeleton(config, torch_dtype, target: torch.device, shards):
+    """The model with parameters on the meta device, sharded, then given storage for the rows
+    this process holds; buffers (e.g. rotary frequencies) keep the values they were built with."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.tie_weights()  # not done on the meta device; a built model ties them itself
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    shard_model(model, shards)
+    model.to_empty(device=target)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    return model
 
 
 def _random_config_dict(preset_or_path: str) -> dict:

@@ -145,14 +145,15 @@ def serve_scoring(model) -> dict:
         n_jobs += 1
 
 
-def finish() -> None:
-    """End of a successful run: rank 0 tells the others to stop; every rank leaves the group."""
+def finish(release_servers: bool = True) -> None:
+    """End of a successful run: rank 0 tells the others to stop serving (not in a sharded run,
+    where every rank runs the pipeline); every rank leaves the group."""
     global _current
     if _current is None:
         return
     import torch.distributed as dist
 
-    if _current.is_main:
+    if _current.is_main and release_servers:
         _broadcast(_STOP)
     dist.destroy_process_group()
     _current = None

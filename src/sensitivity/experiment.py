@@ -21,8 +21,9 @@ from typing import Callable, ContextManager
 import numpy as np
 
 from src.eval.perplexity import EvalResult
-from src.sensitivity.perturb import (PerturbOptions, fingerprint, perturbation_is_stochastic,
-                                     perturbed, selected_bits_equal, snapshot_selected)
+from src.sensitivity.perturb import (PerturbOptions, fingerprint, held_part,
+                                     perturbation_is_stochastic, perturbed, selected_bits_equal,
+                                     snapshot_selected)
 from src.sensitivity.rank import Selection, bottom_k, random_k, selection_size
 
 CONTROL_ALIASES = {"random": "random_k", "random_k": "random_k", "bottom": "bottom_k",
@@ -38,16 +39,18 @@ class Condition:
 
 
 def build_conditions(top_selection: Selection, scores, k: int, mode: str, controls: list[str],
-                     seeds: list[int], method: str, options: PerturbOptions) -> list[Condition]:
+                     seeds: list[int], method: str, options: PerturbOptions,
+                     layout=None) -> list[Condition]:
+    """``layout`` (sharding.Layout) when ``scores`` are this rank's shards."""
     stochastic = perturbation_is_stochastic(method, options)
     fixed_seeds = seeds if stochastic else [None]
     conditions = [Condition("top_k", s, top_selection) for s in fixed_seeds]
-    sizes = {name: s.numel() for name, s in scores.items()}
+    sizes = layout.numel if layout is not None else {n: s.numel() for n, s in scores.items()}
     for control in controls:
         if control == "random_k":
             conditions += [Condition("random_k", s, random_k(sizes, k, mode, seed=s)) for s in seeds]
         elif control == "bottom_k":
-            bottom = bottom_k(scores, k, mode)
+            bottom = bottom_k(scores, k, mode, layout=layout)
             conditions += [Condition("bottom_k", s, bottom) for s in fixed_seeds]
     return conditions
 
@@ -56,28 +59,33 @@ def run_conditions(params, conditions: list[Condition], method: str, options: Pe
                    evaluate: Callable[[], EvalResult], baseline: EvalResult,
                    on_condition: Callable | None = None, on_row: Callable | None = None,
                    rows: list[dict] | None = None,
-                   apply: Callable[[Condition], ContextManager] | None = None) \
-        -> tuple[list[dict], bool]:
+                   apply: Callable[[Condition], ContextManager] | None = None,
+                   layout=None) -> tuple[list[dict], bool]:
     """Evaluate every condition; returns (rows, restore_verified for all). ``apply(condition)``
     changes the weights for the duration (default: ``perturbed`` with ``method``; the
     compression experiment quantizes instead). ``on_condition`` runs further measurements under
     each condition; ``on_row(rows)`` sees the rows after each condition (to save finished work).
     ``rows`` collects them in a list the caller holds, so the conditions that finished are known
-    also when the run is interrupted."""
+    also when the run is interrupted. ``layout`` (sharding.Layout): the weights are sharded;
+    each rank checks the restore of its part and the condition is restored when all are."""
     reference = fingerprint(params)
     rows = [] if rows is None else rows
     all_restored = True
     apply = apply or (lambda c: perturbed(params, c.selection, method, options,
-                                          seed=c.seed or 0))
+                                          seed=c.seed or 0, layout=layout))
     for condition in conditions:
-        before = snapshot_selected(params, condition.selection)
+        checked = condition.selection if layout is None else \
+            held_part(params, condition.selection, layout)
+        before = snapshot_selected(params, checked)
         start = time.perf_counter()
         with apply(condition):
             result = evaluate()
             if on_condition:  # further measurements under the same perturbation
                 on_condition(condition)
-        restored = selected_bits_equal(params, condition.selection, before) and \
+        restored = selected_bits_equal(params, checked, before) and \
             fingerprint(params) == reference
+        if layout is not None:
+            restored = layout.group.all_true(restored)
         all_restored &= restored
         rows.append({**condition_row(condition, method, result, baseline, restored),
                      "seconds": round(time.perf_counter() - start, 3)})

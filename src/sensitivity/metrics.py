@@ -25,8 +25,10 @@ from src.errors import UserError
 from src.eval.perplexity import token_nll
 from src.sensitivity.hutchinson import hutchinson_diagonal
 from src.sensitivity.scoring import (MetricOutput, Scores, ScoringJob, all_reduce_sum_, batches,
-                                     fold_gradients, generator_for, gradients_only_on, loss_sum,
+                                     fold_gradients, generator_for, gradient_scale,
+                                     gradients_only_on, indexed_batches, loss_sum,
                                      zeros_like_fp32)
+from src.sensitivity.sharding import local, local_rows, without_grad
 
 
 @dataclass(frozen=True)
@@ -36,15 +38,16 @@ class Metric:
     signed: bool
     description: str
     options: tuple[str, ...] = ()  # ScoringJob fields that change the scores (model, data aside)
+    shardable: bool = False  # runs on FSDP-sharded weights (torchrun --shard)
 
 
 METRICS: dict[str, Metric] = {}
 
 
 def register(name: str, *, uses_data: bool, signed: bool = False, description: str = "",
-             options: tuple[str, ...] = ()):
+             options: tuple[str, ...] = (), shardable: bool = False):
     def wrap(fn):
-        METRICS[name] = Metric(fn, uses_data, signed, description, options)
+        METRICS[name] = Metric(fn, uses_data, signed, description, options, shardable)
         return fn
     return wrap
 
@@ -52,6 +55,9 @@ def register(name: str, *, uses_data: bool, signed: bool = False, description: s
 def compute_scores(job: ScoringJob, metric: str) -> MetricOutput:
     if metric not in METRICS:
         raise UserError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
+    if job.shards is not None and not METRICS[metric].shardable:
+        raise UserError(f"metric {metric} does not run on sharded weights (--shard); use one of "
+                        f"{', '.join(shardable_metrics())}")
     if job.data_parallel is not None and METRICS[metric].uses_data:
         job.data_parallel.announce(job, metric)  # rank 0: the other ranks score the same job
     was_training = job.model.training
@@ -64,6 +70,10 @@ def compute_scores(job: ScoringJob, metric: str) -> MetricOutput:
         raise UserError(f"metric {metric} produced non-finite scores for {name}; the model "
                         f"may be too unstable in this dtype (try float32)")
     return output
+
+
+def shardable_metrics() -> list[str]:
+    return [name for name, metric in METRICS.items() if metric.shardable]
 
 
 def _non_finite(scores: Scores) -> list[str]:
@@ -80,22 +90,28 @@ def _non_finite(scores: Scores) -> list[str]:
 
 # ----------------------------------------------------------------------------- metrics
 
-@register("magnitude", uses_data=False, description="|w|")
+@register("magnitude", uses_data=False, description="|w|", shardable=True)
 def magnitude(job: ScoringJob) -> MetricOutput:
-    return MetricOutput({n: p.detach().float().abs() for n, p in job.params.items()})
+    return MetricOutput({n: local(p).detach().float().abs() for n, p in job.params.items()})
 
 
 @register("random", uses_data=False, description="seeded uniform [0,1) null metric",
-          options=("seed",))
+          options=("seed",), shardable=True)
 def random_scores(job: ScoringJob) -> MetricOutput:
+    """Drawn for the whole tensor (one at a time) and cut to the rows held here, so a sharded
+    run draws the same numbers as one process."""
     scores = {}
     for name, p in job.params.items():
-        generator = generator_for(p.device, job.seed, name)
-        scores[name] = torch.rand(p.shape, generator=generator, device=p.device)
+        device = local(p).device
+        generator = generator_for(device, job.seed, name)
+        drawn = torch.rand(p.shape, generator=generator, device=device)
+        rows = local_rows(p)
+        scores[name] = drawn if len(rows) == p.shape[0] else drawn[rows.start:rows.stop].clone()
     return MetricOutput(scores)
 
 
-@register("grad_x_weight", uses_data=True, description="|mean gradient x weight|")
+@register("grad_x_weight", uses_data=True, description="|mean gradient x weight|",
+          shardable=True)
 def grad_x_weight(job: ScoringJob) -> MetricOutput:
     mean_grad = zeros_like_fp32(job.params)
     total_tokens = job.blocks.n_predicted_tokens()
@@ -104,11 +120,13 @@ def grad_x_weight(job: ScoringJob) -> MetricOutput:
         mean_grad[name].add_(grad)
 
     with gradients_only_on(job.model, job.params), fold_gradients(job.params, fold):
-        for input_ids, attention_mask in batches(job, "grad_x_weight"):
-            (loss_sum(job.model, input_ids, attention_mask) / total_tokens).backward()
+        for index, input_ids, attention_mask in indexed_batches(job, "grad_x_weight"):
+            scale = gradient_scale(job, index) / total_tokens
+            (loss_sum(job.model, input_ids, attention_mask) * scale).backward()
     all_reduce_sum_(job, mean_grad.values())
     # in place: the float32 mean gradient becomes the score (no second full-size buffer)
-    return MetricOutput({n: mean_grad[n].mul_(p.detach()).abs_() for n, p in job.params.items()})
+    return MetricOutput({n: mean_grad[n].mul_(local(p).detach()).abs_()
+                         for n, p in job.params.items()})
 
 
 @register("grad_squared", uses_data=True, description="empirical Fisher diagonal")
@@ -257,7 +275,8 @@ def _fold_per_sample_squares(fisher: torch.Tensor, x: torch.Tensor, grad_output:
         fisher.addcmul_(root_sum_sq, root_sum_sq)
 
 
-@register("act_mag", uses_data=True, description="|W| x input-channel L2 norm (Wanda)")
+@register("act_mag", uses_data=True, description="|W| x input-channel L2 norm (Wanda)",
+          shardable=True)
 def act_mag(job: ScoringJob) -> MetricOutput:
     owners = _owner_modules(job.model, job.params)
     sumsq = {}
@@ -270,21 +289,25 @@ def act_mag(job: ScoringJob) -> MetricOutput:
             _input_norm_hook(sumsq[name], kind, current_mask)))
     padded = not bool(job.blocks.attention_mask.all())  # checked once, on the host
     try:
-        with torch.inference_mode():
-            for input_ids, attention_mask in batches(job, "act_mag"):
+        with without_grad(job.shards is not None):
+            for index, input_ids, attention_mask in indexed_batches(job, "act_mag"):
                 current_mask.clear()
                 current_mask["mask"] = attention_mask if padded else None
+                current_mask["skip"] = index is None  # a --shard padding step
                 job.model(input_ids=input_ids, attention_mask=attention_mask)
     finally:
         for handle in handles:
             handle.remove()
-    all_reduce_sum_(job, sumsq.values())
+    all_reduce_sum_(job, sumsq.values(), gradients=False)
     scores = {}
     for name, p in job.params.items():
         norm = sumsq[name].sqrt()
-        kind = owners[name][1]
-        shape = {"linear": (1, -1), "conv1d": (-1, 1), "embedding": (-1, 1)}[kind]
-        scores[name] = p.detach().abs().float().mul_(norm.view(shape))
+        if owners[name][1] == "linear":  # input channels are columns: every rank has them all
+            norm = norm.view(1, -1)
+        else:  # Conv1D, embedding: input channels are rows, cut like the weight
+            rows = local_rows(p)
+            norm = norm[rows.start:rows.stop].view(-1, 1)
+        scores[name] = local(p).detach().abs().float().mul_(norm)
     return MetricOutput(scores)
 
 
@@ -312,6 +335,8 @@ def _input_norm_hook(sumsq: torch.Tensor, kind: str, state: dict):
     mask (None without padding) and the last input seen: layers fed the same tensor (q/k/v,
     gate/up) reuse its column sums instead of recomputing them."""
     def hook(module, inputs, output):
+        if state.get("skip"):
+            return
         x = inputs[0]
         mask = state.get("mask")
         if kind == "embedding":

@@ -27,6 +27,7 @@ import torch
 from src.errors import UserError
 from src.sensitivity.rank import Selection
 from src.sensitivity.scoring import generator_for
+from src.sensitivity.sharding import local
 from src.utils import signals
 
 # dtype -> (integer view, sign bit, exponent MSB, mantissa MSB)
@@ -125,31 +126,46 @@ def perturbation_is_stochastic(method: str, options: PerturbOptions) -> bool:
 
 @contextmanager
 def perturbed(params: dict[str, torch.nn.Parameter], selection: Selection, method: str,
-              options: PerturbOptions = PerturbOptions(), seed: int = 0):
+              options: PerturbOptions = PerturbOptions(), seed: int = 0, layout=None):
     """Apply ``method`` to the selected weights; restore their exact bits on exit. Random draws
-    (noise, which bits flip) come from a stream per (seed, parameter name)."""
+    (noise, which bits flip) come from a stream per (seed, parameter name). ``layout``
+    (sharding.Layout): the weights are sharded and ``selection`` holds full-tensor indices;
+    each rank changes the values it holds, drawn as one process would draw them."""
     if method not in PERTURBATIONS:
         raise UserError(f"unknown perturbation '{method}'; choose one of {', '.join(PERTURBATIONS)}")
     fn = PERTURBATIONS[method].fn
     saved: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    selected = selection if layout is None else _selected_values(params, selection, layout)
     try:
         with torch.no_grad():
             for name, idx in selection.items():
-                flat = params[name].data.view(-1)
-                idx = idx.to(flat.device)
-                saved[name] = (idx, flat[idx].clone())
+                flat = local(params[name]).data.view(-1)
                 generator = generator_for(flat.device, seed, name)
-                flat[idx] = fn(saved[name][1].clone(), generator, options)
+                if layout is None:
+                    idx = idx.to(flat.device)
+                    saved[name] = (idx, flat[idx].clone())
+                    flat[idx] = fn(saved[name][1].clone(), generator, options)
+                    continue
+                held, local_idx = layout.localize(name, flat.numel(), idx)
+                local_idx = local_idx.to(flat.device)
+                saved[name] = (local_idx, flat[local_idx].clone())
+                changed = fn(selected[name].to(flat.device, flat.dtype), generator, options)
+                flat[local_idx] = changed[held.to(flat.device)]
         yield
     finally:
         with signals.deferred(), torch.no_grad():  # a second Ctrl-C cannot cut the restore short
             for name, (idx, original) in saved.items():
-                params[name].data.view(-1)[idx] = original
+                local(params[name]).data.view(-1)[idx] = original
+
+
+def _selected_values(params, selection: Selection, layout) -> dict[str, torch.Tensor]:
+    """The selected weights' values, every one on every rank (float64 holds each exactly)."""
+    return layout.values_at({name: (local(params[name]), idx) for name, idx in selection.items()})
 
 
 def fingerprint(params: dict[str, torch.nn.Parameter]) -> list[int]:
     """Checksum of each tensor's bits (int64 sum of the integer view); one host sync in all."""
-    sums = [p.detach().view(FLOAT_LAYOUT[_check_float(p.dtype)][0]).sum(dtype=torch.int64)
+    sums = [local(p).detach().view(FLOAT_LAYOUT[_check_float(p.dtype)][0]).sum(dtype=torch.int64)
             for p in params.values()]
     return torch.stack([s.cpu() for s in sums]).tolist()
 
@@ -157,7 +173,8 @@ def fingerprint(params: dict[str, torch.nn.Parameter]) -> list[int]:
 def selected_bits_equal(params, selection: Selection, reference: dict[str, torch.Tensor]) -> bool:
     """True when the selected weights' bits equal ``reference`` (saved before perturbing)."""
     for name, idx in selection.items():
-        current = params[name].detach().view(-1)[idx.to(params[name].device)]
+        values = local(params[name]).detach().view(-1)
+        current = values[idx.to(values.device)]
         int_dtype = FLOAT_LAYOUT[current.dtype][0]
         if not torch.equal(current.view(int_dtype), reference[name].to(current.device).view(int_dtype)):
             return False
@@ -165,5 +182,12 @@ def selected_bits_equal(params, selection: Selection, reference: dict[str, torch
 
 
 def snapshot_selected(params, selection: Selection) -> dict[str, torch.Tensor]:
-    return {name: params[name].detach().view(-1)[idx.to(params[name].device)].clone()
+    values = {name: local(params[name]).detach().view(-1) for name in selection}
+    return {name: values[name][idx.to(values[name].device)].clone()
+            for name, idx in selection.items()}
+
+
+def held_part(params, selection: Selection, layout) -> Selection:
+    """The local flat indices of the selected weights this rank holds (sharded weights)."""
+    return {name: layout.localize(name, local(params[name]).numel(), idx.cpu())[1]
             for name, idx in selection.items()}

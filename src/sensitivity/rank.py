@@ -15,6 +15,7 @@ import torch
 
 from src.errors import UserError
 from src.models.components import ParamMeta, to_out_in
+from src.sensitivity.sharding import local
 
 Selection = dict[str, torch.Tensor]
 MODES = ("per_tensor", "global")
@@ -86,9 +87,12 @@ def _in_rank_order(index: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return index[torch.sort(keys, descending=True, stable=True).indices]
 
 
-def _select(scores: dict[str, torch.Tensor], k: int, mode: str, largest: bool) -> Selection:
-    check_k(scores, k, mode)
+def _select(scores: dict[str, torch.Tensor], k: int, mode: str, largest: bool,
+            layout=None) -> Selection:
+    check_k(scores if layout is None else layout.numel, k, mode)
     candidates = _candidates(scores, k, largest)
+    if layout is not None:
+        candidates = _union_over_ranks(candidates, layout, k)
     if mode == "per_tensor":
         return {name: _in_rank_order(index, keys) for name, (index, keys) in candidates.items()}
     return _merge_global(scores, candidates, k)
@@ -112,12 +116,32 @@ def _merge_global(scores, candidates: dict, k: int) -> Selection:
             if count}
 
 
-def top_k(scores, k: int, mode: str) -> Selection:
-    return _select(scores, k, mode, largest=True)
+def _union_over_ranks(candidates: dict, layout, k: int) -> dict:
+    """Sharded scores (``layout``: a sharding.Layout): every rank's per-tensor candidates, with
+    full-tensor flat indices, gathered on every rank and cut to each tensor's top k. Ranks hold
+    ascending row ranges, so rank order keeps indices ascending and the stable sort breaks ties
+    by lower index, as one process does."""
+    mine = {name: (index.cpu() + layout.offset[name], keys.cpu())
+            for name, (index, keys) in candidates.items()}
+    gathered = layout.group.all_gather_objects(mine)
+    merged = {}
+    for name in candidates:
+        index = torch.cat([part[name][0] for part in gathered])
+        keys = torch.cat([part[name][1] for part in gathered])
+        best = torch.sort(keys, descending=True, stable=True).indices[:min(k, index.numel())]
+        best = best.sort().values  # back to ascending index order
+        merged[name] = (index[best], keys[best])
+    return merged
 
 
-def bottom_k(scores, k: int, mode: str) -> Selection:
-    return _select(scores, k, mode, largest=False)
+def top_k(scores, k: int, mode: str, layout=None) -> Selection:
+    """``layout`` (sharding.Layout) when ``scores`` are this rank's shards: the selection is
+    then the single-process one (full-tensor indices, on the CPU), on every rank."""
+    return _select(scores, k, mode, largest=True, layout=layout)
+
+
+def bottom_k(scores, k: int, mode: str, layout=None) -> Selection:
+    return _select(scores, k, mode, largest=False, layout=layout)
 
 
 def random_k(sizes: dict[str, int], k: int, mode: str, seed: int) -> Selection:
@@ -149,17 +173,30 @@ def _sample_without_replacement(population: int, k: int, generator) -> torch.Ten
     return chosen[keep].sort().values
 
 
+def _picked(selection: Selection, scores, params, layout) -> tuple[dict, dict]:
+    """Scores and weight values (float32 numpy) at the selected flat indices."""
+    if layout is None:
+        return ({n: scores[n].reshape(-1)[idx].float().cpu().numpy() for n, idx in selection.items()},
+                {n: params[n].detach().reshape(-1)[idx].float().cpu().numpy()
+                 for n, idx in selection.items()})
+    score_at = layout.values_at({n: (scores[n], idx) for n, idx in selection.items()})
+    value_at = layout.values_at({n: (local(params[n]), idx) for n, idx in selection.items()})
+    return ({n: v.float().numpy() for n, v in score_at.items()},
+            {n: v.float().numpy() for n, v in value_at.items()})
+
+
 def selection_size(selection: Selection) -> int:
     return sum(int(idx.numel()) for idx in selection.values())
 
 
 def selection_table(selection: Selection, scores, params, metas: dict[str, ParamMeta],
-                    mode: str) -> pd.DataFrame:
+                    mode: str, layout=None) -> pd.DataFrame:
     """One row per selected weight: rank, parameter, layer, component, row, col, flat_index,
     score (signed), value. row/col use the [out, in] convention; rank is global in global mode
-    and within the tensor in per_tensor mode."""
+    and within the tensor in per_tensor mode. ``layout``: scores and weights are sharded."""
     frames = []
     order_of = {name: i for i, name in enumerate(scores)}
+    score_at, value_at = _picked(selection, scores, params, layout)
     for name, idx in selection.items():
         idx_cpu = idx.cpu()
         meta = metas[name]
@@ -167,9 +204,7 @@ def selection_table(selection: Selection, scores, params, metas: dict[str, Param
         frames.append(pd.DataFrame({
             "parameter": name, "layer": meta.layer if meta.layer is not None else -1,
             "component": meta.component, "row": rows.numpy(), "col": cols.numpy(),
-            "flat_index": idx_cpu.numpy(),
-            "score": scores[name].reshape(-1)[idx].float().cpu().numpy(),
-            "value": params[name].detach().reshape(-1)[idx].float().cpu().numpy(),
+            "flat_index": idx_cpu.numpy(), "score": score_at[name], "value": value_at[name],
             "_order": order_of[name],
         }))
     table = pd.concat(frames, ignore_index=True)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from src.data.loading import TokenBlocks
 from src.eval.perplexity import masked_nll_sum
 from src.models.properties import input_device
+from src.sensitivity.sharding import local
 
 Scores = dict[str, torch.Tensor]
 
@@ -35,6 +36,7 @@ class ScoringJob:
     hutchinson_block: bool = False
     progress: bool = False
     data_parallel: object = None  # src.sensitivity.data_parallel.DataParallel under torchrun
+    shards: object = None  # src.sensitivity.sharding.ShardGroup under torchrun --shard
 
 
 @dataclass
@@ -79,7 +81,7 @@ def fold_gradients(params: dict[str, torch.nn.Parameter], fold: Callable):
     handles = []
     for name, param in params.items():
         def hook(p, name=name):
-            fold(name, p.grad)
+            fold(name, local(p.grad))
             p.grad = None
         handles.append(param.register_post_accumulate_grad_hook(hook))
     try:
@@ -90,7 +92,8 @@ def fold_gradients(params: dict[str, torch.nn.Parameter], fold: Callable):
 
 
 def zeros_like_fp32(params) -> Scores:
-    return {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+    """float32 zeros shaped like the part of each parameter this process holds."""
+    return {name: torch.zeros(local(p).shape, dtype=torch.float32, device=local(p).device)
             for name, p in params.items()}
 
 
@@ -102,25 +105,37 @@ def batches(job: ScoringJob, desc: str):
 
 def indexed_batches(job: ScoringJob, desc: str):
     """(global batch index, input_ids, attention_mask): every batch in one process; under
-    torchrun only this rank's batches, with the indices they have in the single-process run."""
+    torchrun only this rank's batches, with the indices they have in the single-process run.
+    Under --shard a rank short of batches gets padding steps: index None, batch 0's tokens,
+    whose contribution the metric discards (FSDP needs equal passes on every rank)."""
     n_batches = math.ceil(len(job.blocks) / job.batch_size)
-    mine = range(n_batches) if job.data_parallel is None else \
-        job.data_parallel.my_batches(n_batches)
-    blocks = job.blocks
-    if len(mine) < n_batches:
-        rows = [r for b in mine for r in range(b * job.batch_size,
-                                               min((b + 1) * job.batch_size, len(blocks)))]
-        blocks = blocks.subset(rows)
-    pairs = zip(mine, blocks.batches(job.batch_size, input_device(job.model)))
-    for index, (input_ids, attention_mask) in tqdm(pairs, total=len(mine), desc=desc,
-                                                   disable=not job.progress, leave=False):
-        yield index, input_ids, attention_mask
+    if job.shards is not None:
+        mine = job.shards.my_batches(n_batches)
+    elif job.data_parallel is not None:
+        mine = job.data_parallel.my_batches(n_batches)
+    else:
+        mine = range(n_batches)
+    device = input_device(job.model)
+    for index in tqdm(mine, desc=desc, disable=not job.progress, leave=False):
+        yield (index, *job.blocks.batch(0 if index is None else index, job.batch_size, device))
 
 
-def all_reduce_sum_(job: ScoringJob, tensors) -> None:
-    """Under torchrun: sum each accumulator over ranks, in place (no-op in one process)."""
+def gradient_scale(job: ScoringJob, index) -> float:
+    """Loss multiplier: 0 for a padding step; under --shard N, because FSDP's reduce-scatter
+    averages the ranks' gradients (the sum is wanted); else 1."""
+    if index is None:
+        return 0.0
+    return float(job.shards.world_size) if job.shards is not None else 1.0
+
+
+def all_reduce_sum_(job: ScoringJob, tensors, gradients: bool = True) -> None:
+    """Sum accumulators over processes, in place: under torchrun data parallelism every one;
+    under --shard only sums of activations (FSDP's backward has already reduced gradients).
+    No-op in one process."""
     if job.data_parallel is not None:
         job.data_parallel.all_reduce_sum_(list(tensors))
+    elif job.shards is not None and not gradients:
+        job.shards.all_reduce_sum_(list(tensors))
 
 
 def loss_sum(model, input_ids, attention_mask) -> torch.Tensor:

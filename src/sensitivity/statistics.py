@@ -21,11 +21,13 @@ TAIL = (*TOP_SHARES, "kurtosis")
 
 
 def tensor_statistics(tensors: dict[str, torch.Tensor], *, absolute: bool = False,
-                      tail: bool = False, seed: int = 0) -> dict[str, dict[str, float]]:
+                      tail: bool = False, seed: int = 0, layout=None) -> dict[str, dict[str, float]]:
     """name -> {mean, std, min, max, p50, p90, p95, p99, p99_9, quantiles_sampled} of each
     tensor's values (of |values| when ``absolute``); with ``tail`` also the share of the tensor's
     total held by its top 0.01% / 1% of entries (at least one entry) and the plain kurtosis
-    (3 for a Gaussian)."""
+    (3 for a Gaussian). ``layout`` (sharding.Layout): ``tensors`` are this rank's shards."""
+    if layout is not None:
+        return _sharded_statistics(tensors, layout, absolute, seed)
     generator = torch.Generator().manual_seed(seed)
     names = list(tensors)
     per_tensor, samples = [], []
@@ -62,8 +64,50 @@ def _moments(values: torch.Tensor, tail: bool) -> torch.Tensor:
 def _sample(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     if values.numel() <= QUANTILE_SAMPLE:
         return values
-    pick = torch.randint(values.numel(), (QUANTILE_SAMPLE,), generator=generator)
-    return values[pick.to(values.device)]
+    return values[_sample_positions(values.numel(), generator).to(values.device)]
+
+
+def _sample_positions(numel: int, generator: torch.Generator) -> torch.Tensor:
+    if numel <= QUANTILE_SAMPLE:
+        return torch.arange(numel)
+    return torch.randint(numel, (QUANTILE_SAMPLE,), generator=generator)
+
+
+def _sharded_statistics(tensors, layout, absolute: bool, seed: int) -> dict:
+    """The statistics of whole tensors from their shards: moments merged over ranks (Chan et
+    al.'s pairwise update of mean and sum of squared deviations), quantiles of the sample one
+    process would draw, its values collected from the ranks that hold them."""
+    generator = torch.Generator().manual_seed(seed)
+    names, local_moments, requests = list(tensors), {}, {}
+    for name in names:
+        values = tensors[name].detach().reshape(-1).float()
+        values = values.abs() if absolute else values
+        if values.numel():
+            mean = values.mean()
+            local_moments[name] = [values.numel(), float(mean),
+                                   float((values - mean).square().sum()), *map(float, torch.aminmax(values))]
+        requests[name] = (values, _sample_positions(layout.numel[name], generator))
+    gathered = layout.group.all_gather_objects(local_moments)
+    samples = layout.values_at(requests)
+    quantiles = _quantiles([samples[name].float() for name in names])
+    result = {}
+    for name, q in zip(names, quantiles):
+        n, mean, m2, low, high = _merge_moments([part[name] for part in gathered if name in part])
+        std = math.sqrt(m2 / (n - 1)) if n > 1 else 0.0
+        result[name] = {"mean": mean, "std": std, "min": low, "max": high,
+                        **dict(zip(QUANTILES, q.tolist())),
+                        "quantiles_sampled": layout.numel[name] > QUANTILE_SAMPLE}
+    return result
+
+
+def _merge_moments(parts: list) -> tuple:
+    n, mean, m2, low, high = parts[0]
+    for n_b, mean_b, m2_b, low_b, high_b in parts[1:]:
+        total = n + n_b
+        delta = mean_b - mean
+        mean, m2 = mean + delta * n_b / total, m2 + m2_b + delta * delta * n * n_b / total
+        n, low, high = total, min(low, low_b), max(high, high_b)
+    return n, mean, m2, low, high
 
 
 def _quantiles(samples: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -197,3 +198,10 @@ def _zombie(pid: int) -> bool:
 def _remove_if_empty(folder: Path, created: bool) -> None:
     if created and folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
+
+
+def default_out_dir(model: str, metric: str, topk: int) -> str:
+    """results/<model>_<metric>_k<K>_<time>: a new folder per run."""
+    safe_model = re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-") or "model"
+    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+    return str(Path("results") / f"{safe_model}_{metric}_k{topk}_{stamp}")

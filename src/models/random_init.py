@@ -1,0 +1,61 @@
+"""The weights of a random preset (``--model random:<preset>``).
+
+Every parameter is drawn from seeded streams of its own, ``ROWS_PER_STREAM`` rows per stream, so a
+process that holds only some rows of a weight (``--shard``) draws exactly those rows, without
+the rest of the tensor or the rest of the model, and gets the values a single process gets.
+
+The distribution is the one Hugging Face initialises these architectures with: weight matrices
+and embeddings N(0, initializer_range²) (GPT-2's residual projections ``c_proj`` scaled by
+1/sqrt(2·n_layer)), norm weights 1, biases 0.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from src.sensitivity.scoring import stable_seed
+from src.sensitivity.sharding import local, local_rows
+
+ROWS_PER_STREAM = 256
+INIT_SEED = 0
+
+
+def initialize_(model: torch.nn.Module) -> None:
+    """Draw every parameter of ``model`` (the part this process holds), in place."""
+    config = model.config
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            held = local(param)
+            if held.numel() == 0:
+                continue
+            rows = local_rows(param)
+            std = _std(name, param, config)
+            if std is None:
+                held.fill_(0.0 if name.endswith("bias") else 1.0)
+                continue
+            held.copy_(_rows(name, param.shape, rows, std).to(held.device, held.dtype))
+
+
+def _std(name: str, param, config) -> float | None:
+    """The normal's standard deviation, or None for a vector (a bias or a norm weight)."""
+    if param.ndim < 2:
+        return None
+    std = getattr(config, "initializer_range", None) or getattr(config, "init_std", 0.02)
+    if config.model_type == "gpt2" and name.endswith("c_proj.weight"):
+        std /= math.sqrt(2 * config.n_layer)
+    return std
+
+
+def _rows(name: str, shape, rows: range, std: float) -> torch.Tensor:
+    """Rows ``rows`` of the tensor ``name``: float32 on the CPU, from the streams that cover them."""
+    row_numel = math.prod(shape[1:])
+    first, last = rows.start // ROWS_PER_STREAM, (rows.stop - 1) // ROWS_PER_STREAM
+    pieces = []
+    for stream in range(first, last + 1):
+        start = stream * ROWS_PER_STREAM
+        n_rows = min(ROWS_PER_STREAM, shape[0] - start)
+        generator = torch.Generator().manual_seed(stable_seed(INIT_SEED, name, stream))
+        drawn = torch.randn(n_rows, row_numel, generator=generator).mul_(std)
+        pieces.append(drawn[max(rows.start - start, 0):rows.stop - start])
+    return torch.cat(pieces).view(len(rows), *shape[1:])

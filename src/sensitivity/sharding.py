@@ -1,0 +1,200 @@
+"""Sharded models (``torchrun ... --shard``): FSDP2 gives each rank 1/N of every weight.
+
+``fully_shard`` wraps every decoder block and the root. Each parameter becomes a DTensor cut
+along dim 0 into torch.chunk pieces: rank r holds rows [r·c, min((r+1)·c, rows)), c = ⌈rows/N⌉
+(the last ranks may hold fewer rows, or none). A forward all-gathers one block's weights just
+before the block runs and frees them after; a backward reduce-scatters each gradient, so rank r
+receives the *mean over ranks* of its rows' gradients. Gloo has no pre-multiplied sum, so instead
+of a divide factor every loss is multiplied by N: the reduced gradient is then the sum over ranks.
+
+Every rank runs the same pipeline on its share of the blocks (rank r takes batches r, r+N, ...,
+the single-process batches). FSDP's collectives need every rank to run as many forward and
+backward passes as the others, so a rank short of a batch runs a padding step on one of its own
+batches whose contribution is discarded (``None`` index). Scores stay sharded: a rank holds the
+float32 scores of the rows it holds.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from src.errors import UserError
+
+BLOCK_LIST_NAMES = ("layers", "h", "blocks", "layer")  # the ModuleList of decoder blocks
+
+
+@dataclass(frozen=True)
+class ShardGroup:
+    """This rank's place in the sharded run (the process group is data_parallel's)."""
+    rank: int
+    world_size: int
+    backend: str
+    device: torch.device
+    mesh: object = field(default=None, compare=False, repr=False)  # made once, by current()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def my_batches(self, n_batches: int) -> list[int | None]:
+        """This rank's batch indices, padded with None to the same length on every rank."""
+        steps = math.ceil(n_batches / self.world_size)
+        return [index if index < n_batches else None
+                for index in range(self.rank, steps * self.world_size, self.world_size)]
+
+    def all_reduce_sum_(self, tensors) -> None:
+        import torch.distributed as dist
+
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    def all_true(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on every rank."""
+        return all(self.all_gather_objects(bool(flag)))
+
+    def all_gather_objects(self, obj) -> list:
+        import torch.distributed as dist
+
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the values of sharded tensors live: each tensor's global size and the flat range
+    of its values this rank holds (rows are contiguous, so a flat range)."""
+    group: ShardGroup
+    numel: dict[str, int]
+    offset: dict[str, int]
+
+    @classmethod
+    def of(cls, params: dict, group: ShardGroup) -> "Layout":
+        return cls(group, {n: p.numel() for n, p in params.items()},
+                   {n: flat_offset(p) for n, p in params.items()})
+
+    def localize(self, name: str, local_numel: int, flat_index: torch.Tensor):
+        """(positions in ``flat_index`` held here, their local flat indices)."""
+        start = self.offset[name]
+        held = (flat_index >= start) & (flat_index < start + local_numel)
+        return held, flat_index[held] - start
+
+    def values_at(self, requests: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict:
+        """name -> float64 CPU values at global flat indices, from (this rank's part of the
+        tensor, indices) per name; the same on every rank. One all-reduce for all names: each
+        rank fills the values it holds into zeros, and x + 0 is exact."""
+        names = list(requests)
+        lengths = [int(requests[n][1].numel()) for n in names]
+        filled = torch.zeros(sum(lengths), dtype=torch.float64)
+        start = 0
+        for name, length in zip(names, lengths):
+            part, flat_index = requests[name]
+            part = part.detach().reshape(-1)
+            held, local_index = self.localize(name, part.numel(), flat_index.cpu())
+            window = filled[start:start + length]
+            window[held] = part[local_index.to(part.device)].double().cpu()
+            start += length
+        on_device = filled.to(self.group.device)  # NCCL reduces CUDA tensors only
+        self.group.all_reduce_sum_([on_device])
+        return dict(zip(names, on_device.cpu().split(lengths)))
+
+
+def from_group(group) -> ShardGroup:
+    """The ShardGroup of torchrun's process group (data_parallel.DataParallel, joined first);
+    exit 2 when not under torchrun."""
+    global _mesh
+    if group is None:
+        raise UserError("--shard needs several processes: launch with torchrun "
+                        "--nproc-per-node N phase1_runner_enhanced.py ... --shard")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = torch.device("cuda", group.local_rank) if group.backend == "nccl" else \
+        torch.device("cpu")
+    if _mesh is None:  # a collective: every rank makes it here, before anything runs rank by rank
+        _mesh = init_device_mesh(device.type, (group.world_size,))
+    return ShardGroup(group.rank, group.world_size, group.backend, device, _mesh)
+
+
+_mesh = None
+
+# What a sharded run does not do yet: (flag, RunConfig field); each is refused with exit 2.
+UNSHARDED_OPTIONS = (("--quantize", "quantize"), ("--stability-check", "stability_check"),
+                     ("--downstream-tasks", "downstream_tasks"), ("--lm-eval-tasks", "lm_eval_tasks"),
+                     ("--save-scores", "save_scores"), ("--scores-from", "scores_from"),
+                     ("--resume", "resume"), ("--device-map", "device_map"),
+                     ("--save-plots", "save_plots"))
+
+
+def unsharded_options(config) -> list[str]:
+    return [flag for flag, field_name in UNSHARDED_OPTIONS
+            if getattr(config, field_name) not in (None, False, (), "")]
+
+
+def describe(group: ShardGroup, model: torch.nn.Module) -> dict:
+    """The manifest's record of the sharding, with the parameter bytes rank 0 holds."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", group.world_size))
+    held = sum(local(p).numel() * p.element_size() for p in model.parameters())
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"engine": "FSDP2 fully_shard (each decoder block, then the root)",
+            "placement": "dim 0 (rows), torch.chunk pieces", "world_size": group.world_size,
+            "nodes": max(1, group.world_size // max(per_node, 1)), "backend": group.backend,
+            "parameter_bytes_held_by_rank_0": held, "parameter_bytes_total": total}
+
+
+def shard_model(model: torch.nn.Module, group: ShardGroup) -> None:
+    """fully_shard every decoder block, then the root (embeddings, final norm, output head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in decoder_blocks(model):
+        fully_shard(block, mesh=group.mesh)
+    # the root too frees its gathered weights (embeddings, output head) after each forward:
+    # evaluation is forward-only, and a whole output head per process is what --shard avoids
+    fully_shard(model, mesh=group.mesh, reshard_after_forward=True)
+
+
+def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in BLOCK_LIST_NAMES:
+            return module
+    raise UserError(f"--shard: no list of decoder blocks found in {type(model).__name__}")
+
+
+def is_sharded(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of a (possibly sharded) tensor this process holds."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def row_range(param, rank: int, world_size: int) -> range:
+    """Global dim-0 rows of ``param`` held by ``rank`` (torch.chunk pieces)."""
+    rows = param.shape[0]
+    per_rank = math.ceil(rows / world_size)
+    return range(min(rank * per_rank, rows), min((rank + 1) * per_rank, rows))
+
+
+def local_rows(param) -> range:
+    """Global dim-0 rows of ``param`` held here: all of them when it is not sharded."""
+    if not is_sharded(param):
+        return range(param.shape[0])
+    mesh = param.device_mesh
+    return row_range(param, mesh.get_local_rank(), mesh.size())
+
+
+def flat_offset(param) -> int:
+    """Flat index (into the full tensor) of the first value held here."""
+    rows = local_rows(param)
+    return rows.start * (param.numel() // max(param.shape[0], 1))
+
+
+def without_grad(sharded: bool):
+    """inference_mode, or no_grad for a sharded model: FSDP's unsharded weight buffers made
+    under inference_mode could not take part in a later backward."""
+    return torch.no_grad() if sharded else torch.inference_mode()

@@ -1,0 +1,170 @@
+"""--shard: FSDP2 sharding under torchrun (gloo, 2 ranks, tiny presets on the CPU).
+
+A sharded run must pick the weights one process picks (same top_weights.csv rows, scores equal to
+1e-5 relative) and give the same perturbation results, with every weight restored on both ranks
+and rank 1 writing nothing; the pieces (batch padding, row ranges, merged moments, the union of
+per-rank candidates) are checked against direct computations."""
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from src.cli import config_from_argv
+from src.errors import UserError
+from src.sensitivity import sharding
+from src.sensitivity.rank import (_candidates, _in_rank_order, _merge_global, _union_over_ranks,
+                                  top_k)
+from src.sensitivity.statistics import _merge_moments
+from tests.conftest import run_cli
+from tests.test_distributed import assert_ok, torchrun
+
+RUN = ["--device", "cpu", "--max-length", "32", "--max-samples", "5", "--batch-size", "2",
+       "--topk", "5", "--seeds", "0,1", "--controls", "random_k,bottom_k"]
+SELECTION = ["rank", "parameter", "layer", "component", "row", "col", "flat_index", "value"]
+CASES = [  # model, metric, mode, perturbation: every shardable metric in both modes
+    ("tiny-llama", "grad_x_weight", "per_tensor", "sign_flip"),
+    ("tiny-gpt2", "grad_x_weight", "global", "zero"),
+    ("tiny-llama", "act_mag", "global", "zero"),
+    ("tiny-gpt2", "act_mag", "per_tensor", "sign_flip"),
+    ("tiny-gpt2", "magnitude", "global", "gauss_noise"),
+    ("tiny-llama", "magnitude", "per_tensor", "zero"),
+    ("tiny-llama", "random", "global", "bit_flip"),
+    ("tiny-gpt2", "random", "per_tensor", "zero"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, metric, mode, method", CASES)
+def test_sharded_run_equals_one_process(tmp_path, model, metric, mode, method):
+    args = [*RUN, "--model", f"random:{model}", "--metric", metric, "--mode", mode,
+            "--perturb", method]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cli(*args, "--out-dir", one))
+    proc = torchrun(*args, "--shard", "--out-dir", two)
+    assert_ok(proc)
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    top_one, top_two = pd.read_csv(one / "top_weights.csv"), pd.read_csv(two / "top_weights.csv")
+    pd.testing.assert_frame_equal(top_one[SELECTION], top_two[SELECTION])
+    assert top_two["score"].to_numpy() == pytest.approx(top_one["score"].to_numpy(), rel=1e-5)
+    rows_one = json.loads((one / "perturbation_results.json").read_text())["conditions"]
+    rows_two = json.loads((two / "perturbation_results.json").read_text())["conditions"]
+    assert [(r["selection"], r["seed"], r["n_weights"]) for r in rows_two] == \
+        [(r["selection"], r["seed"], r["n_weights"]) for r in rows_one]
+    for a, b in zip(rows_one, rows_two):
+        assert float(b["perplexity"]) == pytest.approx(float(a["perplexity"]), rel=1e-5)
+        assert a["restore_verified"] and b["restore_verified"]
+    stats_one = json.loads((one / "sensitivity_stats.json").read_text())["parameters"]
+    stats_two = json.loads((two / "sensitivity_stats.json").read_text())["parameters"]
+    for name, values in stats_one.items():
+        for key in ("numel", "mean", "std", "min", "max", "p50", "p95", "p99"):
+            assert stats_two[name][key] == pytest.approx(values[key], rel=1e-4, abs=1e-12), key
+    manifest = json.loads((two / "experiment_manifest.json").read_text())
+    record = manifest["sharding"]
+    assert manifest["status"] == "succeeded" and record["world_size"] == 2
+    assert record["parameter_bytes_held_by_rank_0"] <= 0.55 * record["parameter_bytes_total"]
+    assert "score_" + metric in manifest["timings_seconds"]
+
+
+def test_shard_refuses_what_does_not_run_sharded(monkeypatch):
+    with pytest.raises(UserError, match="needs several processes"):
+        sharding.from_group(None)  # not launched by torchrun
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # no folder checks: rank 0 alone writes the folder
+    for extra, flag in ((["--metric", "hutchinson_diag"], "--metric hutchinson_diag"),
+                        (["--quantize", "4"], "--quantize"),
+                        (["--stability-check"], "--stability-check"),
+                        (["--save-scores"], "--save-scores"),
+                        (["--downstream-tasks", "lambada"], "--downstream-tasks"),
+                        (["--weight-analysis"], "weight"),
+                        (["--save-plots"], "--save-plots")):
+        with pytest.raises(UserError, match="under --shard") as error:
+            config_from_argv(["--shard", "--device", "cpu", *extra])
+        assert flag in str(error.value)
+    config_from_argv(["--shard", "--device", "cpu", "--metric", "act_mag", "--perturb", "zero"])
+
+
+def test_padded_batches_and_row_ranges():
+    first, second = (sharding.ShardGroup(rank, 2, "gloo", torch.device("cpu")) for rank in (0, 1))
+    assert first.my_batches(5) == [0, 2, 4] and second.my_batches(5) == [1, 3, None]
+    weight = torch.empty(5, 3)
+    assert sharding.row_range(weight, 0, 2) == range(0, 3)
+    assert sharding.row_range(weight, 1, 2) == range(3, 5)
+    assert len(sharding.row_range(torch.empty(1, 3), 1, 2)) == 0  # a rank may hold no rows
+    assert [len(sharding.row_range(torch.empty(10, 1), r, 4)) for r in range(4)] == \
+        [len(piece) for piece in torch.arange(10).chunk(4)]
+
+
+def test_merged_moments_equal_whole_tensor_moments():
+    values = np.random.default_rng(0).normal(3.0, 2.0, 1001)
+    parts = [values[:400], values[400:401], values[401:]]
+    merged = _merge_moments([[len(p), p.mean(), ((p - p.mean()) ** 2).sum(), p.min(), p.max()]
+                             for p in parts])
+    n, mean, m2, low, high = merged
+    assert n == 1001 and mean == pytest.approx(values.mean(), rel=1e-12)
+    assert math.sqrt(m2 / (n - 1)) == pytest.approx(values.std(ddof=1), rel=1e-12)
+    assert (low, high) == (values.min(), values.max())
+
+
+class _Ranks:
+    """all_gather_objects of several ranks run one after another in one process."""
+
+    def __init__(self, per_rank):
+        self.per_rank = per_rank
+
+    def all_gather_objects(self, _):
+        return self.per_rank
+
+
+@pytest.mark.parametrize("mode", ["global", "per_tensor"])
+def test_union_of_rank_candidates_is_the_single_process_selection_ties_included(mode):
+    generator = torch.Generator().manual_seed(0)
+    scores = {"a": torch.randint(0, 4, (7, 3), generator=generator).float(),  # many ties
+              "b": torch.randint(0, 4, (5, 2), generator=generator).float()}
+    k = 6
+    expected = top_k(scores, k, mode)
+    pieces = [{n: s[sharding.row_range(s, r, 2).start:sharding.row_range(s, r, 2).stop]
+               for n, s in scores.items()} for r in range(2)]
+    offsets = [{n: sharding.row_range(s, r, 2).start * s.shape[1] for n, s in scores.items()}
+               for r in range(2)]
+    candidates = [{n: (i.cpu() + offsets[r][n], keys) for n, (i, keys) in
+                   _candidates(pieces[r], k, largest=True).items()} for r in range(2)]
+    layout = SimpleNamespace(offset={n: 0 for n in scores}, group=_Ranks(candidates),
+                             numel={n: s.numel() for n, s in scores.items()})
+    merged = _union_over_ranks(candidates[0], layout, k)
+    got = {n: _in_rank_order(i, keys) for n, (i, keys) in merged.items()} \
+        if mode == "per_tensor" else _merge_global(scores, merged, k)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_random_weights_drawn_by_rows_equal_the_whole_draw():
+    from src.models import random_init
+
+    shape = (700, 3)
+    whole = random_init._rows("w", shape, range(0, 700), std=0.02)
+    for rows in (range(0, 350), range(350, 700), range(255, 257), range(699, 700)):
+        assert torch.equal(random_init._rows("w", shape, rows, std=0.02), whole[rows.start:rows.stop])
+    assert whole.std().item() == pytest.approx(0.02, rel=0.05)
+    assert not torch.equal(random_init._rows("v", shape, range(0, 700), 0.02), whole)
+
+
+def test_random_presets_follow_the_initialisation_rule():
+    from tests.conftest import load
+
+    for preset in ("tiny-llama", "tiny-gpt2"):
+        model = load(f"random:{preset}").model
+        for name, param in model.named_parameters():
+            if param.ndim == 1:
+                assert torch.all(param == (0.0 if name.endswith("bias") else 1.0)), name
+        std = 0.02 / math.sqrt(2 * 2) if preset == "tiny-gpt2" else 0.02
+        projection = dict(model.named_parameters())[
+            "transformer.h.0.attn.c_proj.weight" if preset == "tiny-gpt2"
+            else "model.layers.0.self_attn.o_proj.weight"]
+        assert projection.std().item() == pytest.approx(std, rel=0.1)
