@@ -36,6 +36,8 @@ CASES = [  # model, metric, mode, perturbation: every shardable metric in both m
     ("tiny-llama", "magnitude", "per_tensor", "zero"),
     ("tiny-llama", "random", "global", "bit_flip"),
     ("tiny-gpt2", "random", "per_tensor", "zero"),
+    ("tiny-llama", "grad_squared", "global", "zero"),
+    ("tiny-gpt2", "grad_squared", "per_tensor", "sign_flip"),  # Conv1D: rows are inputs
 ]
 
 

@@ -129,7 +129,8 @@ def grad_x_weight(job: ScoringJob) -> MetricOutput:
                          for n, p in job.params.items()})
 
 
-@register("grad_squared", uses_data=True, description="empirical Fisher diagonal")
+@register("grad_squared", uses_data=True, description="empirical Fisher diagonal",
+          shardable=True)
 def grad_squared(job: ScoringJob) -> MetricOutput:
     """Mean over sequences s of (∂L_s/∂w)², L_s = token-mean NLL of sequence s.
 
@@ -137,7 +138,10 @@ def grad_squared(job: ScoringJob) -> MetricOutput:
     one backward per batch of Σ_s L_s; each layer's per-sequence gradients δ_sᵀ x_s come from its
     saved input x and output gradient δ (a batched matmul, the work autograd would do for the
     summed gradient), and their squares are summed in float32 right away. Otherwise one backward
-    per sequence."""
+    per sequence.
+
+    Under --shard every rank runs every batch (a square of a sum over ranks is not a sum of
+    squares) and computes the per-sequence gradients of its own rows only."""
     fisher = zeros_like_fp32(job.params)
     owners = _single_use_linear_owners(job.model, job.params)
     done = False
@@ -174,8 +178,9 @@ def _per_sequence_squared_grads(job: ScoringJob, fisher: Scores) -> None:
     def fold(name, grad):  # fp32 square of the stored-dtype gradient, no float copy
         fisher[name].addcmul_(grad, grad)
 
+    # sharded: every rank runs the same sequences, so FSDP's mean over ranks is the gradient
     with gradients_only_on(job.model, job.params), fold_gradients(job.params, fold):
-        for input_ids, attention_mask in batches(job, "grad_squared"):
+        for input_ids, attention_mask in batches(job, "grad_squared", split=False):
             for row in range(input_ids.shape[0]):  # one backward per sequence
                 _sequence_mean_loss_sum(job.model, input_ids[row:row + 1],
                                         attention_mask[row:row + 1]).backward()
@@ -235,6 +240,11 @@ def _per_sample_squared_grads(job: ScoringJob, owners: dict, fisher: Scores) -> 
 
         def on_grad(grad_output, module=module, name=name, kind=kind):
             x = pending.pop(module)
+            rows = local_rows(job.params[name])  # the weight's rows: out (Linear), in (Conv1D)
+            if kind == "linear":
+                grad_output = grad_output[..., rows.start:rows.stop]
+            else:
+                x = x[..., rows.start:rows.stop]
             _fold_per_sample_squares(fisher[name], x, grad_output, kind)
         output.register_hook(on_grad)
 
@@ -245,7 +255,7 @@ def _per_sample_squared_grads(job: ScoringJob, owners: dict, fisher: Scores) -> 
         handles.append(module.register_forward_hook(after))
     try:
         with gradients_only_on(job.model, {}):
-            for input_ids, attention_mask in batches(job, "grad_squared"):
+            for input_ids, attention_mask in batches(job, "grad_squared", split=False):
                 pending.clear()
                 batch_rows["n"] = input_ids.shape[0]
                 _sequence_mean_loss_sum(job.model, input_ids, attention_mask).backward()

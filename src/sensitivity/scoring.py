@@ -97,19 +97,22 @@ def zeros_like_fp32(params) -> Scores:
             for name, p in params.items()}
 
 
-def batches(job: ScoringJob, desc: str):
-    """(input_ids, attention_mask) of this process's calibration batches, on the input device."""
-    for _, input_ids, attention_mask in indexed_batches(job, desc):
+def batches(job: ScoringJob, desc: str, split: bool = True):
+    """(input_ids, attention_mask) of this process's calibration batches, on the input device.
+    ``split=False``: under --shard every rank takes every batch."""
+    for _, input_ids, attention_mask in indexed_batches(job, desc, split):
         yield input_ids, attention_mask
 
 
-def indexed_batches(job: ScoringJob, desc: str):
+def indexed_batches(job: ScoringJob, desc: str, split: bool = True):
     """(global batch index, input_ids, attention_mask): every batch in one process; under
     torchrun only this rank's batches, with the indices they have in the single-process run.
     Under --shard a rank short of batches gets padding steps: index None, batch 0's tokens,
     whose contribution the metric discards (FSDP needs equal passes on every rank)."""
     n_batches = math.ceil(len(job.blocks) / job.batch_size)
-    if job.shards is not None:
+    if job.shards is not None and not split:
+        mine = range(n_batches)
+    elif job.shards is not None:
         mine = job.shards.my_batches(n_batches)
     elif job.data_parallel is not None:
         mine = job.data_parallel.my_batches(n_batches)
