@@ -28,7 +28,7 @@ from src.eval import downstream_step, harness
 from src.eval.perplexity import evaluate
 from src.models.components import describe_parameters
 from src.models.loader import load_model
-from src.sensitivity import data_parallel, score_store, sharding
+from src.sensitivity import data_parallel, quantize, score_store, sharding
 from src.sensitivity.eligibility import (eligible_parameters, parse_layers, restriction)
 from src.sensitivity.metrics import compute_scores
 from src.sensitivity.perturb import PerturbOptions
@@ -179,6 +179,10 @@ def preflight(config: RunConfig, model, tokenizer, model_info: dict, data: DataS
                 layout=sharding.Layout.of(params, shards) if shards else None)
     if shards:
         plan.record["sharding"] = sharding.describe(shards, model)
+        problem = config.quantize and quantize.shard_problem(
+            params, describe_parameters(model, params), steps.quant_spec(config))
+        if problem:
+            raise UserError(problem)
     plan.stored_scores = stored_scores_for(config, plan)
     return plan
 

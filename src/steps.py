@@ -100,10 +100,9 @@ def quantization(state: RunState) -> dict:
     """The compression experiment (src/sensitivity/compression.py; quantization_results.json)."""
     config, baseline, params, selection = state.config, state.baseline, state.params, \
         state.selection
-    spec = quantize.QuantSpec(config.quantize, config.quant_group,
-                              "symmetric" if config.quant_symmetric else "asymmetric")
+    spec = quant_spec(config)
     conditions = compression.build_conditions(selection, state.scores, config.topk, config.mode,
-                                              config.controls, config.seeds)
+                                              config.controls, config.seeds, state.layout)
     n_eligible = sum(p.numel() for p in params.values())
 
     def save(rows: list[dict], complete: bool) -> dict:
@@ -122,11 +121,16 @@ def quantization(state: RunState) -> dict:
     originals = quantize.backup(params)
     rows = run_saving(state, conditions, "quantization_results.json", save, spec.label,
                       apply=lambda c: quantize.quantized(params, state.metas, spec, c.selection,
-                                                         originals),
+                                                         originals, state.layout),
                       kept=resumed_rows(state, "quantization", conditions, spec.label))
     results = save(rows, complete=True)
     report_console.quantization(results)
     return results
+
+
+def quant_spec(config: RunConfig) -> quantize.QuantSpec:
+    return quantize.QuantSpec(config.quantize, config.quant_group,
+                              "symmetric" if config.quant_symmetric else "asymmetric")
 
 
 def resumed_rows(state: RunState, experiment_name: str, conditions, method: str) -> list[dict]:

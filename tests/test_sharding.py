@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -79,7 +80,6 @@ def test_shard_refuses_what_does_not_run_sharded(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")  # no folder checks: rank 0 alone writes the folder
     for extra, flag in ((["--metric", "hutchinson_diag"], "--metric hutchinson_diag"),
-                        (["--quantize", "4"], "--quantize"),
                         (["--stability-check"], "--stability-check"),
                         (["--save-scores"], "--save-scores"),
                         (["--downstream-tasks", "lambada"], "--downstream-tasks"),
@@ -170,3 +170,29 @@ def test_random_presets_follow_the_initialisation_rule():
             "transformer.h.0.attn.c_proj.weight" if preset == "tiny-gpt2"
             else "model.layers.0.self_attn.o_proj.weight"]
         assert projection.std().item() == pytest.approx(std, rel=0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+def test_sharded_compression_equals_one_process(tmp_path, model):
+    args = [*RUN, "--model", f"random:{model}", "--metric", "grad_x_weight", "--mode", "global",
+            "--quantize", "3", "--quant-group", "16"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cli(*args, "--out-dir", one))
+    assert_ok(torchrun(*args, "--shard", "--out-dir", two))
+    rows_one = json.loads((one / "quantization_results.json").read_text())["conditions"]
+    rows_two = json.loads((two / "quantization_results.json").read_text())["conditions"]
+    assert [r["condition"] for r in rows_two] == [r["condition"] for r in rows_one]
+    for a, b in zip(rows_one, rows_two):
+        assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-5)
+        assert b["restore_verified"]
+
+
+@pytest.mark.slow
+def test_sharded_quantization_refuses_groups_split_between_processes(tmp_path):
+    proc = torchrun(*RUN, "--model", "random:tiny-gpt2", "--metric", "magnitude",
+                    "--quantize", "3", "--quant-group", "24", "--shard", "--out-dir",
+                    tmp_path / "run")
+    assert proc.returncode != 0 and "split a quantization group" in proc.stderr
+    assert not re.search(r'File ".*/src/', proc.stderr)  # only torchrun's own report traces
+    assert not (tmp_path / "run").exists()

@@ -24,10 +24,12 @@ from src.sensitivity.perturb import PerturbOptions
 from src.sensitivity.rank import Selection, selection_size
 
 
-def build_conditions(top: Selection, scores, k: int, mode: str, controls, seeds) -> list:
-    """rtn, then the kept sets (top-K, random-K per seed, bottom-K)."""
+def build_conditions(top: Selection, scores, k: int, mode: str, controls, seeds,
+                     layout=None) -> list:
+    """rtn, then the kept sets (top-K, random-K per seed, bottom-K); ``layout``: sharded."""
     kept = experiment.build_conditions(top, scores, k, mode, list(controls), list(seeds),
-                                       "zero", PerturbOptions())  # deterministic: top once
+                                       "zero", PerturbOptions(),  # deterministic: top once
+                                       layout=layout)
     return [Condition("none", None, {}), *kept]
 
 

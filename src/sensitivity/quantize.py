@@ -30,6 +30,7 @@ import torch
 
 from src.models.components import ParamMeta
 from src.sensitivity.rank import Selection
+from src.sensitivity.sharding import local, local_rows
 from src.utils import signals
 
 
@@ -111,23 +112,45 @@ def backup(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
     for device in {p.device for p in params.values() if p.is_cuda}:
         size = sum(p.numel() * p.element_size() for p in params.values() if p.device == device)
         on_device[device] = torch.cuda.mem_get_info(device)[0] > BACKUP_HEADROOM * size
-    return {name: p.detach().clone() if on_device.get(p.device) else
-            p.detach().to("cpu", copy=True) for name, p in params.items()}
+    return {name: local(p).detach().clone() if on_device.get(p.device) else
+            local(p).detach().to("cpu", copy=True) for name, p in params.items()}
 
 
 @contextmanager
 def quantized(params: dict[str, torch.nn.Parameter], metas: dict[str, ParamMeta],
-              spec: QuantSpec, keep: Selection, originals: dict[str, torch.Tensor]):
+              spec: QuantSpec, keep: Selection, originals: dict[str, torch.Tensor],
+              layout=None):
     """Every weight of ``params`` quantized in place except ``keep``; ``originals`` (from
-    ``backup``) restored bit-exactly on exit."""
+    ``backup``) restored bit-exactly on exit. ``layout`` (sharding.Layout): each process
+    quantizes the rows it holds (whole groups: see ``shard_problem``)."""
     touched = []
     try:
         with torch.no_grad():
             for name, p in params.items():
+                held, kept = local(p), keep.get(name)
+                if layout is not None and kept is not None:
+                    kept = layout.localize(name, held.numel(), kept.cpu())[1]
                 touched.append(name)
-                p.data.copy_(quantize_stored(p, metas[name], spec, keep.get(name)))
+                held.data.copy_(quantize_stored(held, metas[name], spec, kept))
         yield
     finally:
         with signals.deferred(), torch.no_grad():
             for name in touched:
-                params[name].data.copy_(originals[name].to(params[name].device))
+                held = local(params[name])
+                held.data.copy_(originals[name].to(held.device))
+
+
+def shard_problem(params: dict, metas: dict[str, ParamMeta], spec: QuantSpec) -> str | None:
+    """Why these sharded weights cannot be quantized rows-locally, or None. A process holds
+    whole stored rows; a Conv1D weight's stored rows are inputs, grouped along, so its row
+    ranges must start and end on group boundaries."""
+    for name, p in params.items():
+        if not metas[name].transposed:
+            continue
+        rows = local_rows(p)
+        if spec.group is None or rows.start % spec.group or \
+                (rows.stop % spec.group and rows.stop != p.shape[0]):
+            return (f"--quantize under --shard: {name} is stored [in, out] and this process "
+                    f"holds inputs {rows.start}..{rows.stop - 1}, which split a quantization "
+                    f"group; use a --quant-group that divides {len(rows)}, or fewer processes")
+    return None
