@@ -155,7 +155,8 @@ def _model_in_memory(model, tokenizer, tasks: HarnessTasks):
         from lm_eval.models.huggingface import HFLM
 
         class InMemoryLM(HFLM):
-            def loglikelihood(self, requests, disable_tqdm: bool = False):
+            def loglikelihood(self, requests, disable_tqdm: bool = False):  # noqa: ARG002
+                # the harness's own choice is replaced by the run's: one bar with --verbose
                 return super().loglikelihood(requests, disable_tqdm=not tasks.progress)
 
         tasks._lm = InMemoryLM(pretrained=model, tokenizer=tokenizer,
