@@ -68,7 +68,7 @@ def test_sigkill_during_perturbation_then_resume_equals_an_uninterrupted_run(
     resumed = manifest["resumed"]
     assert resumed["from_status"] == "running" and resumed["previous_pid"] == run.pid
     assert resumed["kept"]["scores"] and resumed["kept"]["perturbation_conditions"] == finished
-    assert resumed["resumed_at_step"] == f"perturbation condition {finished + 1} of 202"
+    assert resumed["resumed_at_step"] == f"perturbation condition {finished + 1} of 32"
     assert resumed["seconds_saved"] > 0
     assert not (out / score_store.FILE_NAME).exists()  # resume state goes after success
 
