@@ -9,9 +9,9 @@ of a divide factor every loss is multiplied by N: the reduced gradient is then t
 
 Every rank runs the same pipeline on its share of the blocks (rank r takes batches r, r+N, ...,
 the single-process batches). FSDP's collectives need every rank to run as many forward and
-backward passes as the others, so a rank short of a batch runs a padding step on one of its own
-batches whose contribution is discarded (``None`` index). Scores stay sharded: a rank holds the
-float32 scores of the rows it holds.
+backward passes as the others, so a rank short of a batch runs a padding step (batch 0 again)
+whose contribution is discarded (``None`` index). Scores stay sharded: a rank holds the float32
+scores of the rows it holds.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class ShardGroup:
     world_size: int
     backend: str
     device: torch.device
-    mesh: object = field(default=None, compare=False, repr=False)  # made once, by current()
+    mesh: object = field(default=None, compare=False, repr=False)  # made once, by from_group()
 
     @property
     def is_main(self) -> bool:
