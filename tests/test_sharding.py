@@ -82,7 +82,7 @@ def test_shard_refuses_what_does_not_run_sharded(monkeypatch):
     for extra, flag in ((["--metric", "hutchinson_diag"], "--metric hutchinson_diag"),
                         (["--stability-check"], "--stability-check"),
                         (["--save-scores"], "--save-scores"),
-                        (["--downstream-tasks", "lambada"], "--downstream-tasks"),
+                        (["--lm-eval-tasks", "arc_easy"], "--lm-eval-tasks"),
                         (["--weight-analysis"], "weight"),
                         (["--save-plots"], "--save-plots")):
         with pytest.raises(UserError, match="under --shard") as error:
@@ -196,3 +196,17 @@ def test_sharded_quantization_refuses_groups_split_between_processes(tmp_path):
     assert proc.returncode != 0 and "split a quantization group" in proc.stderr
     assert not re.search(r'File ".*/src/', proc.stderr)  # only torchrun's own report traces
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_sharded_downstream_tasks_equal_one_process(tmp_path):
+    args = [*RUN, "--model", "random:tiny-llama", "--perturb", "zero", "--downstream-tasks",
+            "hellaswag,lambada", "--task-samples", "6"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cli(*args, "--out-dir", one))
+    assert_ok(torchrun(*args, "--shard", "--out-dir", two))
+    results_one = json.loads((one / "downstream_results.json").read_text())
+    results_two = json.loads((two / "downstream_results.json").read_text())
+    assert results_two["baseline"] == results_one["baseline"]
+    assert [c["tasks"] for c in results_two["conditions"]] == \
+        [c["tasks"] for c in results_one["conditions"]]

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from src.errors import UserError
 from src.eval.perplexity import perplexity_of
 from src.models.properties import context_length, input_device
+from src.sensitivity.sharding import is_sharded, without_grad
 from src.utils import hub
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
@@ -332,10 +333,15 @@ def _score_batch(model, sequences: list[list[int]], n_scored: list[int], device)
     return [(float(v), int(m) == 0) for v, m in zip(ll.tolist(), misses.tolist())]
 
 
-@torch.inference_mode()
 def score_requests(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 8,
                    max_length: int | None = None, desc: str = "loglikelihood") -> list[tuple[float, bool]]:
-    """(loglik, is_greedy) of each (context, continuation) request, in the order given."""
+    """(loglik, is_greedy) of each (context, continuation) request, in the order given. A
+    sharded model (--shard): every process scores every request, in the same order."""
+    with without_grad(is_sharded(next(model.parameters()))):
+        return _score_requests(model, tokenizer, requests, batch_size, max_length, desc)
+
+
+def _score_requests(model, tokenizer, requests, batch_size, max_length, desc):
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     max_length = max_length or model_max_length(model, tokenizer)

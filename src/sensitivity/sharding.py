@@ -122,7 +122,7 @@ _mesh = None
 
 # What a sharded run does not do yet: (flag, RunConfig field); each is refused with exit 2.
 UNSHARDED_OPTIONS = (("--stability-check", "stability_check"),
-                     ("--downstream-tasks", "downstream_tasks"), ("--lm-eval-tasks", "lm_eval_tasks"),
+                     ("--lm-eval-tasks", "lm_eval_tasks"),
                      ("--save-scores", "save_scores"), ("--scores-from", "scores_from"),
                      ("--resume", "resume"), ("--device-map", "device_map"),
                      ("--save-plots", "save_plots"))
