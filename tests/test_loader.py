@@ -43,6 +43,29 @@ def test_each_random_family_builds_and_runs(preset):
                                        if tiny.tokenizer.pad_token_id is not None
                                        else tiny.tokenizer.eos_token_id)
     assert tiny.model.get_input_embeddings().weight[pad].abs().sum() > 0
+    # built on the meta device and given storage: the output head must still share the
+    # embedding's storage where the architecture ties them
+    tied = tiny.model.get_output_embeddings().weight is tiny.model.get_input_embeddings().weight
+    assert tied == bool(tiny.model.config.tie_word_embeddings)
+    assert tiny.model.config.eos_token_id == tiny.tokenizer.eos_token_id
+
+
+def test_random_preset_weights_are_drawn_once(monkeypatch):
+    """Each weight comes from random_init's streams alone: the architecture's own initialiser
+    runs only on the meta device (a second draw of every weight would be slow at 8B)."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel._init_weights
+    touched = []
+
+    def only_on_meta(self, module):
+        touched.extend(p.device.type for p in module.parameters(recurse=False))
+        return original(self, module)
+
+    monkeypatch.setattr(PreTrainedModel, "_init_weights", only_on_meta)
+    model = load("random:tiny-llama").model
+    assert touched and set(touched) == {"meta"}
+    assert torch.isfinite(model.lm_head.weight).all()
 
 
 def test_random_model_from_config_json_and_without_builtin_tokenizer(tmp_path, monkeypatch):

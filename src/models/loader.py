@@ -250,6 +250,8 @@ def _build_random(preset_or_path: str, cache: Path, torch_dtype, target: torch.d
     if config_dict["vocab_size"] < len(tokenizer):
         raise UserError(f"random:{preset_or_path}: vocab_size {config_dict['vocab_size']} is "
                         f"smaller than the tokenizer's {len(tokenizer)} tokens")
+    for special in ("bos_token_id", "eos_token_id"):  # the tokenizer's, not the architecture's
+        config_dict.setdefault(special, getattr(tokenizer, special))
     model_type = config_dict.pop("model_type")
     try:
         config = AutoConfig.for_model(model_type, **config_dict)
@@ -259,8 +261,7 @@ def _build_random(preset_or_path: str, cache: Path, torch_dtype, target: torch.d
         # position through every layer, where each RMSNorm multiplies the gradient by
         # 1/sqrt(eps) ~ 316; in bfloat16 it overflowed to NaN halfway down llama-3.1-8b.
         config.pad_token_id = None
-        model = _sharded_skeleton(config, torch_dtype, target, shards) if shards else \
-            _whole(config, torch_dtype, target)
+        model = _skeleton(config, torch_dtype, target, shards)
         random_init.initialize_(model)
         model.config.pad_token_id = tokenizer.pad_token_id \
             if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -270,16 +271,10 @@ def _build_random(preset_or_path: str, cache: Path, torch_dtype, target: torch.d
     return model, tokenizer
 
 
-def _whole(config, torch_dtype, target: torch.device):
-    from transformers import AutoModelForCausalLM
-
-    with torch.device(target):
-        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-
-
-def _sharded_skeleton(config, torch_dtype, target: torch.device, shards):
-    """The model with parameters on the meta device, sharded, then given storage for the rows
-    this process holds; buffers (e.g. rotary frequencies) keep the values they were built with."""
+def _skeleton(config, torch_dtype, target: torch.device, shards=None):
+    """The model with storage for the weights this process holds (all of them unless sharded),
+    not yet drawn: built on the meta device, so no weight is initialised twice; buffers (e.g.
+    rotary frequencies) keep the values they were built with."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -287,8 +282,11 @@ def _sharded_skeleton(config, torch_dtype, target: torch.device, shards):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     model.tie_weights()  # not done on the meta device; a built model ties them itself
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    shard_model(model, shards)
+    if shards is not None:
+        shard_model(model, shards)
     model.to_empty(device=target)
+    if shards is None:
+        model.tie_weights()  # to_empty gives each module its own storage; FSDP keeps them shared
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             buffer.copy_(buffers[name])

@@ -3,6 +3,8 @@
 Every parameter is drawn from seeded streams of its own, ``ROWS_PER_STREAM`` rows per stream, so a
 process that holds only some rows of a weight (``--shard``) draws exactly those rows, without
 the rest of the tensor or the rest of the model, and gets the values a single process gets.
+The streams are drawn on the device the weights live on (a GPU draws 8B values in well under a
+second; a CPU thread takes over a minute), so the values depend on the seed and the device type.
 
 The distribution is the one Hugging Face initialises these architectures with: weight matrices
 and embeddings N(0, initializer_range²) (GPT-2's residual projections ``c_proj`` scaled by
@@ -29,12 +31,13 @@ def initialize_(model: torch.nn.Module) -> None:
             held = local(param)
             if held.numel() == 0:
                 continue
-            rows = local_rows(param)
             std = _std(name, param, config)
             if std is None:
                 held.fill_(0.0 if name.endswith("bias") else 1.0)
                 continue
-            held.copy_(_rows(name, param.shape, rows, std).to(held.device, held.dtype))
+            rows = local_rows(param)
+            for row, drawn in _row_pieces(name, param.shape, rows, std, held.device):
+                held[row - rows.start:row - rows.start + len(drawn)].copy_(drawn)
 
 
 def _std(name: str, param, config) -> float | None:
@@ -47,15 +50,21 @@ def _std(name: str, param, config) -> float | None:
     return std
 
 
-def _rows(name: str, shape, rows: range, std: float) -> torch.Tensor:
-    """Rows ``rows`` of the tensor ``name``: float32 on the CPU, from the streams that cover them."""
+def _rows(name: str, shape, rows: range, std: float,
+          device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """Rows ``rows`` of the tensor ``name``, float32 on ``device``."""
+    pieces = [drawn for _, drawn in _row_pieces(name, shape, rows, std, device)]
+    return torch.cat(pieces).view(len(rows), *shape[1:])
+
+
+def _row_pieces(name: str, shape, rows: range, std: float, device: torch.device):
+    """(first row, float32 values) for each stream's part of ``rows``, one stream at a time."""
     row_numel = math.prod(shape[1:])
     first, last = rows.start // ROWS_PER_STREAM, (rows.stop - 1) // ROWS_PER_STREAM
-    pieces = []
     for stream in range(first, last + 1):
         start = stream * ROWS_PER_STREAM
         n_rows = min(ROWS_PER_STREAM, shape[0] - start)
-        generator = torch.Generator().manual_seed(stable_seed(INIT_SEED, name, stream))
-        drawn = torch.randn(n_rows, row_numel, generator=generator).mul_(std)
-        pieces.append(drawn[max(rows.start - start, 0):rows.stop - start])
-    return torch.cat(pieces).view(len(rows), *shape[1:])
+        generator = torch.Generator(device).manual_seed(stable_seed(INIT_SEED, name, stream))
+        drawn = torch.randn(n_rows, row_numel, generator=generator, device=device).mul_(std)
+        begin = max(rows.start, start)
+        yield begin, drawn[begin - start:rows.stop - start].view(-1, *shape[1:])
