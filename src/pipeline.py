@@ -130,8 +130,10 @@ def run_steps_of(config: RunConfig) -> dict:
 
 def load(config: RunConfig, timer, shards=None):
     """(model, tokenizer, info) on this process's device (sharded with --shard); under torchrun
-    rank 0 first, so it fills the caches alone."""
-    with timer.step("load_model"), data_parallel.main_first():
+    rank 0 first, so it fills the caches alone (with --shard only rank 0 reads a checkpoint,
+    and every rank loads at once: the shards come from rank 0 by broadcast)."""
+    in_turn = contextlib.nullcontext() if shards else data_parallel.main_first()
+    with timer.step("load_model"), in_turn:
         return load_model(config.model, dtype=config.dtype,
                           device=data_parallel.device_for(config.device),
                           device_map=config.device_map, cache_dir=config.cache_dir,

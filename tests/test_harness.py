@@ -143,3 +143,19 @@ def test_cli_under_perturbation_equals_the_harness_command_line(tmp_path):
             ours = results["baseline"][task][metric]
             if metric != "perplexity_stderr" and isinstance(value, float):
                 assert ours == pytest.approx(value, rel=1e-6), (task, metric)
+
+
+@pytest.mark.slow
+def test_task_config_hash_is_the_same_in_every_process():
+    """A task config holds functions (process_docs); their repr carries a memory address that
+    differs from process to process, so the hash must not use it."""
+    code = ("from src.eval import harness; import json; print(json.dumps(harness.load_tasks("
+            f"['cwa_hellaswag', 'cwa_lambada'], {BUNDLED!r}, None, 4, 2, False).info))")
+    hashes = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        info = json.loads(done.stdout.strip().splitlines()[-1])
+        hashes.append({task: t["config_sha256"] for task, t in info["tasks"].items()})
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 2

@@ -82,7 +82,6 @@ def test_shard_refuses_what_does_not_run_sharded(monkeypatch):
     for extra, flag in ((["--metric", "hutchinson_diag"], "--metric hutchinson_diag"),
                         (["--stability-check"], "--stability-check"),
                         (["--save-scores"], "--save-scores"),
-                        (["--lm-eval-tasks", "arc_easy"], "--lm-eval-tasks"),
                         (["--weight-analysis"], "weight"),
                         (["--save-plots"], "--save-plots")):
         with pytest.raises(UserError, match="under --shard") as error:
@@ -210,3 +209,51 @@ def test_sharded_downstream_tasks_equal_one_process(tmp_path):
     assert results_two["baseline"] == results_one["baseline"]
     assert [c["tasks"] for c in results_two["conditions"]] == \
         [c["tasks"] for c in results_one["conditions"]]
+
+
+@pytest.mark.slow
+def test_sharded_harness_tasks_equal_one_process(tmp_path):
+    from tests.test_harness import BUNDLED
+
+    args = [*RUN, "--model", "random:tiny-gpt2", "--seeds", "0", "--perturb", "zero",
+            "--lm-eval-tasks", "cwa_hellaswag,cwa_lambada", "--lm-eval-include", BUNDLED,
+            "--lm-eval-limit", "6"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cli(*args, "--out-dir", one))
+    assert_ok(torchrun(*args, "--shard", "--out-dir", two))
+    results_one = json.loads((one / "downstream_results.json").read_text())
+    results_two = json.loads((two / "downstream_results.json").read_text())
+    assert results_two == results_one and results_one["conditions"]
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_equals_one_process(tmp_path):
+    """The built-in model (a checkpoint, not a preset): rank 0 reads it, every rank receives
+    its rows; the selection and perturbation results are a single process's."""
+    args = ["--device", "cpu", "--max-length", "32", "--max-samples", "3", "--batch-size", "2",
+            "--topk", "5", "--seeds", "0", "--metric", "grad_x_weight", "--mode", "per_tensor",
+            "--perturb", "sign_flip", "--controls", "random_k"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cli(*args, "--out-dir", one))
+    assert_ok(torchrun(*args, "--shard", "--out-dir", two))
+    top_one, top_two = pd.read_csv(one / "top_weights.csv"), pd.read_csv(two / "top_weights.csv")
+    pd.testing.assert_frame_equal(top_one[SELECTION], top_two[SELECTION])
+    assert top_two["score"].to_numpy() == pytest.approx(top_one["score"].to_numpy(), rel=1e-5)
+    rows_one = json.loads((one / "perturbation_results.json").read_text())["conditions"]
+    rows_two = json.loads((two / "perturbation_results.json").read_text())["conditions"]
+    for a, b in zip(rows_one, rows_two, strict=True):
+        assert float(b["perplexity"]) == pytest.approx(float(a["perplexity"]), rel=1e-5)
+    manifest = json.loads((two / "experiment_manifest.json").read_text())
+    assert manifest["model"]["source"] == "builtin"
+    assert manifest["sharding"]["parameter_bytes_held_by_rank_0"] <= \
+        0.55 * manifest["sharding"]["parameter_bytes_total"]
+
+
+@pytest.mark.slow
+def test_sharded_load_error_on_rank_0_stops_every_rank_with_its_line(tmp_path):
+    missing = tmp_path / "absent.gguf"
+    proc = torchrun(*RUN, "--model", missing, "--shard", "--out-dir", tmp_path / "run")
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"GGUF file '{missing}' does not exist") == 2  # both ranks say it
+    assert not re.search(r'File ".*/src/', proc.stderr)
+    assert not (tmp_path / "run").exists()

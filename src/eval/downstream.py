@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from src.errors import UserError
 from src.eval.perplexity import perplexity_of
 from src.models.properties import context_length, input_device
-from src.sensitivity.sharding import is_sharded, without_grad
+from src.sensitivity.sharding import gathered, group_of, my_share, without_grad
 from src.utils import hub
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
@@ -336,12 +336,14 @@ def _score_batch(model, sequences: list[list[int]], n_scored: list[int], device)
 def score_requests(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 8,
                    max_length: int | None = None, desc: str = "loglikelihood") -> list[tuple[float, bool]]:
     """(loglik, is_greedy) of each (context, continuation) request, in the order given. A
-    sharded model (--shard): every process scores every request, in the same order."""
-    with without_grad(is_sharded(next(model.parameters()))):
-        return _score_requests(model, tokenizer, requests, batch_size, max_length, desc)
+    sharded model (--shard): each process scores its share of the batches (as evaluation
+    does), and every process gets every result."""
+    shards = group_of(model)
+    with without_grad(shards is not None):
+        return _score_requests(model, tokenizer, requests, batch_size, max_length, desc, shards)
 
 
-def _score_requests(model, tokenizer, requests, batch_size, max_length, desc):
+def _score_requests(model, tokenizer, requests, batch_size, max_length, desc, shards):
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     max_length = max_length or model_max_length(model, tokenizer)
@@ -353,16 +355,22 @@ def _score_requests(model, tokenizer, requests, batch_size, max_length, desc):
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))  # longest first
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     device = input_device(model)
-    results: list[tuple[float, bool] | None] = [None] * len(sequences)
+    per_batch = {}
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(batches, desc=desc, leave=False, disable=len(batches) < 2):
+        quiet = len(batches) < 2 or (shards is not None and not shards.is_main)
+        for index in tqdm(my_share(len(batches), shards), desc=desc, leave=False, disable=quiet):
+            batch = batches[0 if index is None else index]  # None: a --shard padding step
             scores = _score_batch(model, [sequences[i] for i in batch], [n_scored[i] for i in batch], device)
-            for index, score in zip(batch, scores):
-                results[index] = score
+            if index is not None:
+                per_batch[index] = scores
     finally:
         model.train(was_training)
+    results: list[tuple[float, bool] | None] = [None] * len(sequences)
+    for index, scores in gathered(per_batch, shards).items():
+        for request, score in zip(batches[index], scores):
+            results[request] = score
     return results
 
 

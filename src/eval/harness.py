@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -102,12 +103,24 @@ def _task_info(loaded: dict) -> dict:
     for task_dict in loaded.values():
         for name, task in task_dict["tasks"].items():
             config = task.dump_config() if hasattr(task, "dump_config") else {}
-            text = json.dumps(config, sort_keys=True, default=str)
+            text = json.dumps(config, sort_keys=True, default=_stable_text)
             info[name] = {"version": task.VERSION if hasattr(task, "VERSION") else
                           (config.get("metadata") or {}).get("version"),
                           "num_fewshot": task.get_config("num_fewshot"),
                           "config_sha256": hashlib.sha256(text.encode()).hexdigest()}
     return info
+
+
+def _stable_text(value) -> str:
+    """JSON text of a config value that is not JSON: a function (a task's process_docs) by its
+    name and source, not by its repr, whose memory address changes from run to run."""
+    if callable(value) and hasattr(value, "__qualname__"):
+        try:
+            source = inspect.getsource(value)
+        except (OSError, TypeError):
+            source = ""
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}\n{source}"
+    return str(value)
 
 
 def _quiet(verbose: bool) -> None:

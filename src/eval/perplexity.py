@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from src.data.loading import TokenBlocks
 from src.models.properties import input_device
-from src.sensitivity.sharding import without_grad
+from src.sensitivity.sharding import gathered, my_share, without_grad
 
 
 @dataclass
@@ -106,20 +106,17 @@ def evaluate(model, blocks: TokenBlocks, batch_size: int, progress: bool = False
     equal passes) and the per-block sums are gathered: the same result on every rank."""
     device = input_device(model)
     n_batches = math.ceil(len(blocks) / batch_size)
-    mine = range(n_batches) if shards is None else shards.my_batches(n_batches)
     per_batch = {}
     with without_grad(shards is not None):
-        for index in tqdm(mine, desc="evaluate", disable=not progress, leave=False):
+        for index in tqdm(my_share(n_batches, shards), desc="evaluate", disable=not progress,
+                          leave=False):
             input_ids, attention_mask = blocks.batch(0 if index is None else index, batch_size,
                                                      device)
             sums = _block_sums(model(input_ids=input_ids, attention_mask=attention_mask).logits,
                                input_ids, attention_mask)
             if index is not None:  # None: a --shard padding step
-                per_batch[index] = sums
-    if shards is not None:
-        per_batch = {index: sums for part in shards.all_gather_objects(
-            {i: tuple(t.cpu() for t in sums) for i, sums in per_batch.items()})
-            for index, sums in part.items()}
+                per_batch[index] = tuple(part.cpu() for part in sums)
+    per_batch = gathered(per_batch, shards)
     nll_sum, tokens, correct = (torch.cat([per_batch[i][part] for i in range(n_batches)]).cpu()
                                 for part in range(3))
     n_tokens = int(tokens.sum())

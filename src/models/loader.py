@@ -71,43 +71,28 @@ def load_model(spec: str | None, *, dtype: str = "auto", device: str = "auto",
 
     The model is in eval mode on ``device`` (or spread by ``device_map``), with ``dtype``.
     ``shards`` (sharding.ShardGroup, --shard): the model comes back sharded over the processes;
-    a random preset is built shard by shard (no process holds the whole model), anything else
-    is loaded whole by every process and then sharded.
+    no device ever holds the whole model (see ``_load_sharded`` and ``_skeleton``).
     """
     spec = spec or BUILTIN_NAME
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     device_map = resolve_device_map(device_map)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    if spec in BUILTIN_ALIASES:
-        model, tokenizer = _load_pretrained(str(ensure_cache(cache)), torch_dtype, device_map,
-                                            None, False)
-        source = "builtin"
-    elif spec.startswith("random:"):
+    if spec.startswith("random:"):
         build_on = torch.device("cpu") if device_map is not None else target
         model, tokenizer = _build_random(spec[len("random:"):], cache, torch_dtype, build_on,
                                          shards)
         if device_map is not None:
             model = dispatch_random(model, device_map)
         source = "random"
-    elif spec.endswith(".gguf"):
-        model, tokenizer = _load_gguf_file(Path(spec), torch_dtype, device_map)
-        source = "gguf"
-    elif os.path.isdir(spec):
-        model, tokenizer = _load_local_folder(Path(spec), torch_dtype, device_map,
-                                              trust_remote_code)
-        source = "local"
-    elif _looks_like_path(spec):
-        raise UserError(f"model path '{spec}' does not exist; pass a model folder, a .gguf file, "
-                        f"a hub id, random:<preset> or omit --model for {BUILTIN_NAME}")
+    elif shards is not None:
+        model, tokenizer, source = _load_sharded(spec, cache, torch_dtype, target, revision,
+                                                 trust_remote_code, shards)
     else:
-        model, tokenizer = _load_from_hub(spec, torch_dtype, device_map, revision,
-                                          trust_remote_code)
-        source = "hub"
-    if device_map is None and source != "random":
-        model.to(target)
-    if shards is not None and source != "random":
-        shard_model(model, shards)
+        model, tokenizer, source = _load_checkpoint(spec, cache, torch_dtype, device_map,
+                                                    revision, trust_remote_code)
+        if device_map is None:
+            model.to(target)
     if device_map is not None:
         check_resident(model)
     model.eval()
@@ -116,6 +101,51 @@ def load_model(spec: str | None, *, dtype: str = "auto", device: str = "auto",
     if device_map is not None:
         info["hf_device_map"] = {k: str(v) for k, v in getattr(model, "hf_device_map", {}).items()}
     return model, tokenizer, info
+
+
+def _load_checkpoint(spec: str, cache: Path, torch_dtype, device_map, revision,
+                     trust_remote_code):
+    """(model, tokenizer, source) of a trained model: built-in, .gguf, folder or hub id."""
+    if spec in BUILTIN_ALIASES:
+        model, tokenizer = _load_pretrained(str(ensure_cache(cache)), torch_dtype, device_map,
+                                            None, False)
+        return model, tokenizer, "builtin"
+    if spec.endswith(".gguf"):
+        return (*_load_gguf_file(Path(spec), torch_dtype, device_map), "gguf")
+    if os.path.isdir(spec):
+        return (*_load_local_folder(Path(spec), torch_dtype, device_map, trust_remote_code),
+                "local")
+    if _looks_like_path(spec):
+        raise UserError(f"model path '{spec}' does not exist; pass a model folder, a .gguf file, "
+                        f"a hub id, random:<preset> or omit --model for {BUILTIN_NAME}")
+    return (*_load_from_hub(spec, torch_dtype, device_map, revision, trust_remote_code), "hub")
+
+
+def _load_sharded(spec: str, cache: Path, torch_dtype, target: torch.device, revision,
+                  trust_remote_code, shards):
+    """A trained model under --shard. Rank 0 alone reads the checkpoint, into host memory; every
+    rank builds the model on the meta device, shards it and receives its rows from rank 0, so no
+    device holds the whole model and the files are read once, not once per process. A load
+    error on rank 0 is every rank's (exit 2 everywhere, nobody left waiting)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    whole, shared = None, [None]
+    if shards.is_main:
+        try:
+            whole, tokenizer, source = _load_checkpoint(spec, cache, torch_dtype, None, revision,
+                                                        trust_remote_code)
+            shared = [(whole.config, tokenizer, source)]
+        except UserError as error:
+            shared = [error]
+    dist.broadcast_object_list(shared, src=0)
+    if isinstance(shared[0], UserError):
+        raise shared[0]
+    config, tokenizer, source = shared[0]
+    model = _skeleton(config, torch_dtype, target, shards, trust_remote_code)
+    set_model_state_dict(model, whole.state_dict() if whole is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model, tokenizer, source
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -271,7 +301,7 @@ def _build_random(preset_or_path: str, cache: Path, torch_dtype, target: torch.d
     return model, tokenizer
 
 
-def _skeleton(config, torch_dtype, target: torch.device, shards=None):
+def _skeleton(config, torch_dtype, target: torch.device, shards=None, trust_remote_code=False):
     """The model with storage for the weights this process holds (all of them unless sharded),
     not yet drawn: built on the meta device, so no weight is initialised twice; buffers (e.g.
     rotary frequencies) keep the values they were built with."""
@@ -279,7 +309,8 @@ def _skeleton(config, torch_dtype, target: torch.device, shards=None):
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype,
+                                                 trust_remote_code=trust_remote_code)
     model.tie_weights()  # not done on the meta device; a built model ties them itself
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     if shards is not None:

@@ -63,6 +63,30 @@ class ShardGroup:
         return gathered
 
 
+def my_share(n_batches: int, shards: ShardGroup | None) -> list[int | None]:
+    """The batch indices this process runs: all of them, or its share under --shard."""
+    return list(range(n_batches)) if shards is None else shards.my_batches(n_batches)
+
+
+def gathered(per_batch: dict, shards: ShardGroup | None) -> dict:
+    """{batch index: result} of every process (picklable CPU results), the same on every rank."""
+    if shards is None:
+        return per_batch
+    return {index: result for part in shards.all_gather_objects(per_batch)
+            for index, result in part.items()}
+
+
+def group_of(model: torch.nn.Module) -> ShardGroup | None:
+    """The ShardGroup ``model`` is sharded over, or None when it is not sharded."""
+    param = next(model.parameters())
+    if not is_sharded(param):
+        return None
+    import torch.distributed as dist
+
+    mesh = param.device_mesh
+    return ShardGroup(mesh.get_local_rank(), mesh.size(), dist.get_backend(), param.device, mesh)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where the values of sharded tensors live: each tensor's global size and the flat range
@@ -122,7 +146,6 @@ _mesh = None
 
 # What a sharded run does not do yet: (flag, RunConfig field); each is refused with exit 2.
 UNSHARDED_OPTIONS = (("--stability-check", "stability_check"),
-                     ("--lm-eval-tasks", "lm_eval_tasks"),
                      ("--save-scores", "save_scores"), ("--scores-from", "scores_from"),
                      ("--resume", "resume"), ("--device-map", "device_map"),
                      ("--save-plots", "save_plots"))
