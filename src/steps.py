@@ -194,7 +194,8 @@ def stability_check(state: RunState) -> dict:
     with stability.room_for_rescoring(scores):
         result = stability.stability_check(job, config.metric, config.topk, config.mode,
                                            list(config.seeds), config.stability_fraction,
-                                           config.stability_batches, main_scores=scores)
+                                           config.stability_batches, main_scores=scores,
+                                           layout=state.layout)
     write_json(out_dir / "stability_results.json", result)
     report_console.stability(result)
     return result

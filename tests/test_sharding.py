@@ -80,7 +80,6 @@ def test_shard_refuses_what_does_not_run_sharded(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")  # no folder checks: rank 0 alone writes the folder
     for extra, flag in ((["--metric", "hutchinson_diag"], "--metric hutchinson_diag"),
-                        (["--stability-check"], "--stability-check"),
                         (["--save-scores"], "--save-scores"),
                         (["--weight-analysis"], "weight"),
                         (["--save-plots"], "--save-plots")):
@@ -209,6 +208,26 @@ def test_sharded_downstream_tasks_equal_one_process(tmp_path):
     assert results_two["baseline"] == results_one["baseline"]
     assert [c["tasks"] for c in results_two["conditions"]] == \
         [c["tasks"] for c in results_one["conditions"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, metric, mode", [("tiny-llama", "grad_x_weight", "global"),
+                                                 ("tiny-gpt2", "act_mag", "per_tensor")])
+def test_sharded_stability_equals_one_process(tmp_path, model, metric, mode):
+    args = [*RUN, "--model", f"random:{model}", "--metric", metric, "--mode", mode,
+            "--stability-check", "--stability-batches", "2", "--seeds", "0,1,2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cli(*args, "--out-dir", one))
+    assert_ok(torchrun(*args, "--shard", "--out-dir", two))
+    result_one = json.loads((one / "stability_results.json").read_text())
+    result_two = json.loads((two / "stability_results.json").read_text())
+    for family in ("across_seeds", "across_batches"):
+        a, b = result_one[family], result_two[family]
+        assert b["union_size"] == a["union_size"] and b["labels"] == a["labels"]
+        assert [p["value"] for p in b["jaccard"]["pairs"]] == \
+            [p["value"] for p in a["jaccard"]["pairs"]]
+        assert [p["value"] for p in b["spearman"]["pairs"]] == \
+            pytest.approx([p["value"] for p in a["spearman"]["pairs"]], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -145,8 +145,7 @@ def from_group(group) -> ShardGroup:
 _mesh = None
 
 # What a sharded run does not do yet: (flag, RunConfig field); each is refused with exit 2.
-UNSHARDED_OPTIONS = (("--stability-check", "stability_check"),
-                     ("--save-scores", "save_scores"), ("--scores-from", "scores_from"),
+UNSHARDED_OPTIONS = (("--save-scores", "save_scores"), ("--scores-from", "scores_from"),
                      ("--resume", "resume"), ("--device-map", "device_map"),
                      ("--save-plots", "save_plots"))
 

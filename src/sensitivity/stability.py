@@ -21,6 +21,7 @@ from scipy.stats import spearmanr
 from src.sensitivity.metrics import METRICS, compute_scores
 from src.sensitivity.rank import Selection, top_k
 from src.sensitivity.scoring import ScoringJob
+from src.sensitivity.sharding import local
 
 
 def seed_subset(n_blocks: int, fraction: float, seed: int) -> torch.Tensor:
@@ -66,7 +67,13 @@ def union_positions(selections: list[Selection]) -> dict[str, torch.Tensor]:
             for name in names}
 
 
-def gather(scores: dict[str, torch.Tensor], positions: dict[str, torch.Tensor]) -> np.ndarray:
+def gather(scores: dict[str, torch.Tensor], positions: dict[str, torch.Tensor],
+           layout=None) -> np.ndarray:
+    """|score| at each position (full-tensor flat indices); ``layout`` (sharding.Layout) when
+    ``scores`` are this rank's shards: the values come from the ranks that hold them."""
+    if layout is not None:
+        values = layout.values_at({name: (scores[name], idx) for name, idx in positions.items()})
+        return torch.cat([values[name].abs().float() for name in positions]).numpy()
     parts = [scores[name].reshape(-1)[idx.to(scores[name].device)].abs().float().cpu()
              for name, idx in positions.items()]
     return torch.cat(parts).numpy()
@@ -81,10 +88,12 @@ def pairwise(values: list, measure) -> dict:
             "std": float(np.std(numbers)) if numbers else None, "pairs": pairs}
 
 
-def compare_rankings(score_sets: list, selections: list[Selection], labels: list) -> dict:
+def compare_rankings(score_sets: list, selections: list[Selection], labels: list,
+                     layout=None) -> dict:
     """``score_sets``: Scores, or callables that recompute them (sets too large to keep)."""
     union = union_positions(selections)
-    vectors = [gather(scores() if callable(scores) else scores, union) for scores in score_sets]
+    vectors = [gather(scores() if callable(scores) else scores, union, layout)
+               for scores in score_sets]
     jac = pairwise(selections, jaccard)
     spear = pairwise(vectors, spearman)
     for pair_list in (jac["pairs"], spear["pairs"]):
@@ -103,7 +112,7 @@ def same_as_main(job: ScoringJob, metric: str, index, seed: int) -> bool:
 
 
 def _score_subset(job: ScoringJob, metric: str, index, seed: int, k: int, mode: str,
-                  keep: bool = True, main_scores: dict | None = None):
+                  keep: bool = True, main_scores: dict | None = None, layout=None):
     """(scores offloaded to the CPU, or a callable that rescores when they are too large to keep
     beside the other sets; top-K selection ranked where the scores were computed). The run's
     ``main_scores`` stand in when they are what this scoring would compute."""
@@ -113,7 +122,7 @@ def _score_subset(job: ScoringJob, metric: str, index, seed: int, k: int, mode: 
     else:
         rescore = lambda: compute_scores(sub_job, metric).scores  # noqa: E731
     scores = rescore()
-    selection = top_k(scores, k, mode)
+    selection = top_k(scores, k, mode, layout=layout)
     if not keep:
         return rescore, selection
     return {name: s.cpu() for name, s in scores.items()}, selection
@@ -123,9 +132,10 @@ KEEP_FRACTION = 0.25  # share of the available RAM that kept score sets may use
 
 
 def _sets_fit_in_memory(params: dict, n_sets: int) -> bool:
-    """Whether ``n_sets`` float32 copies of every score fit in a quarter of the available RAM
-    (at 8B weights each set is 32 GB: those are rescored for the comparison instead)."""
-    needed = 4 * n_sets * sum(p.numel() for p in params.values())
+    """Whether ``n_sets`` float32 copies of every score (this process's shards under --shard)
+    fit in a quarter of the available RAM (at 8B weights each set is 32 GB: those are rescored
+    for the comparison instead)."""
+    needed = 4 * n_sets * sum(local(p).numel() for p in params.values())
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):  # no sysconf: keep up to 2 GiB
@@ -156,30 +166,35 @@ def room_for_rescoring(scores: dict):
 
 
 def stability_check(job: ScoringJob, metric: str, k: int, mode: str, seeds: list[int],
-                    fraction: float, n_batches: int, main_scores: dict | None = None) -> dict:
+                    fraction: float, n_batches: int, main_scores: dict | None = None,
+                    layout=None) -> dict:
     """Jaccard and Spearman across seed subsets and across disjoint calibration parts;
     ``n_batches`` must be between 2 and the number of calibration blocks. ``main_scores``: the
-    run's scores (computed or loaded), reused where a subset would repeat them."""
+    run's scores (computed or loaded), reused where a subset would repeat them. ``layout``
+    (sharding.Layout) under --shard: every set is scored, ranked and compared across ranks."""
     n_blocks = len(job.blocks)
     keep = _sets_fit_in_memory(job.params, len(seeds) + n_batches)
+    if layout is not None:  # rescoring later is a collective: every rank must choose alike
+        keep = layout.group.all_true(keep)
     seed_scores, seed_selections = [], []
     for seed in seeds:
         index = seed_subset(n_blocks, fraction, seed)
-        scores, selection = _score_subset(job, metric, index, seed, k, mode, keep, main_scores)
+        scores, selection = _score_subset(job, metric, index, seed, k, mode, keep, main_scores,
+                                          layout)
         seed_scores.append(scores)
         seed_selections.append(selection)
     parts = disjoint_parts(n_blocks, n_batches)
     batch_scores, batch_selections = [], []
     for part in parts:
         scores, selection = _score_subset(job, metric, part, job.seed, k, mode, keep,
-                                          main_scores)
+                                          main_scores, layout)
         batch_scores.append(scores)
         batch_selections.append(selection)
     return {
         "metric": metric, "k": k, "mode": mode,
         "across_seeds": {"fraction": fraction, "blocks_per_seed": subset_size(n_blocks, fraction),
-                         **compare_rankings(seed_scores, seed_selections, list(seeds))},
+                         **compare_rankings(seed_scores, seed_selections, list(seeds), layout)},
         "across_batches": {"n_batches": n_batches, "blocks_per_batch": [len(p) for p in parts],
                            **compare_rankings(batch_scores, batch_selections,
-                                              [f"batch{i}" for i in range(n_batches)])},
+                                              [f"batch{i}" for i in range(n_batches)], layout)},
     }
