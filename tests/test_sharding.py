@@ -81,8 +81,7 @@ def test_shard_refuses_what_does_not_run_sharded(monkeypatch):
     monkeypatch.setenv("RANK", "1")  # no folder checks: rank 0 alone writes the folder
     for extra, flag in ((["--metric", "hutchinson_diag"], "--metric hutchinson_diag"),
                         (["--save-scores"], "--save-scores"),
-                        (["--weight-analysis"], "weight"),
-                        (["--save-plots"], "--save-plots")):
+                        (["--weight-analysis"], "weight")):
         with pytest.raises(UserError, match="under --shard") as error:
             config_from_argv(["--shard", "--device", "cpu", *extra])
         assert flag in str(error.value)
@@ -228,6 +227,21 @@ def test_sharded_stability_equals_one_process(tmp_path, model, metric, mode):
             [p["value"] for p in a["jaccard"]["pairs"]]
         assert [p["value"] for p in b["spearman"]["pairs"]] == \
             pytest.approx([p["value"] for p in a["spearman"]["pairs"]], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sharded_plots_equal_one_process(tmp_path):
+    """Rank 0 draws; the score histograms are the ranks' counts added: the same picture."""
+    args = [*RUN, "--model", "random:tiny-llama", "--metric", "grad_x_weight", "--mode", "global",
+            "--perturb", "zero", "--save-plots"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cli(*args, "--out-dir", one))
+    assert_ok(torchrun(*args, "--shard", "--out-dir", two))
+    drawn = sorted(p.name for p in (one / "plots").iterdir())
+    assert "sensitivity_distribution.png" in drawn and "layer_component_heatmap.png" in drawn
+    assert sorted(p.name for p in (two / "plots").iterdir()) == drawn
+    histogram = "plots/sensitivity_distribution.png"
+    assert (two / histogram).read_bytes() == (one / histogram).read_bytes()
 
 
 @pytest.mark.slow

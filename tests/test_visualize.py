@@ -39,7 +39,7 @@ def test_log_histograms_match_numpy_octaves():
               "model.layers.0.self_attn.q_proj.weight": torch.randn(8, 8, generator=generator)}
     scores["model.layers.1.mlp.down_proj.weight"][0, :3] = 0.0
     scores["model.layers.0.self_attn.q_proj.weight"][1, 1] = math.inf
-    hists = run_plots.log_histograms(scores, _metas({n: tuple(s.shape) for n, s in scores.items()}))
+    hists = run_plots.log_histograms(run_plots.summarize(scores), _metas({n: tuple(s.shape) for n, s in scores.items()}))
     for component, names in (("mlp_down", ["model.layers.0.mlp.down_proj.weight",
                                            "model.layers.1.mlp.down_proj.weight"]),
                              ("attn_q", ["model.layers.0.self_attn.q_proj.weight"])):
@@ -61,7 +61,7 @@ def test_mean_abs_by_cell_weights_by_numel():
               "model.layers.0.mlp.gate_proj.weight": torch.ones(2, 2),
               "model.layers.3.mlp.up_proj.weight": torch.tensor([[1.0, -3.0]])}
     metas = _metas({n: tuple(s.shape) for n, s in scores.items()})
-    cells = run_plots.mean_abs_by_cell(scores, metas)
+    cells = run_plots.mean_abs_by_cell(run_plots.summarize(scores), metas)
     assert cells[(0, "mlp_up")] == (2.0, 16)
     assert cells[(0, "mlp_gate")] == (1.0, 4)
     assert cells[(3, "mlp_up")] == (2.0, 2)

@@ -146,8 +146,7 @@ _mesh = None
 
 # What a sharded run does not do yet: (flag, RunConfig field); each is refused with exit 2.
 UNSHARDED_OPTIONS = (("--save-scores", "save_scores"), ("--scores-from", "scores_from"),
-                     ("--resume", "resume"), ("--device-map", "device_map"),
-                     ("--save-plots", "save_plots"))
+                     ("--resume", "resume"), ("--device-map", "device_map"))
 
 
 def unsharded_options(config) -> list[str]:

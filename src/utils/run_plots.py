@@ -38,25 +38,53 @@ class LogHistograms:
         return 2.0 ** self.log2_edges
 
 
-def log_histograms(scores: dict, metas: dict) -> LogHistograms:
+@dataclass
+class ScoreSummary:
+    """What the score plots need of the score tensors, per parameter: how many |score| fall in
+    each fp32 exponent (octave), their L1 norm and the number of weights. All are sums over the
+    tensor, so under --shard each rank sums its rows and the ranks' parts are added."""
+    exponent_counts: dict[str, np.ndarray]  # name -> int64 [256]
+    l1: dict[str, float]
+    numel: dict[str, int]
+
+
+def summarize(scores: dict, layout=None) -> ScoreSummary:
+    """The summary of ``scores``; ``layout`` (sharding.Layout) when they are this rank's shards
+    (a collective: every rank calls it)."""
+    names = list(scores)
+    counts = torch.stack([_exponent_counts(scores[n]) for n in names])
+    l1 = torch.stack([torch.linalg.vector_norm(scores[n].detach().float(), ord=1).double().cpu()
+                      for n in names])
+    if layout is not None:
+        on_device = [counts.to(layout.group.device), l1.to(layout.group.device)]
+        layout.group.all_reduce_sum_(on_device)
+        counts, l1 = (t.cpu() for t in on_device)
+    numel = {n: layout.numel[n] if layout is not None else scores[n].numel() for n in names}
+    return ScoreSummary(dict(zip(names, counts.numpy())), dict(zip(names, l1.tolist())), numel)
+
+
+def _exponent_counts(score: torch.Tensor) -> torch.Tensor:
+    """The octave of an fp32 value is its 8-bit exponent field: a ``torch.bincount`` of
+    ``(bits >> 23) & 0xFF`` over the tensor's integer view, one pass on its device."""
+    exponent = score.detach().float().contiguous().view(torch.int32) >> 23
+    exponent.bitwise_and_(0xFF)  # drop the sign bit: octave of |score|
+    return torch.bincount(exponent.reshape(-1), minlength=256).cpu()  # devices may differ
+
+
+def log_histograms(summary: ScoreSummary, metas: dict) -> LogHistograms:
     """Exact log-scaled histograms of |score| per component, one octave per bin.
 
-    The octave of an fp32 value is its 8-bit exponent field, so the histogram is a
-    ``torch.bincount`` of ``(bits >> 23) & 0xFF`` over the score tensor's integer view: one pass,
-    on the tensor's device, no data-dependent range. Exponent 0 holds zeros (and subnormals,
-    below 1.2e-38), exponent 255 infinities and NaN; both are reported separately.
+    Exponent 0 holds zeros (and subnormals, below 1.2e-38), exponent 255 infinities and NaN;
+    both are reported separately.
     """
-    per_component: dict[str, torch.Tensor] = {}
+    per_component: dict[str, np.ndarray] = {}
     numel: dict[str, int] = {}
-    for name, score in scores.items():
+    for name, counts in summary.exponent_counts.items():
         component = metas[name].component
-        exponent = score.detach().float().contiguous().view(torch.int32) >> 23
-        exponent.bitwise_and_(0xFF)  # drop the sign bit: octave of |score|
-        counts = torch.bincount(exponent.reshape(-1), minlength=256).cpu()  # devices may differ
         per_component[component] = per_component.get(component, 0) + counts
-        numel[component] = numel.get(component, 0) + score.numel()
+        numel[component] = numel.get(component, 0) + summary.numel[name]
     components = list(per_component)
-    table = torch.stack([per_component[c] for c in components]).numpy()  # [C, 256]
+    table = np.stack([per_component[c] for c in components])  # [C, 256]
     used = np.nonzero(table[:, 1:255].sum(axis=0))[0] + 1
     if used.size == 0:
         raise SkipPlot("every score is zero or non-finite")
@@ -68,30 +96,27 @@ def log_histograms(scores: dict, metas: dict) -> LogHistograms:
         {c: int(table[i, 255]) for i, c in enumerate(components)}, numel)
 
 
-def mean_abs_by_cell(scores: dict, metas: dict) -> dict[tuple, tuple[float, int]]:
+def mean_abs_by_cell(summary: ScoreSummary, metas: dict) -> dict[tuple, tuple[float, int]]:
     """(layer, component) -> (mean |score| over the cell's weights, weights in the cell)."""
-    names = list(scores)
-    sums = [torch.linalg.vector_norm(scores[n].detach().float(), ord=1).cpu() for n in names]
-    sums = torch.stack(sums).tolist()
     cells: dict[tuple, list] = {}
-    for name, total in zip(names, sums):
+    for name, total in summary.l1.items():
         cell = cells.setdefault((metas[name].layer, metas[name].component), [0.0, 0])
         cell[0] += total
-        cell[1] += scores[name].numel()
+        cell[1] += summary.numel[name]
     return {key: (total / count, count) for key, (total, count) in cells.items()}
 
 
 # ----------------------------------------------------------------------------- core plots
 
 def _need_scores(run: RunFolder) -> None:
-    if run.scores is None or run.metas is None:
+    if run.score_summary is None or run.metas is None:
         raise SkipPlot("score tensors are only available while the run is in memory")
 
 
 @run_plot("sensitivity_distribution")
 def sensitivity_distribution(run: RunFolder) -> plt.Figure:
     _need_scores(run)
-    hists = log_histograms(run.scores, run.metas)
+    hists = log_histograms(run.score_summary, run.metas)
     components = ordered_components(hists.counts)
     n_cols = min(3, len(components))
     n_rows = math.ceil(len(components) / n_cols)
@@ -141,7 +166,7 @@ def _topk_threshold(run: RunFolder) -> float | None:
 @run_plot("layer_component_heatmap")
 def layer_component_heatmap(run: RunFolder) -> plt.Figure:
     _need_scores(run)
-    cells = mean_abs_by_cell(run.scores, run.metas)
+    cells = mean_abs_by_cell(run.score_summary, run.metas)
     means, layers, components = grid({key: mean for key, (mean, _) in cells.items()})
     positive = means[np.isfinite(means) & (means > 0)]
     norm = LogNorm(positive.min(), positive.max()) if positive.size else None
