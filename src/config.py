@@ -27,7 +27,7 @@ from src.sensitivity.eligibility import parse_layers, unscorable
 from src.sensitivity.experiment import CONTROL_ALIASES
 from src.sensitivity.metrics import METRICS, shardable_metrics
 from src.sensitivity.perturb import PERTURBATIONS, resolve_bit
-from src.sensitivity import score_store, sharding
+from src.sensitivity import score_store
 from src.sensitivity.rank import MODES, max_k
 from src.utils import output
 
@@ -350,9 +350,8 @@ class RunConfig:
         if not METRICS[self.metric].shardable:
             yield (f"--metric {self.metric} does not run under --shard yet; use one of "
                    f"{', '.join(shardable_metrics())}")
-        for flag in [*sharding.unsharded_options(self),
-                     *(analysis.flag or analysis.key for analysis, _ in registry.enabled(self))]:
-            yield f"{flag} does not run under --shard yet"
+        for analysis, _ in registry.enabled(self):
+            yield f"{analysis.flag or analysis.key} does not run under --shard yet"
 
     def _folder_problems(self):
         if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 alone writes the folder

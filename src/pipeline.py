@@ -98,6 +98,8 @@ def run_steps_of(config: RunConfig) -> dict:
                                 max_samples=config.max_samples)
         with timer.step("preflight"):
             previous = resume.read_previous(out_dir) if config.resume else None
+            if shards is not None and config.resume:  # the other ranks write a scratch folder
+                previous = shards.main_value(previous)
             plan = preflight(config, model, tokenizer, model_info, data, task_items,
                              harness_tasks, previous)
         with timer.step("start_output"):
@@ -197,6 +199,10 @@ def stored_scores_for(config: RunConfig, plan: Plan) -> Path | None:
         source = plan.previous.scores
     if source is None:
         return None
+    shards = plan.job.shards
+    if shards is not None and not shards.all_true(source.is_file()):
+        raise UserError(f"--shard: every process reads its rows of {source}, and some cannot "
+                        f"see it; put it on a filesystem every node shares")
     meta = score_store.read_meta(source)
     why = score_store.mismatch(meta, config.metric, plan.job,
                                score_store.model_fingerprint(plan.model))
@@ -280,23 +286,27 @@ def score_or_load(config: RunConfig, plan: Plan, out_dir: Path, timer):
         print(f"[cwa] scores loaded from {stored.path} (scoring skipped; it took "
               f"{stored.meta.get('scoring_seconds', '?')} s)")
         own = out_dir / score_store.FILE_NAME
-        if config.save_scores and stored.path.resolve() != own.resolve():
-            score_store.save(own, stored.output, stored.meta)
+        rewrite = config.save_scores and stored.path.resolve() != own.resolve()
+        if plan.job.shards is not None:  # saving is a collective: rank 0's choice is every rank's
+            rewrite = plan.job.shards.main_value(rewrite)
+        if rewrite:
+            score_store.save(own, stored.output, stored.meta, plan.layout)
         return stored.output
     with timer.step(f"score_{config.metric}"):
         start = time.perf_counter()
         scored = compute_scores(plan.job, config.metric)
         seconds = time.perf_counter() - start
-    if plan.job.shards is not None:  # the file holds whole tensors: a sharded run keeps none
-        return scored
-    if not config.save_scores and not worth_keeping_for_resume(scored, seconds):
+    keep = config.save_scores or worth_keeping_for_resume(scored, seconds, plan.layout)
+    if plan.job.shards is not None:
+        keep = plan.job.shards.main_value(keep)
+    if not keep:
         print(f"[cwa] scores not written for --resume: computing them took {seconds:.1f} s, "
               f"less than writing them would (--save-scores writes them anyway)")
         return scored
     with timer.step("save_scores"):
         score_store.save(out_dir / score_store.FILE_NAME, scored, score_store.describe(
             config.metric, plan.job, score_store.model_fingerprint(plan.model),
-            plan.data.calibration.sha256(), seconds))
+            plan.data.calibration.sha256(), seconds), plan.layout)
     return scored
 
 
@@ -306,12 +316,14 @@ SCORE_WRITE_BYTES_PER_SECOND = 300e6
 ALWAYS_KEPT_BYTES = 2**30  # written in a few seconds at most
 
 
-def worth_keeping_for_resume(scored, scoring_seconds: float) -> bool:
+def worth_keeping_for_resume(scored, scoring_seconds: float, layout=None) -> bool:
     """Whether the resume state should hold these scores: always when they are small, else only
-    when recomputing them on a resume would take longer than writing them."""
-    tensors = list(scored.scores.values()) + [t for extra in scored.extra.values()
-                                               for t in extra.values()]
-    n_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    when recomputing them on a resume would take longer than writing them (the whole file, also
+    when ``layout`` says they are this rank's shards)."""
+    named = [*scored.scores.items(), *(item for extra in scored.extra.values()
+                                       for item in extra.items())]
+    n_bytes = sum((layout.numel[name] if layout else t.numel()) * t.element_size()
+                  for name, t in named)
     return n_bytes <= ALWAYS_KEPT_BYTES or \
         scoring_seconds > n_bytes / SCORE_WRITE_BYTES_PER_SECOND
 

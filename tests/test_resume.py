@@ -228,3 +228,22 @@ def test_large_scores_are_kept_for_resume_only_when_recomputing_costs_more():
     with_stderr = MetricOutput(large.scores, {"stderr": {"w": torch.empty(2_500_000_000,
                                                                            device="meta")}})
     assert not worth_keeping_for_resume(with_stderr, 60.0)  # 20 GB with the standard errors
+
+
+def test_safetensors_written_tensor_by_tensor_read_by_the_library(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from src.utils.io import write_safetensors
+
+    tensors = {"b": torch.randn(3, 4), "a": torch.randn(5).to(torch.bfloat16),
+               "empty": torch.empty(0, 4), "ids": torch.arange(7), "half": torch.randn(2, 3).half(),
+               "scalar": torch.tensor(1.5), "grid": torch.randn(4, 6)[:, ::2]}  # not contiguous
+    path = write_safetensors(tmp_path / "t.safetensors", tensors, {"cwa": '{"k": 1}'})
+    read = load_file(path)
+    assert read.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor), name
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata() == {"cwa": '{"k": 1}'}
+        assert torch.equal(handle.get_slice("b")[1:3], tensors["b"][1:3])

@@ -80,9 +80,9 @@ def test_shard_refuses_what_does_not_run_sharded(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")  # no folder checks: rank 0 alone writes the folder
     for extra, flag in ((["--metric", "hutchinson_diag"], "--metric hutchinson_diag"),
-                        (["--save-scores"], "--save-scores"),
-                        (["--weight-analysis"], "weight")):
-        with pytest.raises(UserError, match="under --shard") as error:
+                        (["--weight-analysis"], "weight"),
+                        (["--device-map", "auto"], "--device-map cannot be combined")):
+        with pytest.raises(UserError, match="under --shard|torchrun") as error:
             config_from_argv(["--shard", "--device", "cpu", *extra])
         assert flag in str(error.value)
     config_from_argv(["--shard", "--device", "cpu", "--metric", "act_mag", "--perturb", "zero"])
@@ -290,3 +290,61 @@ def test_sharded_load_error_on_rank_0_stops_every_rank_with_its_line(tmp_path):
     assert proc.stderr.count(f"GGUF file '{missing}' does not exist") == 2  # both ranks say it
     assert not re.search(r'File ".*/src/', proc.stderr)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_sharded_scores_file_is_one_process_file_both_ways(tmp_path):
+    """--save-scores under --shard writes the file one process writes (whole tensors, same
+    model fingerprint), and --scores-from reads either into either layout."""
+    from safetensors.torch import load_file
+
+    from src.sensitivity import score_store
+
+    args = [*RUN, "--model", "random:tiny-gpt2", "--metric", "grad_x_weight", "--mode", "global",
+            "--perturb", "zero"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cli(*args, "--save-scores", "--out-dir", one))
+    assert_ok(torchrun(*args, "--shard", "--save-scores", "--out-dir", two))
+    file_one, file_two = (folder / score_store.FILE_NAME for folder in (one, two))
+    meta_one, meta_two = score_store.read_meta(file_one), score_store.read_meta(file_two)
+    assert meta_two["model_fingerprint"] == meta_one["model_fingerprint"]
+    assert meta_two["parameters"] == meta_one["parameters"]
+    tensors_one, tensors_two = load_file(file_one), load_file(file_two)
+    assert tensors_two.keys() == tensors_one.keys()
+    for name, tensor in tensors_one.items():
+        torch.testing.assert_close(tensors_two[name], tensor, rtol=1e-5, atol=1e-12)
+    top = pd.read_csv(one / "top_weights.csv")[SELECTION]
+    for runner, source, out in ((torchrun, one, "sharded_from_one"), (run_cli, two, "one_from_sharded")):
+        extra = ["--shard"] if runner is torchrun else []
+        assert_ok(runner(*args, *extra, "--scores-from", source, "--out-dir", tmp_path / out))
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / out / "top_weights.csv")[SELECTION],
+                                      top)
+        manifest = json.loads((tmp_path / out / "experiment_manifest.json").read_text())
+        assert manifest["scores_source"]["path"] == str(source / score_store.FILE_NAME)
+
+
+@pytest.mark.slow
+def test_sharded_run_resumes_where_it_stopped(tmp_path):
+    from src.sensitivity import score_store
+
+    args = [*RUN, "--model", "random:tiny-llama", "--metric", "grad_x_weight", "--perturb",
+            "zero", "--save-scores", "--shard"]
+    out = tmp_path / "run"
+    assert_ok(torchrun(*args, "--out-dir", out))
+    whole = json.loads((out / "perturbation_results.json").read_text())
+    assert len(whole["conditions"]) > 2
+    # as a run killed after two conditions leaves its folder
+    manifest = json.loads((out / "experiment_manifest.json").read_text())
+    (out / "experiment_manifest.json").write_text(json.dumps({**manifest, "status": "failed"}))
+    (out / "perturbation_results.json").write_text(
+        json.dumps({**whole, "conditions": whole["conditions"][:2]}))
+    assert_ok(torchrun(*args, "--out-dir", out, "--resume"))
+    resumed = json.loads((out / "perturbation_results.json").read_text())
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(resumed["conditions"]) == drop(whole["conditions"])
+    manifest = json.loads((out / "experiment_manifest.json").read_text())
+    assert manifest["status"] == "succeeded"
+    assert manifest["resumed"]["kept"]["scores"]
+    assert manifest["resumed"]["kept"]["perturbation_conditions"] == 2
+    assert not any(step.startswith("score_") for step in manifest["timings_seconds"])
+    assert (out / score_store.FILE_NAME).is_file()  # --save-scores keeps them

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import torch
 from src.errors import UserError
 from src.sensitivity.metrics import METRICS
 from src.sensitivity.scoring import MetricOutput
-from src.utils.io import file_sha256, write_safetensors
+from src.sensitivity import sharding
+from src.utils.io import file_sha256, write_safetensors, write_safetensors_streamed
 
 FILE_NAME = "scores.safetensors"
 STDERR_SUFFIX = "::stderr"
@@ -35,16 +37,26 @@ class StoredScores:
 
 def model_fingerprint(model) -> str:
     """sha256 over every parameter's name, shape, dtype and SAMPLE_VALUES values at fixed
-    positions (one small gather per parameter; identical across devices and processes)."""
-    digest = hashlib.sha256()
-    for name, p in model.named_parameters():
-        flat = p.detach().reshape(-1)
-        count = min(SAMPLE_VALUES, flat.numel())
+    positions (one small gather per parameter; identical across devices and processes, and
+    with or without --shard, where it is a collective)."""
+    named = dict(model.named_parameters())
+    positions = {}
+    for name, p in named.items():
+        count = min(SAMPLE_VALUES, p.numel())
         # integer spacing: float positions round past the end of large tensors
-        positions = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)
-        sample = flat[positions.to(flat.device)].float().cpu()
+        positions[name] = torch.arange(count) * (p.numel() - 1) // max(count - 1, 1)
+    shards = sharding.group_of(model)
+    if shards is not None:
+        layout = sharding.Layout.of(named, shards)
+        samples = layout.values_at({n: (sharding.local(p), positions[n])
+                                    for n, p in named.items()})
+    else:
+        samples = {n: p.detach().reshape(-1)[positions[n].to(p.device)].cpu()
+                   for n, p in named.items()}
+    digest = hashlib.sha256()
+    for name, p in named.items():
         digest.update(f"{name}|{tuple(p.shape)}|{p.dtype}|".encode())
-        digest.update(sample.numpy().tobytes())
+        digest.update(samples[name].float().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -56,10 +68,31 @@ def describe(metric: str, job, model_fingerprint_: str, calibration_sha256: str,
             "scoring_seconds": round(seconds, 3), "convention": "stored parameter layout"}
 
 
-def save(path: Path, scored: MetricOutput, meta: dict) -> Path:
+def save(path: Path, scored: MetricOutput, meta: dict, layout=None) -> Path | None:
+    """Write the scores (and standard errors). ``layout`` (sharding.Layout) when they are this
+    rank's shards: a collective; rank 0 writes the whole tensors, gathered one at a time, and
+    the others write nothing (None)."""
     tensors = dict(scored.scores)
     tensors.update({f"{n}{STDERR_SUFFIX}": s for n, s in scored.extra.get("stderr", {}).items()})
-    return write_safetensors(path, tensors, {"cwa": json.dumps(meta), "metric": meta["metric"]})
+    metadata = {"cwa": json.dumps(meta), "metric": meta["metric"]}
+    if layout is None:
+        return write_safetensors(path, tensors, metadata)
+    shapes = {name: _whole_shape(name, t, layout) for name, t in tensors.items()}
+    whole = ((name, sharding.whole_on_main(t, shapes[name], layout.group))
+             for name, t in tensors.items())
+    if not layout.group.is_main:
+        for _ in whole:  # take part in every gather
+            pass
+        return None
+    return write_safetensors_streamed(
+        path, [(name, t.dtype, shapes[name]) for name, t in tensors.items()], whole, metadata)
+
+
+def _whole_shape(name: str, part: torch.Tensor, layout) -> tuple:
+    """The full shape of a sharded score tensor: its rows are split, the rest is whole."""
+    row_numel = math.prod(part.shape[1:])
+    numel = layout.numel[name.removesuffix(STDERR_SUFFIX)]
+    return (numel // row_numel if row_numel else 0, *part.shape[1:])
 
 
 def locate(path: str) -> Path:
@@ -84,14 +117,21 @@ def read_meta(path: Path) -> dict:
 
 
 def load(path: Path, params: dict[str, torch.nn.Parameter]) -> StoredScores:
-    """The scores on each parameter's device, in float32."""
-    from safetensors.torch import load_file
+    """The scores on each parameter's device, in float32: the rows this process holds (all of
+    them unless --shard), read from the file without reading the rest."""
+    from safetensors import safe_open
 
     meta = read_meta(path)
-    tensors = load_file(str(path))
-    scores = {n: tensors[n].to(p.device) for n, p in params.items()}
-    stderr = {n: tensors[f"{n}{STDERR_SUFFIX}"].to(p.device) for n, p in params.items()
-              if f"{n}{STDERR_SUFFIX}" in tensors}
+    with safe_open(str(path), framework="pt") as handle:
+        stored = set(handle.keys())
+
+        def rows_of(key: str, param) -> torch.Tensor:
+            rows = sharding.local_rows(param)
+            return handle.get_slice(key)[rows.start:rows.stop].to(sharding.local(param).device)
+
+        scores = {n: rows_of(n, p) for n, p in params.items()}
+        stderr = {n: rows_of(f"{n}{STDERR_SUFFIX}", p) for n, p in params.items()
+                  if f"{n}{STDERR_SUFFIX}" in stored}
     output = MetricOutput(scores, {"stderr": stderr} if stderr else {})
     return StoredScores(output, meta, path, file_sha256(path))
 

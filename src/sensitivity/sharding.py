@@ -55,6 +55,15 @@ class ShardGroup:
         """True on every rank when ``flag`` is True on every rank."""
         return all(self.all_gather_objects(bool(flag)))
 
+    def main_value(self, obj):
+        """Rank 0's ``obj`` on every rank: a choice that leads to collectives (every rank must
+        make the same), or what rank 0 read from the output folder (the others have none)."""
+        import torch.distributed as dist
+
+        shared = [obj]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
+
     def all_gather_objects(self, obj) -> list:
         import torch.distributed as dist
 
@@ -74,6 +83,20 @@ def gathered(per_batch: dict, shards: ShardGroup | None) -> dict:
         return per_batch
     return {index: result for part in shards.all_gather_objects(per_batch)
             for index, result in part.items()}
+
+
+def whole_on_main(part: torch.Tensor, shape, group: ShardGroup) -> torch.Tensor | None:
+    """The whole tensor of shape ``shape`` from every rank's rows (``part``, this rank's), on
+    rank 0; None on the others. A collective: every rank calls it, tensor by tensor."""
+    import torch.distributed as dist
+
+    per_rank = math.ceil(shape[0] / group.world_size)
+    padded = torch.zeros((per_rank, *shape[1:]), dtype=part.dtype, device=group.device)
+    padded[:part.shape[0]] = part
+    pieces = [torch.empty_like(padded) for _ in range(group.world_size)] if group.is_main \
+        else None
+    dist.gather(padded, pieces, dst=0)
+    return torch.cat(pieces)[:shape[0]] if group.is_main else None
 
 
 def group_of(model: torch.nn.Module) -> ShardGroup | None:
@@ -143,16 +166,6 @@ def from_group(group) -> ShardGroup:
 
 
 _mesh = None
-
-# What a sharded run does not do yet: (flag, RunConfig field); each is refused with exit 2.
-UNSHARDED_OPTIONS = (("--save-scores", "save_scores"), ("--scores-from", "scores_from"),
-                     ("--resume", "resume"), ("--device-map", "device_map"))
-
-
-def unsharded_options(config) -> list[str]:
-    return [flag for flag, field_name in UNSHARDED_OPTIONS
-            if getattr(config, field_name) not in (None, False, (), "")]
-
 
 def describe(group: ShardGroup, model: torch.nn.Module) -> dict:
     """The manifest's record of the sharding, with the parameter bytes rank 0 holds."""

@@ -103,12 +103,46 @@ def write_csv(path, frame) -> Path:
     return write_text(path, frame.to_csv(index=False))
 
 
-def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> Path:
-    from safetensors.torch import save
+SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
+                      "int64": "I64", "int32": "I32", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
-    payload = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                   metadata={k: redact(str(v)) for k, v in (metadata or {}).items()})
-    return _atomic(path, lambda stream: stream.write(payload))
+
+def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> Path:
+    return write_safetensors_streamed(
+        path, [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()],
+        iter(tensors.items()), metadata)
+
+
+def write_safetensors_streamed(path, layout: list, tensors, metadata: dict | None = None) -> Path:
+    """A safetensors file written one tensor at a time, so that it never sits in memory whole
+    (at 8B weights the scores are 32 GB; a sharded run gathers each whole tensor only when its
+    turn comes). ``layout``: [(name, torch dtype, shape)] in file order; ``tensors``: an
+    iterator of (name, tensor) in that order. The format: an 8-byte little-endian header
+    length, the JSON header (dtype, shape and byte range of each tensor, padded to 8 bytes),
+    then the tensors' bytes."""
+    import torch
+
+    header: dict = {"__metadata__": {k: redact(str(v)) for k, v in (metadata or {}).items()}}
+    offset = 0
+    for name, dtype, shape in layout:
+        n_bytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")],
+                        "shape": list(shape), "data_offsets": [offset, offset + n_bytes]}
+        offset += n_bytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+
+    def write(stream):
+        stream.write(len(text).to_bytes(8, "little"))
+        stream.write(text)
+        for (name, dtype, shape), (got, tensor) in zip(layout, tensors, strict=True):
+            if got != name or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                raise ValueError(f"safetensors: expected {name} {dtype} {shape}, got {got} "
+                                 f"{tensor.dtype} {tuple(tensor.shape)}")
+            flat = tensor.detach().contiguous().cpu().reshape(-1)
+            stream.write(memoryview(flat.view(torch.uint8).numpy()))
+
+    return _atomic(path, write)
 
 
 def update_json(path, key: str, value) -> Path:
