@@ -348,7 +348,9 @@ class RunConfig:
 
     def _shard_problems(self):
         if not METRICS[self.metric].shardable:
-            yield (f"--metric {self.metric} does not run under --shard yet; use one of "
+            why = METRICS[self.metric].unshardable_because
+            why = f"({why})" if why else "yet"
+            yield (f"--metric {self.metric} does not run under --shard {why}; use one of "
                    f"{', '.join(shardable_metrics())}")
         for analysis, _ in registry.enabled(self):
             yield f"{analysis.flag or analysis.key} does not run under --shard yet"
@@ -365,7 +367,6 @@ class RunConfig:
             problem = resume.refusal(self.out_dir, self.to_dict())
             if problem:
                 yield problem
-
 
     def check_loaded(self, *, context: int | None, sizes: dict[str, int], dtypes,
                      n_calibration: int) -> None:

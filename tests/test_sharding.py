@@ -79,7 +79,7 @@ def test_shard_refuses_what_does_not_run_sharded(monkeypatch):
         sharding.from_group(None)  # not launched by torchrun
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")  # no folder checks: rank 0 alone writes the folder
-    for extra, flag in ((["--metric", "hutchinson_diag"], "--metric hutchinson_diag"),
+    for extra, flag in ((["--metric", "hutchinson_diag"], "is a double backward"),
                         (["--weight-analysis"], "weight"),
                         (["--device-map", "auto"], "--device-map cannot be combined")):
         with pytest.raises(UserError, match="under --shard|torchrun") as error:

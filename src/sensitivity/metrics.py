@@ -39,15 +39,18 @@ class Metric:
     description: str
     options: tuple[str, ...] = ()  # ScoringJob fields that change the scores (model, data aside)
     shardable: bool = False  # runs on FSDP-sharded weights (torchrun --shard)
+    unshardable_because: str = ""  # why not, when it is a limit of FSDP and not of this tool
 
 
 METRICS: dict[str, Metric] = {}
 
 
 def register(name: str, *, uses_data: bool, signed: bool = False, description: str = "",
-             options: tuple[str, ...] = (), shardable: bool = False):
+             options: tuple[str, ...] = (), shardable: bool = False,
+             unshardable_because: str = ""):
     def wrap(fn):
-        METRICS[name] = Metric(fn, uses_data, signed, description, options, shardable)
+        METRICS[name] = Metric(fn, uses_data, signed, description, options, shardable,
+                               unshardable_because)
         return fn
     return wrap
 
@@ -374,7 +377,9 @@ def _column_sumsq(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 @register("hutchinson_diag", uses_data=True, signed=True,
           description="Hutchinson estimate of the Hessian diagonal (signed)",
-          options=("seed", "batch_size", "hutchinson_samples", "hutchinson_block"))
+          options=("seed", "batch_size", "hutchinson_samples", "hutchinson_block"),
+          unshardable_because="a Hessian-vector product is a double backward, and FSDP2 "
+                              "gathers weights and reduces gradients outside autograd")
 def hutchinson_diag(job: ScoringJob) -> MetricOutput:
     mean, stderr = hutchinson_diagonal(job)
     return MetricOutput(mean, {"stderr": stderr})
