@@ -353,7 +353,8 @@ class RunConfig:
             yield (f"--metric {self.metric} does not run under --shard {why}; use one of "
                    f"{', '.join(shardable_metrics())}")
         for analysis, _ in registry.enabled(self):
-            yield f"{analysis.flag or analysis.key} does not run under --shard yet"
+            if not analysis.shardable:
+                yield f"{analysis.flag or analysis.key} does not run under --shard yet"
 
     def _folder_problems(self):
         if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 alone writes the folder

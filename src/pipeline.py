@@ -337,7 +337,7 @@ def run_analysis(state: steps.RunState, plan: Plan, analysis, settings, prepared
         metric=config.metric, k=config.topk, mode=config.mode, seeds=config.seeds,
         controls=config.controls, method=config.perturb or DEFAULT_METHOD, options=state.options,
         batch_size=config.batch_size, progress=config.verbose, tokenizer=plan.tokenizer,
-        settings=settings, prepared=prepared, cache=plan.cache)
+        settings=settings, prepared=prepared, cache=plan.cache, layout=state.layout)
     section = analysis.run(context)
     update_json(state.out_dir / "enhanced_analysis.json", analysis.key, section)
     for line in analysis.summary(section):

@@ -229,6 +229,38 @@ def test_sharded_stability_equals_one_process(tmp_path, model, metric, mode):
             pytest.approx([p["value"] for p in a["spearman"]["pairs"]], rel=1e-5)
 
 
+def assert_close_tree(got, expected, path="section"):
+    """Equal structure; numbers equal to 1e-5 relative (sums over ranks add in another order)."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys(), path
+        for key in expected:
+            assert_close_tree(got[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), path
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert_close_tree(a, b, f"{path}[{i}]")
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-12, nan_ok=True), path
+    else:
+        assert got == expected, path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, mode", [("tiny-gpt2", "per_tensor"), ("tiny-neox", "global")])
+def test_sharded_architecture_analysis_equals_one_process(tmp_path, model, mode):
+    """Fused q/k/v split on both layouts: GPT-2's Conv1D (ranks hold input rows) and GPT-NeoX's
+    query_key_value (ranks hold output rows)."""
+    args = [*RUN, "--model", f"random:{model}", "--metric", "grad_x_weight", "--mode", mode,
+            "--architecture-analysis"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cli(*args, "--out-dir", one))
+    assert_ok(torchrun(*args, "--shard", "--out-dir", two))
+    section_one = json.loads((one / "enhanced_analysis.json").read_text())["architecture"]
+    section_two = json.loads((two / "enhanced_analysis.json").read_text())["architecture"]
+    assert section_one["fused_qkv"] and "attn_q" in section_one["by_component"]
+    assert_close_tree(section_two, section_one)
+
+
 @pytest.mark.slow
 def test_sharded_plots_equal_one_process(tmp_path):
     """Rank 0 draws; the score histograms are the ranks' counts added: the same picture."""

@@ -34,6 +34,7 @@ from src.models.properties import attention_heads
 from src.options import Settings, option
 from src.sensitivity.eligibility import unscored_reason
 from src.sensitivity.rank import Selection, selection_size
+from src.sensitivity.sharding import local_rows
 from src.sensitivity.statistics import to_host
 from src.utils.format import sig
 
@@ -61,14 +62,19 @@ class Slice:
 
 
 def tensor_slices(name: str, score: torch.Tensor, meta: ParamMeta, selected: torch.Tensor | None,
-                  row_parts: torch.Tensor | None) -> list[Slice]:
-    """One Slice per tensor, or three (q, k, v) when ``row_parts`` labels its output rows."""
+                  row_parts: torch.Tensor | None, rows: range) -> list[Slice]:
+    """One Slice per tensor, or three (q, k, v) when ``row_parts`` labels its output rows.
+    ``score`` holds the stored rows ``rows`` (all of them unless --shard): the masses are then
+    this rank's part, added up over the ranks by the caller."""
     a = score.detach().float().abs()
     picked = selected.cpu() if selected is not None else torch.empty(0, dtype=torch.long)
     if row_parts is None:
-        return [Slice(name, meta.component, meta.layer, a.numel(), a.sum(), int(picked.numel()))]
-    row_mass = a.sum(dim=0) if meta.transposed else a.sum(dim=1)  # per output row
-    parts = row_parts.to(a.device)
+        return [Slice(name, meta.component, meta.layer, math.prod(meta.shape_out_in), a.sum(),
+                      int(picked.numel()))]
+    if meta.transposed:  # stored [in, out]: every output column, summed over the rows held
+        row_mass, parts = a.sum(dim=0), row_parts.to(a.device)
+    else:
+        row_mass, parts = a.sum(dim=1), row_parts[rows.start:rows.stop].to(a.device)
     mass = torch.zeros(3, device=a.device).index_add_(0, parts, row_mass)
     n_in = meta.shape_out_in[1]
     rows_per_part = torch.bincount(row_parts, minlength=3)
@@ -78,9 +84,10 @@ def tensor_slices(name: str, score: torch.Tensor, meta: ParamMeta, selected: tor
                   int(top_per_part[i])) for i in range(3)]
 
 
-def all_slices(scores, metas, selection: Selection, model) -> tuple[list[Slice], dict]:
+def all_slices(scores, metas, selection: Selection, model, layout=None) -> tuple[list[Slice], dict]:
     model_type = getattr(model.config, "model_type", "")
     n_heads, n_kv = attention_heads(model.config)
+    params = dict(model.named_parameters())
     slices, fused = [], {}
     for name, score in scores.items():
         meta = metas[name]
@@ -89,8 +96,14 @@ def all_slices(scores, metas, selection: Selection, model) -> tuple[list[Slice],
             parts = fused_qkv_row_parts(meta, model_type, n_heads, n_kv)
             fused[name] = "split into q/k/v" if parts is not None else \
                 f"layout of model type '{model_type}' unknown: kept as attn_qkv"
-        slices += tensor_slices(name, score, meta, selection.get(name), parts)
-    for s, mass in zip(slices, to_host([s.mass for s in slices])):
+        slices += tensor_slices(name, score, meta, selection.get(name), parts,
+                                local_rows(params[name]))
+    masses = [s.mass for s in slices]
+    if layout is not None:  # each rank's part of every mass, added up
+        summed = torch.stack([m.to(layout.group.device, torch.float64) for m in masses])
+        layout.group.all_reduce_sum_([summed])
+        masses = list(summed)
+    for s, mass in zip(slices, to_host(masses)):
         s.mass = mass
     return slices, fused
 
@@ -182,9 +195,11 @@ def not_scored(model, scored: set[str]) -> dict[str, dict[str, int]]:
     return out
 
 
-def architecture_analysis(scores, metas, selection: Selection, mode: str, model) -> dict:
-    glob = global_selection(scores, selection, mode)
-    slices, fused = all_slices(scores, metas, glob, model)
+def architecture_analysis(scores, metas, selection: Selection, mode: str, model,
+                          layout=None) -> dict:
+    """``layout`` (sharding.Layout) under --shard: ``scores`` are this rank's rows."""
+    glob = global_selection(scores, selection, mode, layout)
+    slices, fused = all_slices(scores, metas, glob, model, layout)
     by_component = aggregate(slices, lambda s: s.component)
     by_layer = aggregate(slices, lambda s: layer_key(s.layer))
     layer_component = {}
@@ -210,7 +225,8 @@ def architecture_analysis(scores, metas, selection: Selection, mode: str, model)
 
 def run(ctx: AnalysisContext) -> dict:
     return {"metric": ctx.metric,
-            **architecture_analysis(ctx.scores, ctx.metas, ctx.selection, ctx.mode, ctx.model)}
+            **architecture_analysis(ctx.scores, ctx.metas, ctx.selection, ctx.mode, ctx.model,
+                                    ctx.layout)}
 
 
 def summary_lines(section: dict) -> list[str]:
@@ -283,4 +299,4 @@ register(Analysis(
     key="architecture", flag="--architecture-analysis",
     run=run, summary=summary_lines, findings=findings,
     settings=(ArchitectureSettings,), enabled=lambda s: s.architecture_analysis,
-    plots={"architecture_depth": plot_depth}))
+    plots={"architecture_depth": plot_depth}, shardable=True))

@@ -58,16 +58,20 @@ class AnalysisContext:
     settings: SimpleNamespace = field(default_factory=SimpleNamespace)
     prepared: Any = None             # what the analysis' prepare() returned before the run
     cache: dict = field(default_factory=dict)  # results shared between analyses of one run
+    layout: Any = None               # sharding.Layout under --shard: scores are this rank's rows
 
     def evaluate(self) -> EvalResult:
-        return evaluate(self.model, self.data.evaluation, self.batch_size)
+        return evaluate(self.model, self.data.evaluation, self.batch_size,
+                        shards=self.layout.group if self.layout is not None else None)
 
     @property
     def sizes(self) -> dict[str, int]:
+        if self.layout is not None:
+            return {name: self.layout.numel[name] for name in self.scores}
         return {name: s.numel() for name, s in self.scores.items()}
 
 
-def global_selection(scores: Scores, selection: Selection, mode: str) -> Selection:
+def global_selection(scores: Scores, selection: Selection, mode: str, layout=None) -> Selection:
     """The run's selection when it is global; otherwise the global top-K of the same size.
 
     In per_tensor mode every tensor holds exactly K by construction, so counts per tensor or
@@ -75,7 +79,7 @@ def global_selection(scores: Scores, selection: Selection, mode: str) -> Selecti
     """
     if mode == "global":
         return selection
-    return top_k(scores, selection_size(selection), "global")
+    return top_k(scores, selection_size(selection), "global", layout=layout)
 
 
 def sample_positions(sizes: dict[str, int], seed: int, n: int = SPEARMAN_SAMPLE) -> Selection:

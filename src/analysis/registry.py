@@ -43,6 +43,7 @@ class Analysis:
     findings: Callable[[dict], list[str]] | None = None
     plots: Mapping[str, Callable] = field(default_factory=dict)
     flag: str = ""
+    shardable: bool = False  # runs under torchrun --shard (ctx.layout: the scores are shards)
 
 
 ANALYSES: dict[str, Analysis] = {}
