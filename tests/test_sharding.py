@@ -262,6 +262,22 @@ def test_sharded_architecture_analysis_equals_one_process(tmp_path, model, mode)
 
 
 @pytest.mark.slow
+def test_sharded_correlation_temporal_and_targeting_equal_one_process(tmp_path):
+    args = [*RUN, "--model", "random:tiny-llama", "--metric", "grad_x_weight", "--mode", "global",
+            "--compare-metrics", "grad_x_weight,magnitude,act_mag", "--temporal-stability",
+            "--stability-batches", "2", "--target-components", "attn_q,mlp_down,mlp_up"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cli(*args, "--out-dir", one))
+    assert_ok(torchrun(*args, "--shard", "--out-dir", two))
+    sections_one = json.loads((one / "enhanced_analysis.json").read_text())
+    sections_two = json.loads((two / "enhanced_analysis.json").read_text())
+    assert set(sections_one) == {"targeting", "metric_correlation", "temporal_stability"}
+    assert_close_tree(sections_two, sections_one)
+    pairs = sections_one["metric_correlation"]["pairs"]
+    assert any(0 < p["jaccard"] < 1 for p in pairs) or any(p["spearman"] < 0.99 for p in pairs)
+
+
+@pytest.mark.slow
 def test_sharded_plots_equal_one_process(tmp_path):
     """Rank 0 draws; the score histograms are the ranks' counts added: the same picture."""
     args = [*RUN, "--model", "random:tiny-llama", "--metric", "grad_x_weight", "--mode", "global",

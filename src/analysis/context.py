@@ -97,16 +97,29 @@ def layer_key(layer: int | None) -> str:
     return "none" if layer is None else str(layer)
 
 
-def mean_abs_by_layer(scores: Scores, metas: dict[str, ParamMeta]) -> dict[str, float]:
-    """Per block: mean |score| over all its scored weights (one host sync in all)."""
-    sums = per_tensor(scores, lambda s: s.detach().float().abs().sum())
+def mean_abs_by_layer(scores: Scores, metas: dict[str, ParamMeta],
+                      layout=None) -> dict[str, float]:
+    """Per block: mean |score| over all its scored weights (one host sync in all). ``layout``
+    (sharding.Layout) when ``scores`` are this rank's rows: the sums are added over the ranks."""
+    sums = abs_sums(scores, layout)
     mass: dict[str, float] = {}
     count: dict[str, int] = {}
     for name, total in sums.items():
         key = layer_key(metas[name].layer)
         mass[key] = mass.get(key, 0.0) + total
-        count[key] = count.get(key, 0) + scores[name].numel()
+        count[key] = count.get(key, 0) + (layout.numel[name] if layout else scores[name].numel())
     return {key: mass[key] / count[key] for key in sorted(mass, key=_layer_order)}
+
+
+def abs_sums(scores: Scores, layout=None) -> dict[str, float]:
+    """Sum of |score| per tensor; under --shard (``layout``) the whole tensor's, over the ranks."""
+    if layout is None:
+        return per_tensor(scores, lambda s: s.detach().float().abs().sum())
+    names = list(scores)
+    sums = torch.stack([scores[n].detach().float().abs().sum().to(layout.group.device,
+                                                                  torch.float64) for n in names])
+    layout.group.all_reduce_sum_([sums])
+    return dict(zip(names, sums.cpu().tolist()))
 
 
 def _layer_order(key: str):

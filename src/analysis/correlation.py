@@ -42,6 +42,10 @@ class CorrelationSettings(Settings):
         if len(self.compare_metrics) == 1:
             yield "--compare-metrics needs at least two different metrics, e.g. " \
                   "grad_x_weight,magnitude"
+        if config.shard:
+            for metric in self.compare_metrics:
+                if not METRICS[metric].shardable:
+                    yield f"--compare-metrics: {metric} does not run under --shard"
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
@@ -51,12 +55,13 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
 
 
 def compare_score_sets(score_sets: dict[str, dict], selections: dict[str, Selection],
-                       sample: Selection, metas) -> dict:
-    """Pairwise agreement of named score sets (see module docstring)."""
+                       sample: Selection, metas, layout=None) -> dict:
+    """Pairwise agreement of named score sets (see module docstring); ``layout``
+    (sharding.Layout) when the score sets are this rank's rows."""
     positions = union_positions([sample, *selections.values()])
-    on_union = {m: gather(s, positions) for m, s in score_sets.items()}
-    on_sample = {m: gather(s, sample) for m, s in score_sets.items()}
-    layers = {m: mean_abs_by_layer(s, metas) for m, s in score_sets.items()}
+    on_union = {m: gather(s, positions, layout) for m, s in score_sets.items()}
+    on_sample = {m: gather(s, sample, layout) for m, s in score_sets.items()}
+    layers = {m: mean_abs_by_layer(s, metas, layout) for m, s in score_sets.items()}
     pairs = []
     for a, b in itertools.combinations(score_sets, 2):
         keys = [k for k in layers[a] if k != "none"]
@@ -83,10 +88,10 @@ def run(ctx: AnalysisContext) -> dict:
         print(f"[cwa] compare-metrics: scoring with {metric}")
         scores = compute_scores(ctx.job, metric).scores
         score_sets[metric] = {name: s.cpu() for name, s in scores.items()}
-        selections[metric] = top_k(score_sets[metric], ctx.k, ctx.mode)
+        selections[metric] = top_k(score_sets[metric], ctx.k, ctx.mode, layout=ctx.layout)
         del scores
     sample = sample_positions(ctx.sizes, seed=ctx.seeds[0])
-    result = compare_score_sets(score_sets, selections, sample, ctx.metas)
+    result = compare_score_sets(score_sets, selections, sample, ctx.metas, ctx.layout)
     return {"metrics": list(metrics), "k": ctx.k, "mode": ctx.mode,
             "spearman_on": "seeded uniform sample of weights + union of every metric's top-K, "
                            "|score|", **result}
@@ -136,4 +141,4 @@ register(Analysis(
     key="metric_correlation", flag="--compare-metrics",
     run=run, summary=summary_lines, findings=findings,
     settings=(CorrelationSettings,), enabled=lambda s: bool(s.compare_metrics),
-    plots={"metric_correlation": plot_correlation}))
+    plots={"metric_correlation": plot_correlation}, shardable=True))

@@ -75,10 +75,12 @@ class Snapshot:
 
 
 def take_snapshot(label: str, source: str, n_blocks: int, scores, ks: list[int], mode: str,
-                  positions: Selection, metas) -> Snapshot:
-    selections = {k: {n: i.cpu() for n, i in top_k(scores, k, mode).items()} for k in ks}
-    return Snapshot(label, source, n_blocks, selections, gather(scores, positions),
-                    mean_abs_by_layer(scores, metas))
+                  positions: Selection, metas, layout=None) -> Snapshot:
+    """``layout`` (sharding.Layout) when ``scores`` are this rank's rows."""
+    selections = {k: {n: i.cpu() for n, i in top_k(scores, k, mode, layout=layout).items()}
+                  for k in ks}
+    return Snapshot(label, source, n_blocks, selections, gather(scores, positions, layout),
+                    mean_abs_by_layer(scores, metas, layout))
 
 
 def prefix_ends(n_blocks: int, n_parts: int) -> list[int]:
@@ -158,7 +160,7 @@ def run(ctx: AnalysisContext) -> dict:
     s = ctx.settings
     ks, capped = cap_ks(s.temporal_k or (ctx.k,), ctx.sizes, ctx.mode)
     plan, sequences = snapshot_plan(ctx)
-    reference_top = top_k(ctx.scores, ks[-1], ctx.mode)
+    reference_top = top_k(ctx.scores, ks[-1], ctx.mode, layout=ctx.layout)
     positions = union_positions([sample_positions(ctx.sizes, seed=ctx.seeds[0]), reference_top])
     snapshots: dict[str, Snapshot] = {}
     for label, source, blocks, seed in tqdm(plan, desc="temporal snapshots",
@@ -169,7 +171,7 @@ def run(ctx: AnalysisContext) -> dict:
             job = dataclasses.replace(ctx.job, blocks=blocks, seed=seed)
             scores, n_blocks = compute_scores(job, ctx.metric).scores, len(blocks)
         snapshots[label] = take_snapshot(label, source, n_blocks, scores, ks, ctx.mode,
-                                         positions, ctx.metas)
+                                         positions, ctx.metas, ctx.layout)
         del scores
     ordered = list(snapshots.values())
     return {"metric": ctx.metric, "mode": ctx.mode, "k_values": ks, "k_capped": capped,
@@ -242,4 +244,5 @@ register(Analysis(
     run=run, summary=summary_lines, findings=findings,
     settings=(TemporalSettings,), prepare=condition_blocks,
     reads=("stability_fraction", "stability_batches", "max_length", "max_samples"),
-    enabled=lambda s: s.temporal_stability, plots={"temporal_drift": plot_drift}))
+    enabled=lambda s: s.temporal_stability, plots={"temporal_drift": plot_drift},
+    shardable=True))
