@@ -11,7 +11,6 @@ import math
 import re
 from types import SimpleNamespace
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -21,7 +20,6 @@ from src.errors import UserError
 from src.sensitivity import sharding
 from src.sensitivity.rank import (_candidates, _in_rank_order, _merge_global, _union_over_ranks,
                                   top_k)
-from src.sensitivity.statistics import _merge_moments
 from tests.conftest import run_cli
 from tests.test_distributed import assert_ok, torchrun
 
@@ -80,7 +78,7 @@ def test_shard_refuses_what_does_not_run_sharded(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")  # no folder checks: rank 0 alone writes the folder
     for extra, flag in ((["--metric", "hutchinson_diag"], "is a double backward"),
-                        (["--weight-analysis"], "weight"),
+                        (["--super-weights"], "--super-weights"),
                         (["--device-map", "auto"], "--device-map cannot be combined")):
         with pytest.raises(UserError, match="under --shard|torchrun") as error:
             config_from_argv(["--shard", "--device", "cpu", *extra])
@@ -99,15 +97,35 @@ def test_padded_batches_and_row_ranges():
         [len(piece) for piece in torch.arange(10).chunk(4)]
 
 
-def test_merged_moments_equal_whole_tensor_moments():
-    values = np.random.default_rng(0).normal(3.0, 2.0, 1001)
-    parts = [values[:400], values[400:401], values[401:]]
-    merged = _merge_moments([[len(p), p.mean(), ((p - p.mean()) ** 2).sum(), p.min(), p.max()]
-                             for p in parts])
-    n, mean, m2, low, high = merged
-    assert n == 1001 and mean == pytest.approx(values.mean(), rel=1e-12)
-    assert math.sqrt(m2 / (n - 1)) == pytest.approx(values.std(ddof=1), rel=1e-12)
-    assert (low, high) == (values.min(), values.max())
+class _OneRank:
+    """A ShardGroup of one process: every reduction leaves its tensors as they are."""
+    device = torch.device("cpu")
+
+    def all_reduce_sum_(self, tensors):
+        pass
+
+    all_reduce_max_ = all_reduce_sum_
+
+
+def test_sharded_statistics_formulas_equal_one_process_ties_included():
+    """The sharded path's formulas (two-pass moments, top shares by bisection on the float bits)
+    on one rank holding everything: the single-process statistics."""
+    from src.sensitivity.statistics import tensor_statistics
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"heavy": torch.randn(300, 7, generator=generator).pow(3),
+               "ties": torch.tensor([[5.0, 5.0, 5.0, 1.0], [5.0, 2.0, 0.0, 0.0]]),
+               "constant": torch.full((3, 3), 0.5), "one": torch.tensor([[-2.0]])}
+    layout = sharding.Layout(_OneRank(), {n: t.numel() for n, t in tensors.items()},
+                             {n: 0 for n in tensors})
+    expected = tensor_statistics(tensors, absolute=True, tail=True)
+    got = tensor_statistics(tensors, absolute=True, tail=True, layout=layout)
+    for name in tensors:
+        assert got[name].keys() == expected[name].keys()
+        for key, value in expected[name].items():
+            assert got[name][key] == pytest.approx(value, rel=1e-5, abs=1e-7, nan_ok=True), \
+                (name, key)
+    assert got["ties"]["top_share_1pct"] == pytest.approx(5.0 / 23.0)  # one of the four 5s
 
 
 class _Ranks:
@@ -275,6 +293,20 @@ def test_sharded_correlation_temporal_and_targeting_equal_one_process(tmp_path):
     assert_close_tree(sections_two, sections_one)
     pairs = sections_one["metric_correlation"]["pairs"]
     assert any(0 < p["jaccard"] < 1 for p in pairs) or any(p["spearman"] < 0.99 for p in pairs)
+
+
+@pytest.mark.slow
+def test_sharded_weight_analysis_equals_one_process(tmp_path):
+    args = [*RUN, "--model", "random:tiny-gpt2", "--metric", "act_mag", "--mode", "per_tensor",
+            "--weight-analysis", "--n-clusters", "3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cli(*args, "--out-dir", one))
+    assert_ok(torchrun(*args, "--shard", "--out-dir", two))
+    section_one = json.loads((one / "enhanced_analysis.json").read_text())["weight_analysis"]
+    section_two = json.loads((two / "enhanced_analysis.json").read_text())["weight_analysis"]
+    assert_close_tree(section_two["profiles"], section_one["profiles"])
+    assert section_two["clustering"]["labels"] == section_one["clustering"]["labels"]
+    assert_close_tree(section_two["hotspots"], section_one["hotspots"])
 
 
 @pytest.mark.slow

@@ -68,11 +68,14 @@ def check_clusterable(settings, preflight) -> None:
 
 # ----------------------------------------------------------------------------- profiles
 
-def tensor_profiles(scores, metas: dict[str, ParamMeta], seed: int = 0) -> dict[str, dict]:
-    """name -> {layer, component, numel, statistics of |score| with the tail measures}."""
-    stats = tensor_statistics(scores, absolute=True, tail=True, seed=seed)
+def tensor_profiles(scores, metas: dict[str, ParamMeta], seed: int = 0,
+                    layout=None) -> dict[str, dict]:
+    """name -> {layer, component, numel, statistics of |score| with the tail measures};
+    ``layout`` (sharding.Layout) when ``scores`` are this rank's rows."""
+    stats = tensor_statistics(scores, absolute=True, tail=True, seed=seed, layout=layout)
     return {name: {"layer": metas[name].layer, "component": metas[name].component,
-                   "numel": scores[name].numel(), **values} for name, values in stats.items()}
+                   "numel": layout.numel[name] if layout else scores[name].numel(), **values}
+            for name, values in stats.items()}
 
 
 def profile_features(profiles: dict[str, dict]) -> np.ndarray:
@@ -169,7 +172,7 @@ def _counts(values) -> dict:
 def profiles_and_clusters(ctx: AnalysisContext) -> tuple[dict, dict]:
     """Computed once per run and shared by the weight analysis and the clustered perturbation."""
     if "clustering" not in ctx.cache:
-        profiles = tensor_profiles(ctx.scores, ctx.metas)
+        profiles = tensor_profiles(ctx.scores, ctx.metas, layout=ctx.layout)
         ctx.cache["profiles"] = profiles
         ctx.cache["clustering"] = cluster_tensors(profiles, ctx.settings, ctx.seeds[0])
     return ctx.cache["profiles"], ctx.cache["clustering"]

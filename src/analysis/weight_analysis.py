@@ -109,7 +109,7 @@ def tensor_hotspots(selection: Selection, sizes: dict[str, int], metas,
 
 def hotspots(ctx: AnalysisContext) -> dict:
     mode = ctx.mode
-    glob = global_selection(ctx.scores, ctx.selection, mode)
+    glob = global_selection(ctx.scores, ctx.selection, mode, ctx.layout)
     return {
         "k": ctx.k, "mode": mode,
         "lines_from": f"the run's top-K ({mode})",
@@ -214,4 +214,5 @@ register(Analysis(
     key="weight_analysis", flag="--weight-analysis",
     run=run, summary=summary_lines, findings=findings,
     settings=(WeightAnalysisSettings, ClusteringSettings), prepare=check_clusterable,
-    enabled=lambda s: s.weight_analysis, plots={"weight_clusters": plot_clusters}))
+    enabled=lambda s: s.weight_analysis, plots={"weight_clusters": plot_clusters},
+    shardable=True))

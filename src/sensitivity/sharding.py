@@ -51,6 +51,12 @@ class ShardGroup:
         for tensor in tensors:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
+    def all_reduce_max_(self, tensors) -> None:
+        import torch.distributed as dist
+
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+
     def all_true(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on every rank."""
         return all(self.all_gather_objects(bool(flag)))

@@ -27,7 +27,7 @@ def tensor_statistics(tensors: dict[str, torch.Tensor], *, absolute: bool = Fals
     total held by its top 0.01% / 1% of entries (at least one entry) and the plain kurtosis
     (3 for a Gaussian). ``layout`` (sharding.Layout): ``tensors`` are this rank's shards."""
     if layout is not None:
-        return _sharded_statistics(tensors, layout, absolute, seed)
+        return _sharded_statistics(tensors, layout, absolute, seed, tail)
     generator = torch.Generator().manual_seed(seed)
     names = list(tensors)
     per_tensor, samples = [], []
@@ -73,41 +73,79 @@ def _sample_positions(numel: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(numel, (QUANTILE_SAMPLE,), generator=generator)
 
 
-def _sharded_statistics(tensors, layout, absolute: bool, seed: int) -> dict:
-    """The statistics of whole tensors from their shards: moments merged over ranks (Chan et
-    al.'s pairwise update of mean and sum of squared deviations), quantiles of the sample one
-    process would draw, its values collected from the ranks that hold them."""
+def _sharded_statistics(tensors, layout, absolute: bool, seed: int, tail: bool) -> dict:
+    """The statistics of whole tensors from their shards, every tensor in each collective (a
+    handful in all, and one host transfer each): the sum, then the sums of centred powers about
+    the whole tensor's mean (two passes, as stable as one process's), min and max, the exact
+    top shares (``_top_sums``), and the quantiles of the sample one process would draw, its
+    values read from the ranks that hold them."""
+    if tail and not absolute:
+        raise ValueError("sharded tail statistics are computed for |values| only")
+    group, names = layout.group, list(tensors)
+    held = [_flat(tensors[name], absolute) for name in names]
+    n = torch.tensor([float(layout.numel[name]) for name in names], dtype=torch.float64)
+    mean = _reduced(group, [v.sum() for v in held]) / n
+    second = _reduced(group, [(v - float(m)).square().sum() for v, m in zip(held, mean)])
+    extremes = _reduced(group, [_max_and_negated_min(v) for v in held], op="max")
+    std = torch.where(n > 1, (second / (n - 1).clamp(min=1)).sqrt(), torch.zeros_like(n))
+    columns = {"mean": mean, "std": std, "min": -extremes[:, 1], "max": extremes[:, 0]}
+    if tail:
+        total = mean * n
+        for key, fraction in TOP_SHARES.items():
+            counts = [max(1, math.ceil(fraction * layout.numel[name])) for name in names]
+            columns[key] = _top_sums(held, counts, group) / total
+        fourth = _reduced(group, [(v - float(m)).square().square().sum()
+                                  for v, m in zip(held, mean)])
+        columns["kurtosis"] = (fourth / n) / (second / n).square()
     generator = torch.Generator().manual_seed(seed)
-    names, local_moments, requests = list(tensors), {}, {}
-    for name in names:
-        values = tensors[name].detach().reshape(-1).float()
-        values = values.abs() if absolute else values
-        if values.numel():
-            mean = values.mean()
-            local_moments[name] = [values.numel(), float(mean),
-                                   float((values - mean).square().sum()), *map(float, torch.aminmax(values))]
-        requests[name] = (values, _sample_positions(layout.numel[name], generator))
-    gathered = layout.group.all_gather_objects(local_moments)
-    samples = layout.values_at(requests)
+    samples = layout.values_at({name: (v, _sample_positions(layout.numel[name], generator))
+                                for name, v in zip(names, held)})
     quantiles = _quantiles([samples[name].float() for name in names])
-    result = {}
-    for name, q in zip(names, quantiles):
-        n, mean, m2, low, high = _merge_moments([part[name] for part in gathered if name in part])
-        std = math.sqrt(m2 / (n - 1)) if n > 1 else 0.0
-        result[name] = {"mean": mean, "std": std, "min": low, "max": high,
-                        **dict(zip(QUANTILES, q.tolist())),
-                        "quantiles_sampled": layout.numel[name] > QUANTILE_SAMPLE}
-    return result
+    return {name: {**{key: float(column[i]) for key, column in columns.items()},
+                   **dict(zip(QUANTILES, q.tolist())),
+                   "quantiles_sampled": layout.numel[name] > QUANTILE_SAMPLE}
+            for i, (name, q) in enumerate(zip(names, quantiles))}
 
 
-def _merge_moments(parts: list) -> tuple:
-    n, mean, m2, low, high = parts[0]
-    for n_b, mean_b, m2_b, low_b, high_b in parts[1:]:
-        total = n + n_b
-        delta = mean_b - mean
-        mean, m2 = mean + delta * n_b / total, m2 + m2_b + delta * delta * n * n_b / total
-        n, low, high = total, min(low, low_b), max(high, high_b)
-    return n, mean, m2, low, high
+def _flat(tensor: torch.Tensor, absolute: bool) -> torch.Tensor:
+    values = tensor.detach().reshape(-1).float()
+    return values.abs() if absolute else values
+
+
+def _max_and_negated_min(values: torch.Tensor) -> torch.Tensor:
+    if values.numel() == 0:  # a rank may hold no rows
+        return torch.full((2,), -math.inf, device=values.device)
+    low, high = torch.aminmax(values)
+    return torch.stack([high, -low])
+
+
+def _reduced(group, parts: list[torch.Tensor], op: str = "sum") -> torch.Tensor:
+    """Each part (a 0-d or 1-d device tensor per tensor) summed (or maxed) over the ranks, as
+    one float64 CPU tensor [n_parts, ...]: one collective and one host transfer."""
+    stacked = torch.stack([part.to(group.device, torch.float64) for part in parts])
+    (group.all_reduce_max_ if op == "max" else group.all_reduce_sum_)([stacked])
+    return stacked.cpu()
+
+
+def _top_sums(held: list[torch.Tensor], counts: list[int], group) -> torch.Tensor:
+    """Sum of the ``counts[i]`` largest values of each whole (non-negative) tensor, exactly,
+    without gathering them: the m-th largest value v is the largest float t with at least m
+    values >= t (counted over the ranks), found by bisection on the float32 bit patterns (which
+    order like non-negative floats); then the sum is sum(x > v) + (m - count(x > v)) * v."""
+    bits = [v.view(torch.int32) for v in held]
+    wanted = torch.tensor(counts, dtype=torch.float64)
+    low = torch.zeros(len(held), dtype=torch.int64)  # always >= m values at or above
+    high = torch.full((len(held),), 0x7F800001, dtype=torch.int64)  # above +inf: none
+    while bool((high - low > 1).any()):
+        middle = (low + high) // 2
+        at_or_above = _reduced(group, [(b >= int(c)).sum() for b, c in zip(bits, middle)])
+        enough = at_or_above >= wanted
+        low, high = torch.where(enough, middle, low), torch.where(enough, high, middle)
+    threshold = low.to(torch.int32).view(torch.float32).double()
+    above = [v > float(t) for v, t in zip(held, threshold)]
+    sums = _reduced(group, [torch.where(a, v, 0.0).sum() for v, a in zip(held, above)])
+    n_above = _reduced(group, [a.sum() for a in above])
+    return sums + (wanted - n_above) * threshold
 
 
 def _quantiles(samples: list[torch.Tensor]) -> list[torch.Tensor]:
