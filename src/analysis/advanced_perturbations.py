@@ -62,9 +62,10 @@ def experiment_on(ctx: AnalysisContext, scores, selection: Selection, k: int, mo
                   controls) -> dict:
     """One top-K experiment against ``controls`` (random_k / bottom_k) over the run's seeds."""
     conditions = experiment.build_conditions(selection, scores, k, mode, list(controls),
-                                             list(ctx.seeds), ctx.method, ctx.options)
+                                             list(ctx.seeds), ctx.method, ctx.options,
+                                             layout=ctx.layout)
     rows, restored = experiment.run_conditions(ctx.params, conditions, ctx.method, ctx.options,
-                                               ctx.evaluate, ctx.baseline)
+                                               ctx.evaluate, ctx.baseline, layout=ctx.layout)
     return {"k": k, "n_weights": selection_size(selection),
             "touched": touched(selection, ctx.metas),
             "summary": experiment.summarize(rows, ctx.baseline.perplexity),
@@ -90,8 +91,9 @@ def _top_k_within(ctx: AnalysisContext, names) -> dict:
     """The global top-K (K capped at the group's size) of the tensors ``names`` against the
     run's controls drawn from the same tensors."""
     scores = {n: ctx.scores[n] for n in names}
-    k = min(ctx.k, sum(s.numel() for s in scores.values()))
-    return experiment_on(ctx, scores, top_k(scores, k, "global"), k, "global", ctx.controls)
+    k = min(ctx.k, sum(ctx.sizes[n] for n in names))
+    return experiment_on(ctx, scores, top_k(scores, k, "global", layout=ctx.layout), k, "global",
+                         ctx.controls)
 
 
 # ----------------------------------------------------------------------------- the three kinds
@@ -100,7 +102,8 @@ def progressive(ctx: AnalysisContext) -> dict:
     ks, capped = cap_ks(ctx.settings.progressive_k, ctx.sizes, ctx.mode)
     points = []
     for k in tqdm(ks, desc="progressive K", disable=not ctx.progress, leave=False):
-        points.append(experiment_on(ctx, ctx.scores, top_k(ctx.scores, k, ctx.mode), k,
+        points.append(experiment_on(ctx, ctx.scores, top_k(ctx.scores, k, ctx.mode,
+                                                           layout=ctx.layout), k,
                                     ctx.mode, ["random_k"]))
     summaries = [p["summary"] for p in points]
     curve = {"k": ks, "n_weights": [p["n_weights"] for p in points],
@@ -258,7 +261,7 @@ def _register(kind: str, run, findings, **extra) -> None:
         flag=f"--advanced-perturbations {kind}",
         summary=lambda section: summary_lines(kind, section),
         settings=(AdvancedSettings, *settings), reads=("perturb", *extra.pop("reads", ())),
-        enabled=lambda s: kind in s.advanced_perturbations, **extra))
+        enabled=lambda s: kind in s.advanced_perturbations, shardable=True, **extra))
 
 
 _register("progressive", progressive, progressive_findings,

@@ -45,7 +45,7 @@ def build_conditions(top_selection: Selection, scores, k: int, mode: str, contro
     stochastic = perturbation_is_stochastic(method, options)
     fixed_seeds = seeds if stochastic else [None]
     conditions = [Condition("top_k", s, top_selection) for s in fixed_seeds]
-    sizes = layout.numel if layout is not None else {n: s.numel() for n, s in scores.items()}
+    sizes = {n: layout.numel[n] if layout is not None else s.numel() for n, s in scores.items()}
     for control in controls:
         if control == "random_k":
             conditions += [Condition("random_k", s, random_k(sizes, k, mode, seed=s)) for s in seeds]

@@ -89,7 +89,7 @@ def _in_rank_order(index: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 def _select(scores: dict[str, torch.Tensor], k: int, mode: str, largest: bool,
             layout=None) -> Selection:
-    check_k(scores if layout is None else layout.numel, k, mode)
+    check_k(scores if layout is None else {n: layout.numel[n] for n in scores}, k, mode)
     candidates = _candidates(scores, k, largest)
     if layout is not None:
         candidates = _union_over_ranks(candidates, layout, k)
