@@ -352,9 +352,6 @@ class RunConfig:
             why = f"({why})" if why else "yet"
             yield (f"--metric {self.metric} does not run under --shard {why}; use one of "
                    f"{', '.join(shardable_metrics())}")
-        for analysis, _ in registry.enabled(self):
-            if not analysis.shardable:
-                yield f"{analysis.flag or analysis.key} does not run under --shard yet"
 
     def _folder_problems(self):
         if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 alone writes the folder

@@ -78,7 +78,8 @@ def test_shard_refuses_what_does_not_run_sharded(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")  # no folder checks: rank 0 alone writes the folder
     for extra, flag in ((["--metric", "hutchinson_diag"], "is a double backward"),
-                        (["--super-weights"], "--super-weights"),
+                        (["--compare-metrics", "grad_x_weight,hutchinson_diag"],
+                         "--compare-metrics: hutchinson_diag does not run under --shard"),
                         (["--device-map", "auto"], "--device-map cannot be combined")):
         with pytest.raises(UserError, match="under --shard|torchrun") as error:
             config_from_argv(["--shard", "--device", "cpu", *extra])
@@ -325,6 +326,22 @@ def test_sharded_advanced_perturbations_equal_one_process(tmp_path):
     for kind in kinds:
         assert sections_two[kind]["restore_verified"]
     assert_close_tree(sections_two, sections_one)
+
+
+@pytest.mark.slow
+def test_sharded_super_weights_equal_one_process(tmp_path):
+    """The built-in model has super weights: the same candidates (found from peaks merged over
+    the ranks), the same causal check and metric ranks, weights restored on both ranks."""
+    args = ["--device", "cpu", "--max-length", "64", "--max-samples", "4", "--batch-size", "2",
+            "--topk", "5", "--seeds", "0", "--metric", "magnitude", "--super-weights",
+            "--super-weight-max", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cli(*args, "--out-dir", one))
+    assert_ok(torchrun(*args, "--shard", "--out-dir", two))
+    section_one = json.loads((one / "enhanced_analysis.json").read_text())["super_weights"]
+    section_two = json.loads((two / "enhanced_analysis.json").read_text())["super_weights"]
+    assert section_one["n_confirmed"] >= 1 and section_two["restore_verified"]
+    assert_close_tree(section_two, section_one)
 
 
 @pytest.mark.slow

@@ -261,7 +261,7 @@ def _register(kind: str, run, findings, **extra) -> None:
         flag=f"--advanced-perturbations {kind}",
         summary=lambda section: summary_lines(kind, section),
         settings=(AdvancedSettings, *settings), reads=("perturb", *extra.pop("reads", ())),
-        enabled=lambda s: kind in s.advanced_perturbations, shardable=True, **extra))
+        enabled=lambda s: kind in s.advanced_perturbations, **extra))
 
 
 _register("progressive", progressive, progressive_findings,

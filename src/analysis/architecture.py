@@ -299,4 +299,4 @@ register(Analysis(
     key="architecture", flag="--architecture-analysis",
     run=run, summary=summary_lines, findings=findings,
     settings=(ArchitectureSettings,), enabled=lambda s: s.architecture_analysis,
-    plots={"architecture_depth": plot_depth}, shardable=True))
+    plots={"architecture_depth": plot_depth}))

@@ -141,4 +141,4 @@ register(Analysis(
     key="metric_correlation", flag="--compare-metrics",
     run=run, summary=summary_lines, findings=findings,
     settings=(CorrelationSettings,), enabled=lambda s: bool(s.compare_metrics),
-    plots={"metric_correlation": plot_correlation}, shardable=True))
+    plots={"metric_correlation": plot_correlation}))

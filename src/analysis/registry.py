@@ -14,7 +14,9 @@ entry carries everything the rest of the tool needs from it:
   report sentences; ``plots``: name -> function(section) -> matplotlib Figure; ``flag``: what
   turns it on, for the note a plot leaves when the section is absent.
 
-Adding an analysis: write its module and add its name to ``MODULES``.
+Adding an analysis: write its module and add its name to ``MODULES``. Every analysis also runs
+under ``torchrun --shard``, where ``ctx.layout`` (sharding.Layout) says that the scores and
+weights are each rank's rows: rank, read values and add up sums through it (see the others).
 """
 from __future__ import annotations
 
@@ -43,7 +45,6 @@ class Analysis:
     findings: Callable[[dict], list[str]] | None = None
     plots: Mapping[str, Callable] = field(default_factory=dict)
     flag: str = ""
-    shardable: bool = False  # runs under torchrun --shard (ctx.layout: the scores are shards)
 
 
 ANALYSES: dict[str, Analysis] = {}

@@ -34,4 +34,4 @@ register(Analysis(
     key="targeting", flag="--target-components or --target-layers",
     run=run, summary=summary_lines,
     reads=("target_components", "target_layers", "layers"),
-    enabled=lambda s: bool(s.target_components or s.target_layers), shardable=True))
+    enabled=lambda s: bool(s.target_components or s.target_layers)))

@@ -244,5 +244,4 @@ register(Analysis(
     run=run, summary=summary_lines, findings=findings,
     settings=(TemporalSettings,), prepare=condition_blocks,
     reads=("stability_fraction", "stability_batches", "max_length", "max_samples"),
-    enabled=lambda s: s.temporal_stability, plots={"temporal_drift": plot_drift},
-    shardable=True))
+    enabled=lambda s: s.temporal_stability, plots={"temporal_drift": plot_drift}))

@@ -214,5 +214,4 @@ register(Analysis(
     key="weight_analysis", flag="--weight-analysis",
     run=run, summary=summary_lines, findings=findings,
     settings=(WeightAnalysisSettings, ClusteringSettings), prepare=check_clusterable,
-    enabled=lambda s: s.weight_analysis, plots={"weight_clusters": plot_clusters},
-    shardable=True))
+    enabled=lambda s: s.weight_analysis, plots={"weight_clusters": plot_clusters}))

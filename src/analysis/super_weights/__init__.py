@@ -60,6 +60,7 @@ from src.analysis.super_weights.detection import (MAX_WEIGHTS, SPIKE_THRESHOLD, 
 from src.data.loading import TokenBlocks
 from src.eval.perplexity import EvalResult, evaluate
 from src.options import Settings, integer, number, option
+from src.sensitivity import sharding
 from src.sensitivity.perturb import fingerprint
 from src.utils.format import fixed, sig, times
 
@@ -98,23 +99,31 @@ def check_model(settings, preflight) -> None:
 def analyze(model, calibration: TokenBlocks, evaluation: TokenBlocks, batch_size: int, *,
             threshold: float = SPIKE_THRESHOLD, max_weights: int = MAX_WEIGHTS,
             seeds=(0, 1, 2), baseline: EvalResult | None = None, scores=None,
-            metric: str | None = None, progress: bool = False) -> dict:
+            metric: str | None = None, progress: bool = False, score_layout=None) -> dict:
     """Detection, iteration, causal check and cross-check; returns the ``super_weights`` section
-    of enhanced_analysis.json (weights restored bit-exactly; ``restore_verified`` says so)."""
+    of enhanced_analysis.json (weights restored bit-exactly; ``restore_verified`` says so).
+    Under --shard (a sharded ``model``; ``score_layout``: where the scores' rows live) each rank
+    runs its share of the batches and zeroes the candidates it holds."""
     targets = mlp_down_targets(model)
     params = {t.param_name: t.param for t in targets}
+    shards = sharding.group_of(model)
+    layout = sharding.Layout.of(params, shards) if shards is not None else None
     reference = fingerprint(params)
 
     def evaluate_model() -> EvalResult:
-        return evaluate(model, evaluation, batch_size)
+        return evaluate(model, evaluation, batch_size, shards=shards)
 
     baseline = baseline or evaluate_model()
     candidates, passes = find_candidates(model, targets, calibration, batch_size, threshold,
-                                         max_weights, progress)
-    zeroing = Zeroing(params, evaluate_model, baseline)
+                                         max_weights, progress, layout)
+    zeroing = Zeroing(params, evaluate_model, baseline, layout)
     whole = causal_check(zeroing, candidates, seeds, progress)
     for c in candidates:
-        c["metric_rank"] = metric_rank(scores, c["parameter"], c["flat_index"]) if scores else None
+        c["metric_rank"] = metric_rank(scores, c["parameter"], c["flat_index"],
+                                       score_layout) if scores else None
+    restored = zeroing.restored and fingerprint(params) == reference
+    if shards is not None:
+        restored = shards.all_true(restored)
     return {
         "method": {"hooked": "MLP output projection (component mlp_down) of every block",
                    "detection_blocks": len(calibration), "evaluation_blocks": len(evaluation),
@@ -135,7 +144,7 @@ def analyze(model, calibration: TokenBlocks, evaluation: TokenBlocks, batch_size
         "set": whole,
         "n_candidates": len(candidates),
         "n_confirmed": sum(c["confirmed"] for c in candidates),
-        "restore_verified": zeroing.restored and fingerprint(params) == reference,
+        "restore_verified": restored,
     }
 
 
@@ -144,7 +153,7 @@ def run(ctx: AnalysisContext) -> dict:
     return analyze(ctx.model, ctx.data.calibration, ctx.data.evaluation, ctx.batch_size,
                    threshold=s.spike_threshold, max_weights=s.super_weight_max, seeds=ctx.seeds,
                    baseline=ctx.baseline, scores=ctx.scores, metric=ctx.metric,
-                   progress=ctx.progress)
+                   progress=ctx.progress, score_layout=ctx.layout)
 
 
 def summary_lines(section: dict) -> list[str]:

@@ -13,6 +13,7 @@ from src.sensitivity.experiment import Condition
 from src.sensitivity.perturb import PerturbOptions
 from src.sensitivity.rank import Selection, random_k, top_k
 from src.sensitivity.scoring import stable_seed
+from src.sensitivity.sharding import local
 
 CONFIRM_MARGIN = 0.10     # ratio_alone must exceed the worst control ratio by this much
 
@@ -32,12 +33,12 @@ def random_control(name: str, numel: int, n: int, exclude: torch.Tensor,
     return kept[torch.randperm(kept.numel(), generator=generator)[:n]].sort().values
 
 
-def magnitude_control(name: str, param: torch.Tensor, n: int,
-                      exclude: torch.Tensor) -> torch.Tensor:
+def magnitude_control(name: str, param: torch.Tensor, n: int, exclude: torch.Tensor,
+                      layout=None) -> torch.Tensor:
     """Flat indices of the n largest-|w| weights of the tensor outside ``exclude`` (rank order,
-    ties to the lower index as in ``rank.top_k``)."""
-    ranked = top_k({name: param.detach()}, min(n + exclude.numel(), param.numel()),
-                   "per_tensor")[name]
+    ties to the lower index as in ``rank.top_k``); ``layout`` when ``param`` is sharded."""
+    ranked = top_k({name: local(param).detach()}, min(n + exclude.numel(), param.numel()),
+                   "per_tensor", layout=layout)[name]
     return ranked[~torch.isin(ranked, exclude.to(ranked.device))][:n]
 
 
@@ -47,15 +48,18 @@ def clears(ratio: float, max_control_ratio: float, margin: float = CONFIRM_MARGI
 
 
 class Zeroing:
-    """Zeroes selections of ``params`` one condition at a time through the experiment."""
+    """Zeroes selections of ``params`` one condition at a time through the experiment;
+    ``layout`` (sharding.Layout) when they are sharded."""
 
-    def __init__(self, params, evaluate, baseline: EvalResult):
+    def __init__(self, params, evaluate, baseline: EvalResult, layout=None):
         self.params, self.evaluate, self.baseline = params, evaluate, baseline
+        self.layout = layout
         self.restored = True
 
     def __call__(self, conditions: list[Condition]) -> list[dict]:
         rows, restored = experiment.run_conditions(self.params, conditions, "zero",
-                                                   PerturbOptions(), self.evaluate, self.baseline)
+                                                   PerturbOptions(), self.evaluate, self.baseline,
+                                                   layout=self.layout)
         self.restored &= restored
         return [{"perplexity": row["perplexity"], "ratio": row["ppl_ratio"]} for row in rows]
 
@@ -68,8 +72,8 @@ def treatment_and_controls(zeroing: Zeroing, treated: Selection, exclude: Select
     randoms = [{name: random_control(name, params[name].numel(), int(idx.numel()),
                                      exclude[name], seed)
                 for name, idx in treated.items()} for seed in seeds]
-    largest = {name: magnitude_control(name, params[name], int(idx.numel()), exclude[name])
-               for name, idx in treated.items()}
+    largest = {name: magnitude_control(name, params[name], int(idx.numel()), exclude[name],
+                                       zeroing.layout) for name, idx in treated.items()}
     conditions = [Condition("treated", None, treated),
                   *(Condition("random_k", seed, sel) for seed, sel in zip(seeds, randoms)),
                   Condition("largest_magnitude", None, largest)]
@@ -78,11 +82,18 @@ def treatment_and_controls(zeroing: Zeroing, treated: Selection, exclude: Select
         "random": [{"seed": seed, **row, "flat_index": _flat_lists(sel)}
                    for seed, row, sel in zip(seeds, random_rows, randoms)],
         "largest_magnitude": {**largest_row, "flat_index": _flat_lists(largest),
-                              "value": {name: params[name].detach().reshape(-1)[
-                                  idx.to(params[name].device)].float().cpu().tolist()
-                                  for name, idx in largest.items()}},
+                              "value": _values(params, largest, zeroing.layout)},
         "max_control_ratio": max([r["ratio"] for r in random_rows] + [largest_row["ratio"]])}
     return treated_row, controls
+
+
+def _values(params, selection: Selection, layout=None) -> dict[str, list[float]]:
+    """The weights at the selected flat indices (read from the ranks holding them, --shard)."""
+    if layout is not None:
+        values = layout.values_at({n: (local(params[n]), idx) for n, idx in selection.items()})
+        return {name: v.float().tolist() for name, v in values.items()}
+    return {name: params[name].detach().reshape(-1)[idx.to(params[name].device)].float().cpu()
+            .tolist() for name, idx in selection.items()}
 
 
 def _flat_lists(selection: Selection) -> dict[str, list[int]]:
@@ -109,16 +120,26 @@ def causal_check(zeroing: Zeroing, candidates: list[dict], seeds, progress: bool
             "clears_controls": clears(whole["ratio"], controls["max_control_ratio"])}
 
 
-def metric_rank(scores: dict[str, torch.Tensor], name: str, flat_index: int) -> dict | None:
+def metric_rank(scores: dict[str, torch.Tensor], name: str, flat_index: int,
+                layout=None) -> dict | None:
     """Rank by |score| of one weight (1 = highest; ties share the best rank), within its tensor
-    and over all scored tensors; None when the tensor was not scored."""
+    and over all scored tensors; None when the tensor was not scored. ``layout``
+    (sharding.Layout) when ``scores`` are this rank's rows: counts added over the ranks."""
     if name not in scores:
         return None
-    score = scores[name].reshape(-1)[flat_index]
+    if layout is None:
+        score = scores[name].reshape(-1)[flat_index]
+    else:
+        read = layout.values_at({name: (scores[name], torch.tensor([flat_index]))})[name][0]
+        score = read.to(scores[name].dtype)
     key = score.abs()
-    above = torch.stack([(s.detach().abs() > key.to(s.device)).sum().cpu()
-                         for s in scores.values()])
+    above = torch.stack([(s.detach().abs() > key.to(s.device)).sum().to(
+        layout.group.device if layout else "cpu") for s in scores.values()])
+    if layout is not None:
+        layout.group.all_reduce_sum_([above])
+    above = above.cpu()
+    numel = {n: layout.numel[n] if layout else s.numel() for n, s in scores.items()}
     in_tensor = int(above[list(scores).index(name)])
     return {"score": float(score), "rank_in_tensor": in_tensor + 1,
-            "n_in_tensor": scores[name].numel(), "rank_global": int(above.sum()) + 1,
-            "n_global": sum(s.numel() for s in scores.values())}
+            "n_in_tensor": numel[name], "rank_global": int(above.sum()) + 1,
+            "n_global": sum(numel.values())}

@@ -15,6 +15,7 @@ from src.models.components import (ParamMeta, component_of, describe_parameters,
 from src.models.properties import input_device
 from src.sensitivity.perturb import perturbed
 from src.sensitivity.rank import Selection
+from src.sensitivity.sharding import local, my_share, without_grad
 
 SPIKE_THRESHOLD = 100.0   # output_ratio at or above which a layer spikes
 MAX_WEIGHTS = 5           # default number of candidates searched for
@@ -58,8 +59,11 @@ class _PeakRecorder:
         self.batch_state = batch_state
         self.x_peak = self.y_peak = None
         self.spike_value = self.spike_row = self.spike_y = self.spike_x = None
+        self.spike_batch = None  # the batch of the spike: ties go to the earliest, as in one pass
 
     def __call__(self, module, inputs, output):
+        if self.batch_state.get("index", 0) is None:  # a --shard padding step: not data
+            return
         x = inputs[0].detach()
         y = output.detach()
         x, y = x.reshape(-1, x.shape[-1]).float(), y.reshape(-1, y.shape[-1]).float()
@@ -74,6 +78,7 @@ class _PeakRecorder:
             self.spike_row = torch.zeros((), dtype=torch.long, device=y.device)
             self.spike_y = torch.zeros((), device=y.device)
             self.spike_x = torch.zeros(x.shape[-1], device=x.device)
+            self.spike_batch = torch.zeros((), dtype=torch.long, device=y.device)
         else:
             self.x_peak = torch.maximum(self.x_peak, x_abs.amax(0))
             self.y_peak = torch.maximum(self.y_peak, y_abs.amax(0))
@@ -84,23 +89,35 @@ class _PeakRecorder:
         self.spike_row = torch.where(better, row, self.spike_row)
         self.spike_y = torch.where(better, y[token, row], self.spike_y)
         self.spike_x = torch.where(better, x[token], self.spike_x)
+        self.spike_batch = torch.where(better, self.batch_state.get("index", 0),
+                                       self.spike_batch)
 
 
-@torch.inference_mode()
 def detect(model, targets: list[Target], blocks: TokenBlocks, batch_size: int,
-           threshold: float = SPIKE_THRESHOLD) -> list[dict]:
-    """One forward pass over ``blocks``; per hooked layer the activation peaks (module docstring)."""
+           threshold: float = SPIKE_THRESHOLD, layout=None) -> list[dict]:
+    """One forward pass over ``blocks``; per hooked layer the activation peaks (module docstring).
+    ``layout`` (sharding.Layout of the targets' weights) under --shard: each rank runs its share
+    of the batches and the peaks are merged over the ranks."""
+    shards = layout.group if layout is not None else None
     batch_state: dict = {}
     recorders = [_PeakRecorder(batch_state) for _ in targets]
     handles = [t.module.register_forward_hook(r) for t, r in zip(targets, recorders)]
+    device = input_device(model)
     try:
-        for input_ids, attention_mask in blocks.batches(batch_size, input_device(model)):
-            batch_state["mask"] = attention_mask
-            model(input_ids=input_ids, attention_mask=attention_mask)
+        with without_grad(shards is not None):
+            for index in my_share(math.ceil(len(blocks) / batch_size), shards):
+                input_ids, attention_mask = blocks.batch(index or 0, batch_size, device)
+                batch_state["mask"], batch_state["index"] = attention_mask, index
+                model(input_ids=input_ids, attention_mask=attention_mask)
     finally:
         for handle in handles:
             handle.remove()
-    layers = [_layer_summary(t, r) for t, r in zip(targets, recorders)]
+    if shards is not None:
+        _merge_over_ranks(recorders, targets, shards)
+    coordinates = [(int(r.spike_row), int(r.x_peak.argmax())) for r in recorders]
+    flat = [from_out_in(t.meta, row, col) for t, (row, col) in zip(targets, coordinates)]
+    weights = _weights_at(targets, flat, layout)
+    layers = [_layer_summary(t, r, i, w) for t, r, i, w in zip(targets, recorders, flat, weights)]
     for key in ("input", "output"):
         median_max = float(torch.tensor([layer[f"{key}_max"] for layer in layers]).median())
         for layer in layers:
@@ -110,11 +127,41 @@ def detect(model, targets: list[Target], blocks: TokenBlocks, batch_size: int,
     return layers
 
 
-def _layer_summary(target: Target, recorder: _PeakRecorder) -> dict:
+def _merge_over_ranks(recorders: list[_PeakRecorder], targets: list[Target], shards) -> None:
+    """Every rank's recorders become the merge of all ranks': peaks by maximum, the spike from
+    the rank with the largest, ties to the earliest batch (the rank holding the lowest index)."""
+    for recorder, target in zip(recorders, targets):
+        if recorder.x_peak is None:  # this rank ran padding steps only
+            n_out, n_in = target.meta.shape_out_in
+            recorder.x_peak = torch.zeros(n_in, device=shards.device)
+            recorder.y_peak = torch.zeros(n_out, device=shards.device)
+    peaks = [torch.cat([r.x_peak, r.y_peak]).to(shards.device) for r in recorders]
+    shards.all_reduce_max_(peaks)
+    mine = [None if r.spike_value is None else
+            (float(r.spike_value), -int(r.spike_batch), int(r.spike_row), float(r.spike_y),
+             r.spike_x.cpu()) for r in recorders]
+    every = shards.all_gather_objects(mine)
+    for i, (recorder, peak) in enumerate(zip(recorders, peaks)):
+        n_in = recorder.x_peak.numel()
+        recorder.x_peak, recorder.y_peak = peak[:n_in], peak[n_in:]
+        value, _, row, spike_y, spike_x = max(part[i] for part in every if part[i] is not None)[:5]
+        recorder.spike_value, recorder.spike_row = torch.tensor(value), torch.tensor(row)
+        recorder.spike_y, recorder.spike_x = torch.tensor(spike_y), spike_x
+
+
+def _weights_at(targets: list[Target], flat: list[int], layout) -> list[float]:
+    """The weight at flat index ``flat[i]`` of each target (read from its rank under --shard)."""
+    if layout is None:
+        return [float(t.param.detach().reshape(-1)[i]) for t, i in zip(targets, flat)]
+    values = layout.values_at({t.param_name: (local(t.param), torch.tensor([i]))
+                               for t, i in zip(targets, flat)})
+    return [float(values[t.param_name][0]) for t in targets]
+
+
+def _layer_summary(target: Target, recorder: _PeakRecorder, flat_index: int,
+                   weight: float) -> dict:
     x_peak, y_peak = recorder.x_peak.cpu(), recorder.y_peak.cpu()
     row, col = int(recorder.spike_row), int(x_peak.argmax())
-    flat_index = from_out_in(target.meta, row, col)
-    weight = float(target.param.detach().reshape(-1)[flat_index])
     spike_y = float(recorder.spike_y)
     share = weight * float(recorder.spike_x[col]) / spike_y if spike_y != 0 else None
     return {"layer": target.meta.layer, "module": target.module_name,
@@ -135,16 +182,17 @@ def _ratio(value: float, reference: float) -> float:
 
 def find_candidates(model, targets: list[Target], blocks: TokenBlocks, batch_size: int,
                     threshold: float = SPIKE_THRESHOLD, max_weights: int = MAX_WEIGHTS,
-                    progress: bool = False) -> tuple[list[dict], list[list[dict]]]:
-    """Iterative detection: (candidates in the order found, per-layer summaries of each pass)."""
+                    progress: bool = False, layout=None) -> tuple[list[dict], list[list[dict]]]:
+    """Iterative detection: (candidates in the order found, per-layer summaries of each pass);
+    ``layout`` (sharding.Layout of the targets' weights) under --shard."""
     params = {t.param_name: t.param for t in targets}
     candidates: list[dict] = []
     passes: list[list[dict]] = []
     with tqdm(total=max_weights + 1, desc="super-weight detection", disable=not progress,
               leave=False) as bar:
         while True:
-            with perturbed(params, candidate_selection(candidates), "zero"):
-                layers = detect(model, targets, blocks, batch_size, threshold)
+            with perturbed(params, candidate_selection(candidates), "zero", layout=layout):
+                layers = detect(model, targets, blocks, batch_size, threshold, layout)
             passes.append(layers)
             bar.update()
             found = _next_candidate(layers, candidates)
