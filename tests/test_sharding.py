@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pandas as pd
@@ -21,7 +24,7 @@ from src.sensitivity import sharding
 from src.sensitivity.rank import (_candidates, _in_rank_order, _merge_global, _union_over_ranks,
                                   top_k)
 from tests.conftest import run_cli
-from tests.test_distributed import assert_ok, torchrun
+from tests.test_distributed import assert_ok, free_port, torchrun
 
 RUN = ["--device", "cpu", "--max-length", "32", "--max-samples", "5", "--batch-size", "2",
        "--topk", "5", "--seeds", "0,1", "--controls", "random_k,bottom_k"]
@@ -463,3 +466,23 @@ def test_sharded_run_resumes_where_it_stopped(tmp_path):
     assert manifest["resumed"]["kept"]["perturbation_conditions"] == 2
     assert not any(step.startswith("score_") for step in manifest["timings_seconds"])
     assert (out / score_store.FILE_NAME).is_file()  # --save-scores keeps them
+
+
+@pytest.mark.slow
+def test_sharded_benchmark_reports_every_figure(tmp_path):
+    from tests.conftest import ROOT
+
+    report = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+               str(ROOT / "scripts" / "benchmark.py"), "--model", "random:tiny-llama", "--device",
+               "cpu", "--shard", "--steps", "1", "--batch-size", "2", "--max-length", "32",
+               "--json", str(report)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert_ok(done)
+    figures = json.loads(report.read_text())
+    assert figures["world_size"] == 2
+    text = json.dumps(figures)
+    for figure in ("forward_backward", "score_grad_x_weight", "score_act_mag", "evaluate"):
+        assert figure in text

@@ -78,9 +78,7 @@ def run(args) -> dict:
         if args.shard else None
     device = str(shards.device) if shards else args.device
     model, _, info = load_model(args.model, dtype=args.dtype, device=device,
-                                device_map=args.device_map)
-    if shards:
-        sharding.shard_model(model, shards)
+                                device_map=args.device_map, shards=shards)
     say(shards, f"[bench] {info['spec']} ({info['n_parameters'] / 1e6:.1f}M parameters, "
         f"{info['dtype']}, {info['device'] if not args.device_map else args.device_map}"
         f"{f', sharded over {shards.world_size} processes' if shards else ''}) built in "
