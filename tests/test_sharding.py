@@ -172,12 +172,18 @@ def test_union_of_rank_candidates_is_the_single_process_selection_ties_included(
 def test_random_weights_drawn_by_rows_equal_the_whole_draw():
     from src.models import random_init
 
+    def drawn(name: str, rows: range) -> torch.Tensor:
+        pieces = list(random_init._row_pieces(name, shape, rows, 0.02, torch.device("cpu")))
+        assert [first for first, _ in pieces][0] == rows.start
+        return torch.cat([values for _, values in pieces])
+
     shape = (700, 3)
-    whole = random_init._rows("w", shape, range(0, 700), std=0.02)
+    whole = drawn("w", range(0, 700))
+    assert whole.shape == shape
     for rows in (range(0, 350), range(350, 700), range(255, 257), range(699, 700)):
-        assert torch.equal(random_init._rows("w", shape, rows, std=0.02), whole[rows.start:rows.stop])
+        assert torch.equal(drawn("w", rows), whole[rows.start:rows.stop])
     assert whole.std().item() == pytest.approx(0.02, rel=0.05)
-    assert not torch.equal(random_init._rows("v", shape, range(0, 700), 0.02), whole)
+    assert not torch.equal(drawn("v", range(0, 700)), whole)
 
 
 def test_random_presets_follow_the_initialisation_rule():

@@ -127,21 +127,20 @@ def _load_sharded(spec: str, cache: Path, torch_dtype, target: torch.device, rev
     rank builds the model on the meta device, shards it and receives its rows from rank 0, so no
     device holds the whole model and the files are read once, not once per process. A load
     error on rank 0 is every rank's (exit 2 everywhere, nobody left waiting)."""
-    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    whole, shared = None, [None]
+    whole, loaded = None, None
     if shards.is_main:
         try:
             whole, tokenizer, source = _load_checkpoint(spec, cache, torch_dtype, None, revision,
                                                         trust_remote_code)
-            shared = [(whole.config, tokenizer, source)]
+            loaded = (whole.config, tokenizer, source)
         except UserError as error:
-            shared = [error]
-    dist.broadcast_object_list(shared, src=0)
-    if isinstance(shared[0], UserError):
-        raise shared[0]
-    config, tokenizer, source = shared[0]
+            loaded = error
+    loaded = shards.main_value(loaded)
+    if isinstance(loaded, UserError):
+        raise loaded
+    config, tokenizer, source = loaded
     model = _skeleton(config, torch_dtype, target, shards, trust_remote_code)
     set_model_state_dict(model, whole.state_dict() if whole is not None else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

@@ -50,13 +50,6 @@ def _std(name: str, param, config) -> float | None:
     return std
 
 
-def _rows(name: str, shape, rows: range, std: float,
-          device: torch.device = torch.device("cpu")) -> torch.Tensor:
-    """Rows ``rows`` of the tensor ``name``, float32 on ``device``."""
-    pieces = [drawn for _, drawn in _row_pieces(name, shape, rows, std, device)]
-    return torch.cat(pieces).view(len(rows), *shape[1:])
-
-
 def _row_pieces(name: str, shape, rows: range, std: float, device: torch.device):
     """(first row, float32 values) for each stream's part of ``rows``, one stream at a time."""
     row_numel = math.prod(shape[1:])
