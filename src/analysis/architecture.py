@@ -34,7 +34,7 @@ from src.models.properties import attention_heads
 from src.options import Settings, option
 from src.sensitivity.eligibility import unscored_reason
 from src.sensitivity.rank import Selection, selection_size
-from src.sensitivity.sharding import local_rows
+from src.sensitivity.sharding import local_rows, reduced
 from src.sensitivity.statistics import to_host
 from src.utils.format import sig
 
@@ -98,12 +98,9 @@ def all_slices(scores, metas, selection: Selection, model, layout=None) -> tuple
                 f"layout of model type '{model_type}' unknown: kept as attn_qkv"
         slices += tensor_slices(name, score, meta, selection.get(name), parts,
                                 local_rows(params[name]))
-    masses = [s.mass for s in slices]
-    if layout is not None:  # each rank's part of every mass, added up
-        summed = torch.stack([m.to(layout.group.device, torch.float64) for m in masses])
-        layout.group.all_reduce_sum_([summed])
-        masses = list(summed)
-    for s, mass in zip(slices, to_host(masses)):
+    masses = [s.mass for s in slices]  # each rank's part of every mass under --shard
+    masses = to_host(masses) if layout is None else reduced(layout.group, masses).tolist()
+    for s, mass in zip(slices, masses):
         s.mass = mass
     return slices, fused
 

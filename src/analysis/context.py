@@ -21,6 +21,7 @@ from src.models.components import ParamMeta
 from src.sensitivity.perturb import PerturbOptions
 from src.sensitivity.rank import Selection, max_k, random_k, selection_size, top_k
 from src.sensitivity.scoring import Scores, ScoringJob
+from src.sensitivity.sharding import reduced
 from src.sensitivity.statistics import per_tensor
 
 SPEARMAN_SAMPLE = 100_000  # weights in the fixed random sample behind every Spearman correlation
@@ -115,11 +116,8 @@ def abs_sums(scores: Scores, layout=None) -> dict[str, float]:
     """Sum of |score| per tensor; under --shard (``layout``) the whole tensor's, over the ranks."""
     if layout is None:
         return per_tensor(scores, lambda s: s.detach().float().abs().sum())
-    names = list(scores)
-    sums = torch.stack([scores[n].detach().float().abs().sum().to(layout.group.device,
-                                                                  torch.float64) for n in names])
-    layout.group.all_reduce_sum_([sums])
-    return dict(zip(names, sums.cpu().tolist()))
+    sums = reduced(layout.group, [s.detach().float().abs().sum() for s in scores.values()])
+    return dict(zip(scores, sums.tolist()))
 
 
 def _layer_order(key: str):

@@ -83,6 +83,15 @@ def my_share(n_batches: int, shards: ShardGroup | None) -> list[int | None]:
     return list(range(n_batches)) if shards is None else shards.my_batches(n_batches)
 
 
+def reduced(group: ShardGroup, parts: list[torch.Tensor], op: str = "sum") -> torch.Tensor:
+    """Each part (a 0-d or 1-d device tensor, one per tensor: this rank's share of a sum or a
+    maximum) summed (or maxed) over the ranks, as one float64 CPU tensor [n_parts, ...]: one
+    collective and one host transfer for all of them."""
+    stacked = torch.stack([part.to(group.device, torch.float64) for part in parts])
+    (group.all_reduce_max_ if op == "max" else group.all_reduce_sum_)([stacked])
+    return stacked.cpu()
+
+
 def gathered(per_batch: dict, shards: ShardGroup | None) -> dict:
     """{batch index: result} of every process (picklable CPU results), the same on every rank."""
     if shards is None:

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from src.sensitivity.sharding import reduced
+
 QUANTILE_SAMPLE = 1 << 15
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99, "p99_9": 0.999}
 TOP_SHARES = {"top_share_0.01pct": 1e-4, "top_share_1pct": 1e-2}
@@ -84,9 +86,9 @@ def _sharded_statistics(tensors, layout, absolute: bool, seed: int, tail: bool) 
     group, names = layout.group, list(tensors)
     held = [_flat(tensors[name], absolute) for name in names]
     n = torch.tensor([float(layout.numel[name]) for name in names], dtype=torch.float64)
-    mean = _reduced(group, [v.sum() for v in held]) / n
-    second = _reduced(group, [(v - float(m)).square().sum() for v, m in zip(held, mean)])
-    extremes = _reduced(group, [_max_and_negated_min(v) for v in held], op="max")
+    mean = reduced(group, [v.sum() for v in held]) / n
+    second = reduced(group, [(v - float(m)).square().sum() for v, m in zip(held, mean)])
+    extremes = reduced(group, [_max_and_negated_min(v) for v in held], op="max")
     std = torch.where(n > 1, (second / (n - 1).clamp(min=1)).sqrt(), torch.zeros_like(n))
     columns = {"mean": mean, "std": std, "min": -extremes[:, 1], "max": extremes[:, 0]}
     if tail:
@@ -94,7 +96,7 @@ def _sharded_statistics(tensors, layout, absolute: bool, seed: int, tail: bool) 
         for key, fraction in TOP_SHARES.items():
             counts = [max(1, math.ceil(fraction * layout.numel[name])) for name in names]
             columns[key] = _top_sums(held, counts, group) / total
-        fourth = _reduced(group, [(v - float(m)).square().square().sum()
+        fourth = reduced(group, [(v - float(m)).square().square().sum()
                                   for v, m in zip(held, mean)])
         columns["kurtosis"] = (fourth / n) / (second / n).square()
     generator = torch.Generator().manual_seed(seed)
@@ -119,14 +121,6 @@ def _max_and_negated_min(values: torch.Tensor) -> torch.Tensor:
     return torch.stack([high, -low])
 
 
-def _reduced(group, parts: list[torch.Tensor], op: str = "sum") -> torch.Tensor:
-    """Each part (a 0-d or 1-d device tensor per tensor) summed (or maxed) over the ranks, as
-    one float64 CPU tensor [n_parts, ...]: one collective and one host transfer."""
-    stacked = torch.stack([part.to(group.device, torch.float64) for part in parts])
-    (group.all_reduce_max_ if op == "max" else group.all_reduce_sum_)([stacked])
-    return stacked.cpu()
-
-
 def _top_sums(held: list[torch.Tensor], counts: list[int], group) -> torch.Tensor:
     """Sum of the ``counts[i]`` largest values of each whole (non-negative) tensor, exactly,
     without gathering them: the m-th largest value v is the largest float t with at least m
@@ -138,13 +132,13 @@ def _top_sums(held: list[torch.Tensor], counts: list[int], group) -> torch.Tenso
     high = torch.full((len(held),), 0x7F800001, dtype=torch.int64)  # above +inf: none
     while bool((high - low > 1).any()):
         middle = (low + high) // 2
-        at_or_above = _reduced(group, [(b >= int(c)).sum() for b, c in zip(bits, middle)])
+        at_or_above = reduced(group, [(b >= int(c)).sum() for b, c in zip(bits, middle)])
         enough = at_or_above >= wanted
         low, high = torch.where(enough, middle, low), torch.where(enough, high, middle)
     threshold = low.to(torch.int32).view(torch.float32).double()
     above = [v > float(t) for v, t in zip(held, threshold)]
-    sums = _reduced(group, [torch.where(a, v, 0.0).sum() for v, a in zip(held, above)])
-    n_above = _reduced(group, [a.sum() for a in above])
+    sums = reduced(group, [torch.where(a, v, 0.0).sum() for v, a in zip(held, above)])
+    n_above = reduced(group, [a.sum() for a in above])
     return sums + (wanted - n_above) * threshold
 
 

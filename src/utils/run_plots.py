@@ -15,6 +15,7 @@ import torch
 from matplotlib.colors import LogNorm
 
 from src.report.run_folder import InputAbsent, RunFolder
+from src.sensitivity.sharding import reduced
 from src.utils.format import count
 from src.utils.visualize import (SkipPlot, colours, draw_heatmap, grid, metric_label,
                                  ordered_components, plt, run_plot)
@@ -55,10 +56,8 @@ def summarize(scores: dict, layout=None) -> ScoreSummary:
     counts = torch.stack([_exponent_counts(scores[n]) for n in names])
     l1 = torch.stack([torch.linalg.vector_norm(scores[n].detach().float(), ord=1).double().cpu()
                       for n in names])
-    if layout is not None:
-        on_device = [counts.to(layout.group.device), l1.to(layout.group.device)]
-        layout.group.all_reduce_sum_(on_device)
-        counts, l1 = (t.cpu() for t in on_device)
+    if layout is not None:  # float64 counts are exact below 2**53
+        counts, l1 = reduced(layout.group, list(counts)).long(), reduced(layout.group, list(l1))
     numel = {n: layout.numel[n] if layout is not None else scores[n].numel() for n in names}
     return ScoreSummary(dict(zip(names, counts.numpy())), dict(zip(names, l1.tolist())), numel)
 

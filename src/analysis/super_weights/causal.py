@@ -13,7 +13,7 @@ from src.sensitivity.experiment import Condition
 from src.sensitivity.perturb import PerturbOptions
 from src.sensitivity.rank import Selection, random_k, top_k
 from src.sensitivity.scoring import stable_seed
-from src.sensitivity.sharding import local
+from src.sensitivity.sharding import local, reduced
 
 CONFIRM_MARGIN = 0.10     # ratio_alone must exceed the worst control ratio by this much
 
@@ -133,11 +133,9 @@ def metric_rank(scores: dict[str, torch.Tensor], name: str, flat_index: int,
         read = layout.values_at({name: (scores[name], torch.tensor([flat_index]))})[name][0]
         score = read.to(scores[name].dtype)
     key = score.abs()
-    above = torch.stack([(s.detach().abs() > key.to(s.device)).sum().to(
-        layout.group.device if layout else "cpu") for s in scores.values()])
-    if layout is not None:
-        layout.group.all_reduce_sum_([above])
-    above = above.cpu()
+    above = [(s.detach().abs() > key.to(s.device)).sum() for s in scores.values()]
+    above = torch.stack([a.cpu() for a in above]) if layout is None else \
+        reduced(layout.group, above).long()
     numel = {n: layout.numel[n] if layout else s.numel() for n, s in scores.items()}
     in_tensor = int(above[list(scores).index(name)])
     return {"score": float(score), "rank_in_tensor": in_tensor + 1,
