@@ -59,7 +59,59 @@ def test_runner_command_parses(guide, line, tmp_path, monkeypatch):
         if flag in FOLDER_FLAGS:
             (tmp_path / value).mkdir(parents=True, exist_ok=True)
     config = config_from_argv(argv)  # parsed and validated as the CLI does
-    assert config.out_dir
+    assert given_values(argv) == {name: config.value(name) for name in given_values(argv)}
+    named = dict(zip(argv, argv[1:])).get("--out-dir")
+    assert config.out_dir == named if named else DEFAULT_OUT_DIR.fullmatch(config.out_dir)
+
+
+DEFAULT_OUT_DIR = re.compile(r"results/[\w.-]+_[a-z_]+_k\d+_\d{8}_\d{6}")
+
+
+def given_values(argv: list[str]) -> dict:
+    """Setting name -> the value each flag of ``argv`` means on its own (its own parser; a
+    switch is True): what the parsed configuration must hold for every flag given."""
+    from src.analysis import registry
+    from src.config import RunConfig
+    from src.options import flag_of, options_of
+
+    by_flag = {flag_of(f): (f, meta) for cls in (RunConfig, *registry.settings_classes())
+               for f, meta in options_of(cls)}
+    values = {}
+    for position, arg in enumerate(argv):
+        if arg not in by_flag:
+            continue
+        field, meta = by_flag[arg]
+        values[field.name] = True if meta.parse is None else \
+            meta.parse(argv[position + 1], arg)
+    return values
+
+
+def readme_first_command() -> list[str]:
+    """The arguments of the README's first command (the quick start)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    line = next(line for line in text.splitlines() if RUNNER in line)
+    return _argv(line[line.index(RUNNER):], RUNNER)
+
+
+def test_readme_first_command_means_what_the_readme_says(tmp_path, monkeypatch):
+    """README: "scores every weight matrix with grad_x_weight, ranks the global top-10, zeroes
+    them and the same number of random-K (seeds 0, 1, 2) and bottom-K control weights" on the
+    built-in model, offline; "Results land in results/<model>_<metric>_k<K>_<time>/"."""
+    from src.models.builtin import BUILTIN_NAME
+
+    monkeypatch.chdir(tmp_path)
+    config = config_from_argv(readme_first_command())
+    assert (config.metric, config.topk, config.mode, config.perturb) == \
+        ("grad_x_weight", 10, "global", "zero")
+    assert config.model == BUILTIN_NAME and config.revision is None
+    assert config.controls == ("random_k", "bottom_k") and config.seeds == (0, 1, 2)
+    assert (config.layers, config.target_layers, config.target_components,
+            config.include_embeddings) == (None, None, (), False)  # every weight matrix
+    assert (config.data_file, config.dataset, config.scores_from) == (None, None, None)
+    assert not (config.overwrite or config.resume or config.stability_check or config.shard)
+    assert config.quantize is None and config.downstream_tasks == () == config.lm_eval_tasks
+    assert re.fullmatch(rf"results/{BUILTIN_NAME}_grad_x_weight_k10_\d{{8}}_\d{{6}}",
+                        config.out_dir)
 
 
 @pytest.mark.parametrize("guide, line", documented_lines(REPORT))
