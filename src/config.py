@@ -169,8 +169,10 @@ class RunConfig:
                                  group="perturbation", parse=number(0.0, 1.0),
                                  used_when=("--perturb bit_flip",
                                             lambda c: c.perturb == "bit_flip"))
-    seeds: tuple[int, ...] = option((0, 1, 2), "comma-separated seeds: random-K draws, noise, "
-                                    "stability subsets", group="perturbation", parse=int_list())
+    seeds: tuple[int, ...] = option((0, 1, 2), "comma-separated distinct seeds in [0, 2^32): "
+                                    "random-K draws, noise, stability subsets",
+                                    group="perturbation",
+                                    parse=int_list(0, 2**32 - 1, distinct=True))
     # compression
     quantize: int | None = option(
         None, "bits (2-8): round-to-nearest quantization of every scored weight, evaluated with "

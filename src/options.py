@@ -200,15 +200,24 @@ def choice(names, aliases: dict[str, str] | None = None) -> Parser:
     return parse
 
 
-def int_list(minimum: int | None = None) -> Parser:
-    """Comma-separated integers, at least one, each at least ``minimum``."""
-    one = integer(minimum)
+def int_list(minimum: int | None = None, maximum: int | None = None, *,
+             distinct: bool = False) -> Parser:
+    """Comma-separated integers, at least one, none empty, each in [``minimum``, ``maximum``];
+    with ``distinct``, none twice (a repeated seed would count one draw twice)."""
+    one = integer(minimum, maximum)
 
     def parse(value: str, flag: str) -> tuple[int, ...]:
-        parts = [p.strip() for p in value.split(",") if p.strip()]
-        if not parts:
+        parts = [p.strip() for p in value.split(",")]
+        if not any(parts):
             raise UserError(f"{flag} needs at least one integer, e.g. 0,1,2")
-        return tuple(one(p, flag) for p in parts)
+        if not all(parts):
+            raise UserError(f"{flag} '{value}' has an empty item; separate integers with single "
+                            f"commas, e.g. 0,1,2")
+        numbers = tuple(one(p, flag) for p in parts)
+        repeated = [n for position, n in enumerate(numbers) if n in numbers[:position]]
+        if distinct and repeated:
+            raise UserError(f"{flag} '{value}' names {repeated[0]} twice; give each once")
+        return numbers
     return parse
 
 

@@ -385,3 +385,26 @@ def test_bootstrap_interval_with_some_infinite_blocks():
     from src.utils.io import to_jsonable
 
     assert to_jsonable([low, high])[1] == "inf"
+
+
+# ----------------------------------------------------------------------------- issue 25
+
+@pytest.mark.parametrize("seeds, message", [
+    ("-1", "--seeds must be at least 0 (got -1)"),
+    ("99999999999", "--seeds must be at most 4294967295 (got 99999999999)"),
+    ("0,,1", "--seeds '0,,1' has an empty item"),
+    ("0,1,", "--seeds '0,1,' has an empty item"),
+    ("0,0,1", "--seeds '0,0,1' names 0 twice"),
+])
+def test_bad_seeds_exit_2_with_one_line(tmp_path, capsys, seeds, message):
+    code, err = run_main(capsys, *TINY, "--perturb", "zero", "--seeds", seeds,
+                         "--out-dir", tmp_path / "out")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_largest_seed_is_accepted(tmp_path):
+    from src.cli import config_from_argv
+
+    config = config_from_argv(["--seeds", "0,4294967295", "--out-dir", str(tmp_path / "o")])
+    assert config.seeds == (0, 4294967295)
