@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from src.errors import UserError
+from src.errors import UserError, first_line
 from src.sensitivity.sharding import shard_model
 from src.models.builtin import (BUILTIN_ALIASES, BUILTIN_NAME, builtin_tokenizer,
                                 default_cache_dir, ensure_cache)
@@ -203,7 +203,7 @@ def _load_local_folder(folder: Path, torch_dtype, device_map, trust_remote_code)
     try:
         return _load_pretrained(str(folder), torch_dtype, device_map, None, trust_remote_code)
     except (OSError, ValueError, KeyError) as error:
-        raise UserError(f"model folder '{folder}' could not be loaded: {_first_line(error)}") \
+        raise UserError(f"model folder '{folder}' could not be loaded: {first_line(error)}") \
             from None
 
 
@@ -222,13 +222,8 @@ def _load_gguf_file(path: Path, torch_dtype, device_map):
                                                      dtype=torch_dtype, device_map=device_map)
     except (struct.error, EOFError, OSError, ValueError, KeyError, IndexError) as error:
         raise UserError(f"GGUF file '{path}' could not be read (truncated or damaged?): "
-                        f"{_first_line(error)}") from None
+                        f"{first_line(error)}") from None
     return model, tokenizer
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
 def _load_from_hub(model_id, torch_dtype, device_map, revision, trust_remote_code):
@@ -296,7 +291,7 @@ def _build_random(preset_or_path: str, cache: Path, torch_dtype, target: torch.d
             if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     except (ValueError, TypeError, RuntimeError, ArithmeticError, AttributeError) as error:
         raise UserError(f"random:{preset_or_path}: this config does not build a causal LM "
-                        f"({type(error).__name__}: {_first_line(error)})") from None
+                        f"({type(error).__name__}: {first_line(error)})") from None
     return model, tokenizer
 
 
