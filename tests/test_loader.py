@@ -1,15 +1,19 @@
 """Model loading: built-in (cached), every random family, local folders, .gguf, errors."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from src.errors import UserError
 from src.models import builtin as builtin_model, loader
 from src.models.presets import PRESETS
-from tests.conftest import load
+from tests.conftest import load, run_cli
 
 
 def test_builtin_model_loads_with_its_tokenizer(builtin):
@@ -132,3 +136,113 @@ def test_device_and_dtype_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA GPU"):
             loader.resolve_device("cuda:0")
+
+
+# ----------------------------------------------------------------------------- broken model folders
+
+def save_tiny_model_folder(folder: Path) -> Path:
+    """A complete local model folder (config.json, model.safetensors, tokenizer) of the
+    random:tiny-llama preset: about 25 MB, where the built-in model's folder is 538 MB."""
+    tiny = load("random:tiny-llama")
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def truncate(weights: Path) -> Path:
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    return weights
+
+
+def as_pytorch_bin(folder: Path) -> Path:
+    """The folder's weights as pytorch_model.bin (torch.save), the safetensors file removed."""
+    safetensors_file = folder / "model.safetensors"
+    weights = folder / "pytorch_model.bin"
+    torch.save(load_file(safetensors_file), weights)
+    safetensors_file.unlink()
+    return weights
+
+
+def random_bytes_safetensors(folder: Path) -> Path:
+    weights = folder / "model.safetensors"
+    weights.write_bytes(os.urandom(100_000))
+    return weights
+
+
+def truncated_safetensors(folder: Path) -> Path:
+    return truncate(folder / "model.safetensors")
+
+
+def random_bytes_bin(folder: Path) -> Path:
+    weights = as_pytorch_bin(folder)
+    weights.write_bytes(os.urandom(100_000))
+    return weights
+
+
+def truncated_bin(folder: Path) -> Path:
+    return truncate(as_pytorch_bin(folder))
+
+
+def index_naming_a_missing_shard(folder: Path) -> Path:
+    """Two shards and their index, the second shard deleted: the index is what names it."""
+    single = folder / "model.safetensors"
+    tensors = load_file(single)
+    names = sorted(tensors)
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    save_file({name: tensors[name] for name in names[:len(names) // 2]}, folder / first,
+              metadata={"format": "pt"})
+    weight_map = {name: first if i < len(names) // 2 else second for i, name in enumerate(names)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    single.unlink()
+    return folder / second
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_folder(tmp_path_factory):
+    return save_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def model_folder(saved_tiny_folder, tmp_path):
+    """A fresh copy of the saved tiny model folder, for one test to break."""
+    return Path(shutil.copytree(saved_tiny_folder, tmp_path / "model"))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (random_bytes_safetensors, "corrupt or truncated"),
+    (truncated_safetensors, "corrupt or truncated"),
+    (random_bytes_bin, "torch.load"),
+    (truncated_bin, "torch.load"),
+    (index_naming_a_missing_shard, "model.safetensors.index.json' names shard"),
+])
+def test_broken_weights_file_is_named_in_one_line(model_folder, damage, reason):
+    bad_file = damage(model_folder)
+    with pytest.raises(UserError) as caught:
+        load(str(model_folder))
+    message = str(caught.value)
+    assert f"'{bad_file}'" in message and reason in message, message
+    assert "\n" not in message
+
+
+def test_weights_that_do_not_fit_the_config_name_the_parameter_and_both_shapes(model_folder):
+    config_file = model_folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["intermediate_size"] = 96  # the weights were saved with 128
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(UserError) as caught:
+        load(str(model_folder))
+    message = str(caught.value)
+    assert "model.layers.0.mlp.down_proj.weight" in message, message
+    assert "(64, 128)" in message and "(64, 96)" in message and "\n" not in message
+
+
+@pytest.mark.slow
+def test_broken_weights_file_exits_2_with_one_line_and_no_output(model_folder, tmp_path):
+    bad_file = random_bytes_safetensors(model_folder)
+    out = tmp_path / "out"
+    proc = run_cli("--model", model_folder, "--device", "cpu", "--max-length", "32",
+                   "--max-samples", "4", "--out-dir", out)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and f"'{bad_file}'" in lines[0]
+    assert not out.exists()
