@@ -426,3 +426,17 @@ def test_sharded_benchmark_reports_every_figure(tmp_path):
     text = json.dumps(figures)
     for figure in ("forward_backward", "score_grad_x_weight", "score_act_mag", "evaluate"):
         assert figure in text
+        assert figure in text
+
+
+@pytest.mark.slow
+def test_sharded_load_of_a_corrupt_weights_file_stops_every_rank_with_its_line(tmp_path):
+    from tests.test_loader import random_bytes_safetensors, save_tiny_model_folder
+
+    folder = save_tiny_model_folder(tmp_path / "model")
+    bad_file = random_bytes_safetensors(folder)
+    proc = torchrun(*RUN, "--model", folder, "--shard", "--out-dir", tmp_path / "run")
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"weights file '{bad_file}' is corrupt or truncated") == 2
+    assert not re.search(r'File ".*/src/', proc.stderr)
+    assert not (tmp_path / "run").exists()
