@@ -408,3 +408,13 @@ def test_the_largest_seed_is_accepted(tmp_path):
 
     config = config_from_argv(["--seeds", "0,4294967295", "--out-dir", str(tmp_path / "o")])
     assert config.seeds == (0, 4294967295)
+
+
+def test_an_out_dir_that_is_a_dangling_symlink_exits_2(tmp_path, capsys):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    for out_dir in (link, link / "run"):
+        code, err = run_main(capsys, *TINY, "--out-dir", out_dir)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "is a symbolic link to" in err and "which does not exist" in err
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()

@@ -26,7 +26,7 @@ LOCK_NAME = ".cwa.lock"
 RUN_FILES = ("config.json", "experiment_manifest.json", "sensitivity_stats.json",
              "top_weights.csv", "perturbation_results.json", "stability_results.json",
              "downstream_results.json", "enhanced_analysis.json", "scores.safetensors",
-             "quantization_results.json")
+             "quantization_results.json", "perturbation_blocks.csv", "quantization_blocks.csv")
 MANIFEST = "experiment_manifest.json"
 
 
@@ -37,6 +37,8 @@ def location_problem(path: str) -> str | None:
         return f"'{path}' exists and is a file; choose a folder"
     existing = folder
     while not existing.exists():
+        if existing.is_symlink():
+            return _dangling_link_problem(path, existing, under=existing != folder)
         existing = existing.parent
     if not existing.is_dir():
         return f"'{path}' lies under '{existing}', which is a file, not a folder"
@@ -47,6 +49,12 @@ def location_problem(path: str) -> str | None:
     except OSError as error:
         return f"'{path}' cannot be written ({error.strerror or error}: '{existing}')"
     return None
+
+
+def _dangling_link_problem(path: str, link: Path, under: bool) -> str:
+    where = f"lies under '{link}', which " if under else ""
+    return (f"'{path}' {where}is a symbolic link to '{os.readlink(link)}', which does not exist "
+            f"(or loops); create its target or choose another folder")
 
 
 def folder_problem(path: str, *, replace: bool = False, resume: bool = False) -> str | None:
