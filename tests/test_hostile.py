@@ -418,3 +418,29 @@ def test_an_out_dir_that_is_a_dangling_symlink_exits_2(tmp_path, capsys):
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert "is a symbolic link to" in err and "which does not exist" in err
     assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_report_output_under_a_file_exits_2(tmp_path, perturbed_run):
+    (tmp_path / "somefile").write_text("mine")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate_research_report.py"),
+                           "--input-dirs", str(perturbed_run.parent), "--output",
+                           str(tmp_path / "somefile" / "report")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "--output" in done.stderr and "somefile' exists and is a file" in done.stderr
+    assert (tmp_path / "somefile").read_text() == "mine"
+
+
+@pytest.mark.parametrize("in_the_way, message", [
+    (lambda d: (d / "report_figures").write_text("mine"),
+     "(the figures' folder) exists and is a file"),
+    (lambda d: (d / "report.md").mkdir(), "report.md' exists and is a folder"),
+])
+def test_report_files_in_the_way_exit_2(tmp_path, capsys, perturbed_run, in_the_way, message):
+    from src.report.build import main as report_main
+
+    in_the_way(tmp_path)
+    code = report_main(["--input-dirs", str(perturbed_run.parent), "--output",
+                        str(tmp_path / "report")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err

@@ -21,6 +21,7 @@ from src.report.findings import jaccard_of, mean_sd_text, run_findings
 from src.report.run_folder import RunFolder, read_runs
 from src.utils.format import ppl, sig
 from src.utils.io import write_text
+from src.utils.output import location_problem
 
 REPORT_FORMATS = ("md", "html")
 
@@ -130,11 +131,29 @@ def report_formats(text: str) -> list[str]:
     return formats
 
 
+def output_problem(prefix: Path, formats: list[str]) -> str | None:
+    """Why the report cannot be written at ``prefix`` (None when it can): its folder cannot be
+    made or written, or a report file or the figures folder is in the way as the wrong kind."""
+    problem = location_problem(str(prefix.parent))
+    if problem:
+        return f"the report's folder {problem}"
+    figures = prefix.parent / f"{prefix.name}_figures"
+    if figures.exists() and not figures.is_dir():
+        return f"'{figures}' (the figures' folder) exists and is a file"
+    for path in (prefix.parent / f"{prefix.name}.{fmt_name}" for fmt_name in formats):
+        if path.is_dir():
+            return f"'{path}' exists and is a folder"
+    return None
+
+
 def generate(args: argparse.Namespace) -> list[Path]:
     formats = report_formats(args.format)
     for root in args.input_dirs:
         if not root.is_dir():
             raise UserError(f"--input-dirs '{root}' is not a folder")
+    problem = output_problem(args.output, formats)
+    if problem:
+        raise UserError(f"--output '{args.output}': {problem}")
     runs, skipped = read_runs(args.input_dirs)
     for label, reason in skipped:
         print(f"[report] {label}: {reason}", file=sys.stderr)
