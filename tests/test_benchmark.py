@@ -1,12 +1,15 @@
-"""scripts/benchmark.py on a tiny preset: every figure is in the JSON, ratios are consistent."""
+"""scripts/benchmark.py on a tiny preset: every figure is in the JSON with the spread of its
+repeats, and ratios are consistent."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
 import pytest
 
+from src.bench.measure import repeat_summary
 from src.sensitivity.metrics import METRICS
 from tests.conftest import ROOT
 
@@ -22,7 +25,8 @@ def run_benchmark(*args) -> subprocess.CompletedProcess:
 def report(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "bench.json"
     proc = run_benchmark("--model", "random:tiny-llama", "--batch-size", "2", "--max-length", "16",
-                         "--steps", "1", "--topk", "5", "--device", "cpu", "--json", path)
+                         "--steps", "1", "--repeats", "2", "--topk", "5", "--device", "cpu",
+                         "--json", path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(path.read_text()), proc.stdout
 
@@ -36,8 +40,15 @@ def test_every_figure_is_reported(report):
     for name, figure in data["figures"].items():
         assert "error" not in figure, name
         assert figure["seconds"] > 0 and figure["peak_memory_bytes"] > 0, name
+        repeats = figure["seconds_repeats"]
+        assert len(repeats) == 2, name
+        assert figure["seconds"] == pytest.approx(statistics.median(repeats))
+        assert (figure["seconds_min"], figure["seconds_max"]) == (min(repeats), max(repeats))
+        spread = (max(repeats) - min(repeats)) / figure["seconds"]
+        assert figure["spread"] == pytest.approx(spread)
         assert name in stdout  # the printed table has a row per figure
     assert data["tokens_per_figure"] == 2 * 1 * 16
+    assert any(line.startswith("figure") and "spread" in line for line in stdout.splitlines())
     assert data["peak_memory_bytes"] == max(f["peak_memory_bytes"] for f in data["figures"].values())
 
 
@@ -63,3 +74,10 @@ def test_bad_model_is_a_one_line_error():
     proc = run_benchmark("--model", "random:no-such-preset", "--steps", "1")
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_repeat_summary_is_the_median_and_the_spread_of_the_repeats():
+    summary = repeat_summary([3.0, 1.0, 2.0])
+    assert summary == {"seconds": 2.0, "seconds_min": 1.0, "seconds_max": 3.0, "spread": 1.0,
+                       "seconds_repeats": [3.0, 1.0, 2.0]}
+    assert repeat_summary([0.5])["spread"] == 0.0

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """scripts/benchmark.py: throughput of the tool's hot paths against the same model's bare ceilings, in one process.
 
-Figures (each timed after one warm-up call, the fastest of ``--repeats`` timed calls, with
-``torch.cuda.synchronize`` around every timing):
+Figures (each timed after one untimed warm-up call, then ``--repeats`` timed calls with
+``torch.cuda.synchronize`` around each; a figure's ``seconds`` is their median, ``spread``
+(slowest - fastest) / median, ``seconds_min`` / ``seconds_max`` / ``seconds_repeats`` the rest):
 
 * ``forward``           bare ``model(input_ids, attention_mask)`` under inference mode: the ceiling
                         for evaluation and ``act_mag``.

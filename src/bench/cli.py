@@ -38,9 +38,9 @@ def parse_args(argv=None):
     parser.add_argument("--metrics", default=",".join(METRICS),
                         help="comma-separated metrics to time")
     parser.add_argument("--topk", type=int, default=500, help="K for top-K and perturb+restore")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="time each figure this many times and keep the fastest (for shared, "
-                             "noisy machines)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed repeats of each figure's --steps batches: a figure reports "
+                             "their median and spread (slowest - fastest) / median")
     parser.add_argument("--quant-bits", type=int, default=4,
                         help="bits of the round-to-nearest quantization figure")
     parser.add_argument("--rank-metric", default="grad_x_weight",
@@ -108,6 +108,7 @@ def run(args) -> dict:
         "world_size": shards.world_size if shards else 1,
         "model": info, "batch_size": args.batch_size, "max_length": args.max_length,
         "steps": args.steps, "warmup_batches": 1, "repeats": args.repeats, "clock": args.clock,
+        "time_statistic": "median of repeats", "spread": "(slowest - fastest) / median",
         "topk": args.topk,
         "tokens_per_figure": bench.tokens, "n_scored_weights": sum(p.numel() for p in params.values()),
         "device": (torch.cuda.get_device_name(0) if use_cuda else platform.processor() or "cpu"),
@@ -134,7 +135,8 @@ def main(argv=None) -> int:
     if report["world_size"] > 1 and int(os.environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports
     print(f"\n{report['model']['spec']}  batch {args.batch_size} x {args.max_length}, "
-          f"{args.steps} timed batches (best of {args.repeats}, {args.clock} clock), "
+          f"{args.steps} timed batches (median of {args.repeats} repeats, {args.clock} clock; "
+          f"spread = (slowest - fastest) / median), "
           f"{report['model']['dtype']} on {report['device']}, {report['threads']} threads")
     print(table(report["figures"]))
     if report["world_size"] > 1:

@@ -6,7 +6,7 @@ import gc
 
 import torch
 
-from src.bench.measure import PeakMemory, random_blocks, timed
+from src.bench.measure import PeakMemory, random_blocks, repeat_summary, timed
 from src.eval.perplexity import evaluate
 from src.models.components import describe_parameters
 from src.models.properties import input_device
@@ -23,7 +23,8 @@ FORWARD_ONLY_METRICS = {"act_mag"}
 
 class Bench:
     """``shards`` (sharding.ShardGroup, benchmark --shard): every rank times ``--steps`` batches
-    of its own; a figure's seconds are the slowest rank's and its tokens all ranks' tokens."""
+    of its own; each repeat's seconds are the slowest rank's and a figure's tokens all ranks'
+    tokens."""
 
     def __init__(self, model, params, args, memory: PeakMemory, shards=None):
         self.model, self.params, self.args, self.memory = model, params, args, memory
@@ -44,8 +45,8 @@ class Bench:
         self.memory.reset()
         try:
             seconds = timed(fn, warm_data, data, self.args.repeats, self.args.clock)
-            if self.shards is not None:  # the figure takes as long as its slowest rank
-                seconds = max(self.shards.all_gather_objects(seconds))
+            if self.shards is not None:  # each repeat takes as long as its slowest rank
+                seconds = [max(ranks) for ranks in zip(*self.shards.all_gather_objects(seconds))]
         except torch.cuda.OutOfMemoryError as error:
             figure = {"error": f"out of memory: {str(error).splitlines()[0][:160]}",
                       "peak_memory_bytes": self.memory.peak_bytes(), "note": note}
@@ -54,8 +55,9 @@ class Bench:
             torch.cuda.empty_cache()
             print(f"[bench] {name}: OUT OF MEMORY", flush=True)
             return figure
-        figure = {"seconds": seconds, "tokens": tokens,
-                  "tokens_per_s": tokens / seconds if tokens else None,
+        timing = repeat_summary(seconds)
+        figure = {**timing, "tokens": tokens,
+                  "tokens_per_s": tokens / timing["seconds"] if tokens else None,
                   "ceiling": ceiling, "ratio": None, "cost_x_ceiling": None,
                   "peak_memory_bytes": self.memory.peak_bytes(), "note": note}
         base = self.figures.get(ceiling or "", {}).get("tokens_per_s")
@@ -64,7 +66,7 @@ class Bench:
             figure["cost_x_ceiling"] = base / figure["tokens_per_s"]
         self.figures[name] = figure
         if self.main:
-            print(f"[bench] {name}: {seconds:.4f} s" +
+            print(f"[bench] {name}: {figure['seconds']:.4f} s (spread {figure['spread']:.1%})" +
                   (f", {figure['tokens_per_s']:.1f} tok/s" if tokens else "") +
                   (f", ratio {figure['ratio']:.3f} vs {ceiling}" if figure["ratio"] else ""),
                   flush=True)

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import gc
-import math
 import resource
+import statistics
 import sys
 import time
 
@@ -57,21 +57,28 @@ class PeakMemory:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def timed(fn, warm_data, data, repeats: int = 1, clock: str = "wall") -> float:
-    """Seconds of ``fn(data)`` after one untimed warm-up call ``fn(warm_data)``: the fastest of
-    ``repeats`` calls (the least disturbed by other processes on a shared machine). ``clock``:
-    wall time, or this process's CPU time (user + system: what a CPU run costs, unaffected by
-    other processes waiting for the same cores)."""
+def timed(fn, warm_data, data, repeats: int = 1, clock: str = "wall") -> list[float]:
+    """Seconds of each of ``repeats`` calls ``fn(data)``, after one untimed warm-up call
+    ``fn(warm_data)``. ``clock``: wall time, or this process's CPU time (user + system: what a
+    CPU run costs, unaffected by other processes waiting for the same cores)."""
     now = CLOCKS[clock]
     fn(warm_data)
-    best = math.inf
+    seconds = []
     for _ in range(repeats):
         synchronize()
         start = now()
         fn(data)
         synchronize()
-        best = min(best, now() - start)
-    return best
+        seconds.append(now() - start)
+    return seconds
+
+
+def repeat_summary(seconds: list[float]) -> dict:
+    """A figure's time: the median of its timed repeats, their range, and ``spread`` =
+    (slowest - fastest) / median (0 for a single repeat)."""
+    middle = statistics.median(seconds)
+    return {"seconds": middle, "seconds_min": min(seconds), "seconds_max": max(seconds),
+            "spread": (max(seconds) - min(seconds)) / middle, "seconds_repeats": list(seconds)}
 
 
 def random_blocks(n_blocks: int, length: int, vocab_size: int, seed: int) -> TokenBlocks:
@@ -81,7 +88,8 @@ def random_blocks(n_blocks: int, length: int, vocab_size: int, seed: int) -> Tok
 
 
 def table(figures: dict) -> str:
-    lines = [f"{'figure':<24}{'seconds':>11}{'tokens/s':>13}{'ratio':>8}  {'vs':<17}{'peak MiB':>10}"]
+    lines = [f"{'figure':<24}{'seconds':>11}{'spread':>8}{'tokens/s':>13}{'ratio':>8}  "
+             f"{'vs':<17}{'peak MiB':>10}"]
     for name, f in figures.items():
         peak = f"{f['peak_memory_bytes'] / 2**20:.0f}" if f.get("peak_memory_bytes") else "-"
         if "error" in f:
@@ -89,6 +97,6 @@ def table(figures: dict) -> str:
             continue
         tps = f"{f['tokens_per_s']:.1f}" if f["tokens_per_s"] else "-"
         ratio = f"{f['ratio']:.3f}" if f["ratio"] is not None else "-"
-        lines.append(f"{name:<24}{f['seconds']:>11.4f}{tps:>13}{ratio:>8}  "
+        lines.append(f"{name:<24}{f['seconds']:>11.4f}{f['spread']:>8.1%}{tps:>13}{ratio:>8}  "
                      f"{f['ceiling'] or '':<17}{peak:>10}")
     return "\n".join(lines)
