@@ -1,5 +1,6 @@
 """scripts/benchmark.py on a tiny preset: every figure is in the JSON with the spread of its
-repeats, and ratios are consistent."""
+repeats, ratios are consistent, and the bare forward+backward differentiates only the scored
+weights into gradient buffers kept across steps."""
 from __future__ import annotations
 
 import json
@@ -8,10 +9,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from src.bench.measure import repeat_summary
+from src.bench.reference import gradient_step, scored_gradients_kept
+from src.sensitivity.eligibility import eligible_parameters
 from src.sensitivity.metrics import METRICS
-from tests.conftest import ROOT
+from src.sensitivity.scoring import gradients_only_on, loss_sum
+from tests.conftest import ROOT, load
 
 SCRIPT = ROOT / "scripts" / "benchmark.py"
 
@@ -81,3 +86,28 @@ def test_repeat_summary_is_the_median_and_the_spread_of_the_repeats():
     assert summary == {"seconds": 2.0, "seconds_min": 1.0, "seconds_max": 3.0, "spread": 1.0,
                        "seconds_repeats": [3.0, 1.0, 2.0]}
     assert repeat_summary([0.5])["spread"] == 0.0
+
+
+def test_reference_step_differentiates_only_the_scored_weights_into_kept_buffers():
+    torch.manual_seed(0)
+    model = load("random:tiny-gpt2").model  # tied wte = lm_head: embeddings and head unscored
+    scored = eligible_parameters(model)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (2, 16),
+                        generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with gradients_only_on(model, scored):
+        expected = dict(zip(scored, torch.autograd.grad(loss_sum(model, ids, mask),
+                                                        list(scored.values()))))
+    with scored_gradients_kept(model, scored):
+        buffers = {name: p.grad.data_ptr() for name, p in scored.items()}
+        for _ in range(2):  # the same batch twice: the buffers are zeroed, not accumulated into
+            gradient_step(model, scored, ids, mask)
+        for name, p in model.named_parameters():
+            if name in scored:
+                assert p.grad.data_ptr() == buffers[name], name
+                torch.testing.assert_close(p.grad, expected[name])
+            else:
+                assert p.grad is None and not p.requires_grad, name
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())

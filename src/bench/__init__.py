@@ -7,9 +7,11 @@ Figures (each timed after one untimed warm-up call, then ``--repeats`` timed cal
 
 * ``forward``           bare ``model(input_ids, attention_mask)`` under inference mode: the ceiling
                         for evaluation and ``act_mag``.
-* ``forward_backward``  bare training step: every parameter requires grad, the model's own loss
-                        (``labels=input_ids``), backward, gradients dropped: the ceiling for the
-                        gradient metrics and Hutchinson.
+* ``forward_backward``  bare forward+backward, the work no gradient metric avoids: the
+                        calibration loss (``loss_sum``, the metrics' own), gradients of exactly
+                        the scored weights (requires_grad off elsewhere) into ``.grad`` buffers
+                        allocated once and zeroed in place each step (src/bench/reference.py):
+                        the ceiling for the gradient metrics and Hutchinson.
 * ``score_<metric>``    ``compute_scores`` for every metric in ``METRICS`` on the same blocks
                         (``hutchinson_diag`` with one probe per batch: its ratio is the cost of one
                         probe, first-order graph included, per token, relative to one fwd+bwd).

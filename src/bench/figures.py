@@ -7,6 +7,7 @@ import gc
 import torch
 
 from src.bench.measure import PeakMemory, random_blocks, repeat_summary, timed
+from src.bench.reference import gradient_step, scored_gradients_kept
 from src.eval.perplexity import evaluate
 from src.models.components import describe_parameters
 from src.models.properties import input_device
@@ -92,20 +93,15 @@ class Bench:
 
     def forward_backward(self):
         batches, warm = self.batches(self.blocks), self.batches(self.warm_blocks)
-        saved = {n: p.requires_grad for n, p in self.model.named_parameters()}
-        for p in self.model.parameters():
-            p.requires_grad_(True)
 
         def run(items):
             for ids, mask in items:
-                self.model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
-                self.model.zero_grad(set_to_none=True)
-        try:
+                gradient_step(self.model, self.params, ids, mask)
+
+        with scored_gradients_kept(self.model, self.params):
             self._measure("forward_backward", run, batches, warm, ceiling=None,
-                          note="bare training step: all parameters, model's own loss")
-        finally:
-            for n, p in self.model.named_parameters():
-                p.requires_grad_(saved[n])
+                          note="bare forward+backward: calibration loss, gradients of the scored "
+                               "weights only, into buffers kept across steps")
 
     def _measure(self, name, run, batches, warm, ceiling, note):
         self.record(name, run, warm, batches, tokens=self.tokens, ceiling=ceiling, note=note)
