@@ -1,5 +1,6 @@
-"""Command line -> RunConfig -> pipeline.run. Exit codes: 0 ok, 2 bad input, 130 Ctrl-C,
-143 SIGTERM, 129 SIGHUP.
+"""Command line -> RunConfig -> pipeline.run. Exit codes: 0 ok, 1 a bug (with its traceback),
+2 bad input, 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP. Everything printed is redacted
+(src/utils/secrets.py).
 
 The parser is built from the fields of RunConfig and of every analysis' settings (each field is
 its own flag, src/options.py); this module only parses and turns errors into exit codes. The
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from src.errors import UserError
 from src.options import flag_of, options_of, shown_default
-from src.utils import output, signals
+from src.utils import output, secrets, signals
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,7 +83,7 @@ def config_from_argv(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    with signals.as_exceptions():
+    with secrets.redacted_console(), signals.as_exceptions():
         try:
             if "-h" not in args and "--help" not in args:
                 check_output_first(args)
@@ -100,4 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{stop}: weights were restored; outputs written so far are intact",
                   file=sys.stderr)
             return stop.exit_code
+        except Exception:  # a bug: its traceback, printed (redacted) as Python would, exit 1
+            traceback.print_exc()
+            return 1
     return 0

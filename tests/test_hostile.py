@@ -410,6 +410,35 @@ def test_the_largest_seed_is_accepted(tmp_path):
     assert config.seeds == (0, 4294967295)
 
 
+PASSWORD_URL = f"https://bob:{PASSWORD}@data.example/corpus"
+
+
+@pytest.mark.parametrize("args", [["--dataset", PASSWORD_URL], ["--model", PASSWORD_URL]])
+def test_a_password_in_a_url_is_not_echoed(tmp_path, monkeypatch, args):
+    done = subprocess.run([sys.executable, str(RUNNER), *args, "--out-dir", str(tmp_path / "o")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert PASSWORD not in done.stderr + done.stdout
+    assert "bob:<redacted>@data.example" in done.stderr
+
+
+def test_a_bug_s_traceback_is_printed_redacted(tmp_path, capsys, monkeypatch):
+    def crash(argv):
+        raise RuntimeError(f"could not open {PASSWORD_URL}")
+
+    monkeypatch.setattr("src.cli.config_from_argv", crash)
+    code, err = run_main(capsys, "--out-dir", tmp_path / "o")
+    assert code == 1 and "Traceback" in err and "RuntimeError: could not open" in err
+    assert PASSWORD not in err and "bob:<redacted>@" in err
+
+
+def test_the_default_out_dir_holds_no_password():
+    from src.utils.output import default_out_dir
+
+    assert PASSWORD not in default_out_dir(PASSWORD_URL, "magnitude", 3)
+
+
 def test_an_out_dir_that_is_a_dangling_symlink_exits_2(tmp_path, capsys):
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "nowhere")

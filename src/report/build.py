@@ -22,6 +22,7 @@ from src.report.run_folder import RunFolder, read_runs
 from src.utils.format import ppl, sig
 from src.utils.io import write_text
 from src.utils.output import location_problem
+from src.utils.secrets import redacted_console
 
 REPORT_FORMATS = ("md", "html")
 
@@ -177,11 +178,11 @@ def generate(args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        generate(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    with redacted_console():
+        try:
+            generate(parse_args(argv))
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     return 0
 

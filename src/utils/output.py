@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from src.errors import UserError
+from src.utils.secrets import redact
 
 LOCK_NAME = ".cwa.lock"
 RUN_FILES = ("config.json", "experiment_manifest.json", "sensitivity_stats.json",
@@ -209,7 +210,8 @@ def _remove_if_empty(folder: Path, created: bool) -> None:
 
 
 def default_out_dir(model: str, metric: str, topk: int) -> str:
-    """results/<model>_<metric>_k<K>_<time>: a new folder per run."""
-    safe_model = re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-") or "model"
+    """results/<model>_<metric>_k<K>_<time>: a new folder per run (no password of a model URL
+    in its name)."""
+    safe_model = re.sub(r"[^A-Za-z0-9_.-]+", "-", redact(model)).strip("-") or "model"
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
     return str(Path("results") / f"{safe_model}_{metric}_k{topk}_{stamp}")

@@ -5,14 +5,18 @@
 Slack ``xox?-...``), the password of a URL with ``user:password@``, and the value after a
 secret-looking flag or assignment (``--token X`` in a command line, ``--api-key=X``,
 ``PASSWORD=X``, ``token: X``). Every string
-the writers in src/utils/io.py write goes through it. ``reproducible_environment()`` keeps only
-the environment variables that matter for reproducing a run (an allowlist), their values
-redacted the same way.
+the writers in src/utils/io.py write goes through it, and so does every line the tool prints
+while ``redacted_console()`` holds (the command-line entry points run inside it): a password in
+``--model`` or ``--dataset`` is not echoed by an error message. ``reproducible_environment()``
+keeps only the environment variables that matter for reproducing a run (an allowlist), their
+values redacted the same way.
 """
 from __future__ import annotations
 
 import os
 import re
+import sys
+from contextlib import contextmanager
 
 REDACTED = "<redacted>"
 SECRET_WORD = r"(?:token|key|secret|passw(?:or)?d|credential|auth)"
@@ -40,6 +44,31 @@ def redact(text: str) -> str:
     return SECRET_ASSIGNMENT.sub(
         lambda m: m.group(0) if m.group("value") == REDACTED else
         f"{m.group('name')}{m.group('sep')}{REDACTED}", text)
+
+
+class _RedactingStream:
+    """A text stream that passes on every string written to it redacted."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact(text))
+        return len(text)
+
+    def __getattr__(self, name):  # flush, isatty, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def redacted_console():
+    """sys.stdout and sys.stderr redacted for the duration."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _RedactingStream(sys.stdout), _RedactingStream(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
 
 
 def redact_argv(argv: list[str]) -> list[str]:
