@@ -393,6 +393,23 @@ class RunConfig:
                             f"calibration blocks, but the data gave {n_calibration}; lower it or "
                             f"give more text")
 
+    def data_warnings(self, data) -> list[str]:
+        """One line per way the token blocks (src.data.loading.DataSplit) fall short of what
+        was asked: a single document cut in two, a side with fewer than --max-samples blocks."""
+        warnings = []
+        if data.halved:
+            warnings.append(f"the data is a single document, cut in two at the space nearest "
+                            f"its middle ({data.sides()}); documents separated by blank lines "
+                            f"or one per line split better")
+        short = [side for side, blocks in (("calibration", data.calibration),
+                                           ("evaluation", data.evaluation))
+                 if len(blocks) < self.max_samples]
+        if short:
+            warnings.append(f"the {' and '.join(short)} side{'s' if len(short) > 1 else ''} "
+                            f"got fewer blocks than --max-samples {self.max_samples} asks "
+                            f"({data.sides()}); give more text or lower --max-samples")
+        return warnings
+
 
 def _float32():
     import torch

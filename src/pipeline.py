@@ -10,6 +10,7 @@ import contextlib
 import functools
 import os
 import random
+import sys
 import tempfile
 import time
 import traceback
@@ -103,6 +104,9 @@ def run_steps_of(config: RunConfig) -> dict:
             plan = preflight(config, model, tokenizer, model_info, data, task_items,
                              harness_tasks, previous)
         with timer.step("start_output"):
+            if group is None or group.is_main:
+                for warning in plan.record["warnings"]:
+                    print(f"[cwa] warning: {warning}", file=sys.stderr)
             foreign = clear_output(config, out_dir)
             record = functools.partial(
                 manifest.build_manifest, config=config.to_dict(), model_info=model_info,
@@ -181,6 +185,7 @@ def preflight(config: RunConfig, model, tokenizer, model_info: dict, data: DataS
     plan = Plan(model, tokenizer, model_info, data, params, task_items, harness_tasks, analyses,
                 job, previous=previous,
                 layout=sharding.Layout.of(params, shards) if shards else None)
+    plan.record["warnings"] = config.data_warnings(data)
     if shards:
         plan.record["sharding"] = sharding.describe(shards, model)
         problem = config.quantize and quantize.shard_problem(

@@ -473,3 +473,40 @@ def test_report_files_in_the_way_exit_2(tmp_path, capsys, perturbed_run, in_the_
                         str(tmp_path / "report")])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_one_giant_line_of_data_says_how_it_was_split_and_warns(tmp_path, capsys):
+    text = tmp_path / "giant.txt"
+    text.write_text(" ".join(f"word{i} is followed by another" for i in range(40)))
+    out = tmp_path / "run"
+    code, err = run_main(capsys, *TINY, "--max-samples", "16", "--data-file", text,
+                         "--out-dir", out)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("[cwa] warning:")]
+    assert len(warnings) == 2, err
+    manifest = strict_json(out / "experiment_manifest.json")
+    blocks = manifest["data"]["calibration"]["blocks"], manifest["data"]["evaluation"]["blocks"]
+    assert max(blocks) < 16
+    sides = (f"calibration: 1 document, {blocks[0]} blocks; evaluation: 1 document, "
+             f"{blocks[1]} blocks")
+    assert "a single document, cut in two" in warnings[0]
+    assert sides in warnings[0]
+    assert "fewer blocks than --max-samples 16" in warnings[1] and sides in warnings[1]
+    assert [f"[cwa] warning: {w}" for w in manifest["warnings"]] == warnings
+
+
+def test_lopsided_documents_warn_about_the_short_side(tmp_path, capsys):
+    text = tmp_path / "lopsided.txt"
+    text.write_text(" ".join(f"word{i} is followed by another" for i in range(60)) + "\n" +
+                    " ".join(f"item{i} comes next" for i in range(12)) + "\nA short line.\n")
+    out = tmp_path / "run"
+    code, err = run_main(capsys, *TINY, "--data-file", text, "--out-dir", out)
+    assert code == 0, err
+    manifest = strict_json(out / "experiment_manifest.json")
+    assert manifest["data"]["evaluation"]["blocks"] == 4  # two documents, one of them huge
+    assert manifest["data"]["calibration"]["blocks"] == 1
+    assert manifest["warnings"] == [
+        "the calibration side got fewer blocks than --max-samples 4 asks (calibration: "
+        "1 document, 1 block; evaluation: 2 documents, 4 blocks); give more text or lower "
+        "--max-samples"]
+    assert f"[cwa] warning: {manifest['warnings'][0]}" in err

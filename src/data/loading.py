@@ -9,7 +9,8 @@ document; otherwise each non-empty line is one document.
 The split is by document and deterministic: after dropping exact duplicates, documents at even
 positions (0, 2, 4, ...) are evaluation text and documents at odd positions are calibration text,
 so the two never share a document. A source with a single document is cut in two at the
-whitespace nearest its middle.
+whitespace nearest its middle (``DataSplit.halved``; the run warns, as it does when a side
+gets fewer blocks than asked).
 
 Packing: each side's documents are tokenized (no special tokens), joined with the EOS token, and
 cut into blocks of exactly ``max_length`` tokens; the incomplete tail is dropped. ``max_blocks``
@@ -76,6 +77,18 @@ class DataSplit:
     n_documents: int
     calibration_documents: int
     evaluation_documents: int
+    halved: bool = False  # the source was a single document, cut in two
+
+    def sides(self) -> str:
+        """'calibration: 1 document, 4 blocks; evaluation: 2 documents, 4 blocks'."""
+        return "; ".join(f"{side}: {_count(documents, 'document')}, {_count(len(blocks), 'block')}"
+                         for side, documents, blocks in (
+                             ("calibration", self.calibration_documents, self.calibration),
+                             ("evaluation", self.evaluation_documents, self.evaluation)))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 # ----------------------------------------------------------------------------- texts
@@ -132,9 +145,14 @@ def _documents_from_dataset(dataset: str) -> list[str]:
 def split_documents(documents: list[str]) -> tuple[list[str], list[str]]:
     """(calibration, evaluation): odd / even positions after de-duplication (see module doc)."""
     unique = list(dict.fromkeys(documents))
-    if len(unique) == 1:
+    if single_document(documents):
         unique = _halve(unique[0])
     return unique[1::2], unique[0::2]
+
+
+def single_document(documents: list[str]) -> bool:
+    """Whether the source is one document (after de-duplication): the split cuts it in two."""
+    return len(dict.fromkeys(documents)) == 1
 
 
 def _halve(document: str) -> list[str]:
@@ -179,4 +197,4 @@ def prepare_data(tokenizer, *, data_file=None, dataset=None, max_length: int,
                             f"fewer than one block of --max-length {max_length}; give more text "
                             f"or a smaller --max-length")
     return DataSplit(calibration, evaluation, source, len(documents),
-                     len(calibration_docs), len(evaluation_docs))
+                     len(calibration_docs), len(evaluation_docs), single_document(documents))
