@@ -32,6 +32,9 @@ from src.sensitivity.rank import MODES, max_k
 from src.utils import output
 
 PLOT_FORMATS = ("png", "pdf", "svg")
+CALIBRATION_NAMES = {"source": "the calibration data", "max_length": "--max-length",
+                     "max_samples": "--max-samples",
+                     "sha256": "the calibration text (same source and settings)"}
 MODE_ALIASES = {"per_layer": "per_tensor"}  # the name the first users asked for
 GROUP_HELP = {
     "downstream tasks": "built-in HellaSwag / LAMBADA, scored as lm-evaluation-harness does, and "
@@ -138,6 +141,13 @@ class RunConfig:
         None, "a run folder or scores.safetensors whose scores this run uses instead of "
         "scoring (same model, weights and scored set; --metric defaults to theirs)",
         group="scoring and ranking", parse=text)
+    scores_from_other_data: bool = option(
+        False, "use the --scores-from scores even though they were computed on other "
+        "calibration data (another --data-file/--dataset, --max-length or --max-samples, or "
+        "changed text), which is refused otherwise: the top-K then comes from text this run "
+        "does not evaluate on; the manifest (scores_source) and the report name that data",
+        group="scoring and ranking",
+        used_when=("--scores-from", lambda c: c.scores_from is not None))
     save_scores: bool = option(False, "keep scores.safetensors (every score tensor, written "
                                "right after scoring for --resume) after the run succeeds",
                                group="scoring and ranking")
@@ -392,6 +402,22 @@ class RunConfig:
             raise UserError(f"--stability-batches {self.stability_batches} needs as many "
                             f"calibration blocks, but the data gave {n_calibration}; lower it or "
                             f"give more text")
+
+    def scores_data_check(self, differences: dict[str, tuple]) -> tuple[list[str], str | None]:
+        """For --scores-from computed on other calibration data (``differences``:
+        score_store.calibration_differences): ('what: X there, Y here' per difference, the
+        warning that this run uses them anyway); UserError without --scores-from-other-data."""
+        described = [f"{CALIBRATION_NAMES[key]}: {there} there, {here} here"
+                     for key, (there, here) in differences.items()]
+        if not described:
+            return [], None
+        if not self.scores_from_other_data:
+            raise UserError(f"--scores-from '{self.scores_from}' was scored on other calibration "
+                            f"data ({'; '.join(described)}); pass --scores-from-other-data to "
+                            f"use those scores anyway, or score on this run's data")
+        return described, (f"the scores of --scores-from '{self.scores_from}' were computed on "
+                           f"other calibration data than this run's ({'; '.join(described)}); "
+                           f"--scores-from-other-data uses them anyway")
 
     def data_warnings(self, data) -> list[str]:
         """One line per way the token blocks (src.data.loading.DataSplit) fall short of what

@@ -211,14 +211,26 @@ def stored_scores_for(config: RunConfig, plan: Plan) -> Path | None:
     meta = score_store.read_meta(source)
     why = score_store.mismatch(meta, config.metric, plan.job,
                                score_store.model_fingerprint(plan.model))
-    if why and plan.previous is not None and source == plan.previous.scores:
-        print(f"[cwa] --resume: the saved scores do not fit ({why}); scoring again")
-        return None
+    differences = score_store.calibration_differences(meta, calibration_of(config, plan.data))
+    if plan.previous is not None and source == plan.previous.scores:
+        why = why or ("they were computed on other calibration data" if differences else None)
+        if why:
+            print(f"[cwa] --resume: the saved scores do not fit ({why}); scoring again")
+            return None
     if why:
         raise UserError(f"--scores-from '{config.scores_from}' does not fit this run: {why}")
-    if meta["calibration_sha256"] != plan.data.calibration.sha256():
-        print(f"[cwa] note: the scores in {source} were computed on other calibration text")
+    described, warning = config.scores_data_check(differences)
+    if warning:
+        plan.record["warnings"].append(warning)
+    plan.record["scores_source"] = {"path": str(source), "metric": meta["metric"],
+                                    "calibration": score_store.stored_calibration(meta),
+                                    "same_calibration_as_this_run": not differences,
+                                    "differences": described}
     return source
+
+
+def calibration_of(config: RunConfig, data: DataSplit) -> dict:
+    return score_store.calibration_of(data, config.max_length, config.max_samples)
 
 
 def run_steps(config: RunConfig, plan: Plan, out_dir: Path, timer) -> dict:
@@ -283,8 +295,7 @@ def score_or_load(config: RunConfig, plan: Plan, out_dir: Path, timer):
     if plan.stored_scores is not None:
         with timer.step("load_scores"):
             stored = score_store.load(plan.stored_scores, plan.params)
-        plan.record["scores_source"] = {"path": str(stored.path), "sha256": stored.sha256,
-                                        "metric": stored.meta["metric"]}
+        plan.record["scores_source"]["sha256"] = stored.sha256
         if plan.previous is not None:
             plan.state_kept["scoring_seconds"] = stored.meta.get("scoring_seconds", 0.0)
             plan.state_kept["scores"] = True
@@ -311,7 +322,7 @@ def score_or_load(config: RunConfig, plan: Plan, out_dir: Path, timer):
     with timer.step("save_scores"):
         score_store.save(out_dir / score_store.FILE_NAME, scored, score_store.describe(
             config.metric, plan.job, score_store.model_fingerprint(plan.model),
-            plan.data.calibration.sha256(), seconds), plan.layout)
+            calibration_of(config, plan.data), seconds), plan.layout)
     return scored
 
 

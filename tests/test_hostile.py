@@ -410,6 +410,87 @@ def test_the_largest_seed_is_accepted(tmp_path):
     assert config.seeds == (0, 4294967295)
 
 
+@pytest.fixture(scope="module")
+def scores_on_bundled_data(tmp_path_factory):
+    """A run that kept its scores: TINY on the bundled corpus."""
+    out = tmp_path_factory.mktemp("scores") / "source"
+    assert main([*TINY, "--metric", "grad_x_weight", "--save-scores", "--out-dir",
+                 str(out)]) == 0
+    return out
+
+
+def _other_text(tmp_path: Path) -> Path:
+    path = tmp_path / "other.txt"
+    path.write_text("\n\n".join(f"Paragraph {i} of someone else's notes about rivers, boats "
+                                f"and the weather in spring, written down on day {i}."
+                                for i in range(40)))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--max-samples", "8"], "--max-samples: 4 there, 8 here"),
+    (["--max-length", "16"], "--max-length: 32 there, 16 here"),
+    (["--data-file", "OTHER"], "the calibration data: bundled:src/data/corpus.txt there, file:"),
+])
+def test_scores_from_other_data_are_refused_naming_what_differs(
+        tmp_path, capsys, scores_on_bundled_data, change, message):
+    change = [str(_other_text(tmp_path)) if a == "OTHER" else a for a in change]
+    before = files_of(scores_on_bundled_data)
+    code, err = run_main(capsys, *TINY, *change, "--scores-from", scores_on_bundled_data,
+                         "--out-dir", tmp_path / "out")
+    assert code == 2 and message in err and "--scores-from-other-data" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    assert files_of(scores_on_bundled_data) == before
+
+
+def test_scores_from_other_data_with_the_flag_are_recorded_and_reported(
+        tmp_path, capsys, scores_on_bundled_data):
+    from src.report.build import main as report_main
+
+    out = tmp_path / "runs" / "reused"
+    code, err = run_main(capsys, *TINY, "--max-samples", "8", "--scores-from",
+                         scores_on_bundled_data, "--scores-from-other-data", "--out-dir", out)
+    assert code == 0, err
+    assert "computed on other calibration data" in err and "--max-samples: 4 there, 8 here" in err
+    manifest = strict_json(out / "experiment_manifest.json")
+    source = manifest["scores_source"]
+    stored = source["calibration"]
+    assert stored["source"] == "bundled:src/data/corpus.txt"
+    assert (stored["max_length"], stored["max_samples"], stored["blocks"]) == (32, 4, 4)
+    assert stored["sha256"] != manifest["data"]["calibration"]["sha256"]
+    assert source["same_calibration_as_this_run"] is False
+    assert source["differences"] == ["--max-samples: 4 there, 8 here"]
+    assert any("other calibration data" in w for w in manifest["warnings"])
+    assert report_main(["--input-dirs", str(tmp_path / "runs"), "--output",
+                        str(tmp_path / "report"), "--format", "md"]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "Scores loaded from" in text and stored["sha256"][:12] in text
+    assert "other calibration data than this run" in text and "--max-samples: 4 there, 8 here" \
+        in text
+
+
+def test_resume_scores_again_when_its_data_file_changed(tmp_path, capsys):
+    text = _other_text(tmp_path)
+    out = tmp_path / "run"
+    args = [*TINY, "--data-file", text, "--save-scores", "--out-dir", out]
+    assert run_main(capsys, *args)[0] == 0
+    manifest = json.loads((out / "experiment_manifest.json").read_text())
+    (out / "experiment_manifest.json").write_text(json.dumps({**manifest, "status": "failed"}))
+    text.write_text(text.read_text().replace("rivers", "lakes"))
+    code = main([str(a) for a in args] + ["--resume"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "the saved scores do not fit (they were computed on other calibration data); " \
+           "scoring again" in printed
+    assert "scores_source" not in strict_json(out / "experiment_manifest.json")
+
+
+def test_scores_from_other_data_flag_needs_scores_from(tmp_path, capsys):
+    code, err = run_main(capsys, *TINY, "--scores-from-other-data", "--out-dir", tmp_path / "o")
+    assert code == 2 and "--scores-from-other-data has no effect without --scores-from" in err
+
+
 PASSWORD_URL = f"https://bob:{PASSWORD}@data.example/corpus"
 
 

@@ -96,6 +96,8 @@ def run_section(doc: Doc, run: RunFolder) -> None:
                   f"{run.get('perturb') or 'none'}, seeds {run.get('seeds')}; data "
                   f"{data.get('source', '?')} with {evaluation.get('blocks', '?')} evaluation "
                   f"blocks of {run.get('max_length')} tokens; {seconds:.0f} s in all.")
+    if manifest.get("scores_source"):
+        doc.paragraph(scores_source_text(manifest["scores_source"]))
     if run.enhanced:
         doc.paragraph("Optional analyses in enhanced_analysis.json: "
                       + ", ".join(f"`{key}`" for key in run.enhanced) + ".")
@@ -108,6 +110,25 @@ def run_section(doc: Doc, run: RunFolder) -> None:
             doc.link(path, f"{path.name}")
     if not run.plots:
         doc.paragraph("No plots in this run (it ran without --save-plots).")
+
+
+def scores_source_text(source: dict) -> str:
+    """Where a run's scores came from (--scores-from, or its own on --resume) and the
+    calibration data they were computed on."""
+    text = f"Scores loaded from `{source.get('path')}` ({source.get('metric')} scores"
+    text += f", file sha256 {source['sha256'][:12]})" if source.get("sha256") else ")"
+    calibration = source.get("calibration")
+    if calibration:
+        settings = [f"{name.replace('_', ' ')} {calibration[name]}"
+                    for name in ("max_length", "max_samples", "blocks") if name in calibration]
+        settings.append(f"blocks sha256 {calibration['sha256'][:12]}")
+        text += (f", computed on calibration data {calibration.get('source', '(not recorded)')}"
+                 f" ({', '.join(settings)})")
+    if source.get("same_calibration_as_this_run") is False:
+        text += f": other calibration data than this run's ({'; '.join(source['differences'])})"
+    elif source.get("same_calibration_as_this_run"):
+        text += ": the same calibration blocks as this run"
+    return text + "."
 
 
 def parse_args(argv=None) -> argparse.Namespace:

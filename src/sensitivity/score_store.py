@@ -3,8 +3,11 @@ score, so that a resumed run or a new experiment can use them instead of scoring
 
 Metadata (key ``cwa``, JSON): the metric and the options that change its scores, the model
 fingerprint (a hash over every parameter's name, shape, dtype and a fixed sample of its values),
-the scored parameter names, the calibration blocks' hash, and how long scoring took.
-``check_match`` says, in one line, why stored scores do not fit a run.
+the scored parameter names, the calibration data (source, block length, blocks asked and got,
+the blocks' hash), and how long scoring took. ``mismatch`` says, in one line, why stored scores
+cannot stand for a run's; ``calibration_differences`` what differs in the data they were
+computed on (scores of another model, weights, metric or option never fit; scores of other
+calibration data are the same kind of scores, of other text).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from src.data.loading import DataSplit
 from src.errors import UserError
 from src.sensitivity.metrics import METRICS
 from src.sensitivity.scoring import MetricOutput
@@ -60,12 +64,43 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def describe(metric: str, job, model_fingerprint_: str, calibration_sha256: str,
+def describe(metric: str, job, model_fingerprint_: str, calibration: dict,
              seconds: float) -> dict:
+    """The metadata of scores computed now (``calibration``: ``calibration_of`` the run)."""
     options = {key: getattr(job, key) for key in METRICS[metric].options}
     return {"metric": metric, "options": options, "model_fingerprint": model_fingerprint_,
-            "parameters": list(job.params), "calibration_sha256": calibration_sha256,
-            "scoring_seconds": round(seconds, 3), "convention": "stored parameter layout"}
+            "parameters": list(job.params), "calibration_sha256": calibration["sha256"],
+            "calibration": calibration, "scoring_seconds": round(seconds, 3),
+            "convention": "stored parameter layout"}
+
+
+CALIBRATION_SETTINGS = ("source", "max_length", "max_samples")
+
+
+def calibration_of(data: DataSplit, max_length: int, max_samples: int) -> dict:
+    """What scores are computed on: the text's source, tokens per block, the blocks asked for
+    and got, and the hash of the calibration blocks."""
+    return {"source": data.source, "max_length": max_length, "max_samples": max_samples,
+            "blocks": len(data.calibration), "sha256": data.calibration.sha256()}
+
+
+def stored_calibration(meta: dict) -> dict:
+    """The calibration data of stored scores (files from before it was recorded: the hash)."""
+    return meta.get("calibration") or {"sha256": meta["calibration_sha256"]}
+
+
+def calibration_differences(meta: dict, calibration: dict) -> dict[str, tuple]:
+    """setting -> (the stored scores', this run's) for each of CALIBRATION_SETTINGS that
+    differs, or {"sha256": ...} when only the text did; {} when the scores were computed on
+    exactly this run's calibration blocks (whatever the blocks asked for, when both got the
+    same ones)."""
+    stored = stored_calibration(meta)
+    if stored["sha256"] == calibration["sha256"] and \
+            stored.get("max_length", calibration["max_length"]) == calibration["max_length"]:
+        return {}
+    differing = {key: (stored[key], calibration[key]) for key in CALIBRATION_SETTINGS
+                 if key in stored and stored[key] != calibration[key]}
+    return differing or {"sha256": (stored["sha256"], calibration["sha256"])}
 
 
 def save(path: Path, scored: MetricOutput, meta: dict, layout=None) -> Path | None:
