@@ -163,8 +163,11 @@ class RunConfig:
                                  f"{', '.join(PERTURBATIONS)}", group="perturbation",
                                  parse=choice(tuple(PERTURBATIONS)))
     controls: tuple[str, ...] = option(
-        ("random_k", "bottom_k"), "control selections: random_k (alias random), bottom_k (alias "
-        "bottom), comma-separated, or none", group="perturbation",
+        ("random_k", "bottom_k"), "control selections, comma-separated, or none: random_k "
+        "(alias random: K weights drawn uniformly from the scored weights, anew per seed), "
+        "bottom_k (alias bottom: the K lowest |score| among the weights the perturbation, or the "
+        "quantization, changes in value, so not weights that are already 0 for zero or "
+        "sign_flip); every condition records n_changed", group="perturbation",
         parse=name_list(lambda: ("random_k", "bottom_k"), CONTROL_ALIASES, none_word="none"),
         used_when=("--perturb, --quantize or --advanced-perturbations clustered/targeted",
                    _controls_used))

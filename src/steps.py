@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from src.config import RunConfig
@@ -19,12 +20,16 @@ from src.eval.perplexity import EvalResult, evaluate
 from src.sensitivity import compression, experiment, quantize, stability
 from src.sensitivity.eligibility import tied_parameter_names
 from src.sensitivity.metrics import METRICS
-from src.sensitivity.perturb import PerturbOptions
+from src.sensitivity.perturb import PerturbOptions, changed_by
 from src.sensitivity.rank import Selection, selection_table
 from src.sensitivity.scoring import MetricOutput, ScoringJob
 from src.sensitivity.statistics import tensor_statistics
 from src.utils import report_console, signals
 from src.utils.io import write_csv, write_json
+
+
+# per-block NLL sums of every condition, beside each experiment's JSON (experiment.block_frame)
+BLOCK_FILES = {"perturbation": "perturbation_blocks.csv", "quantization": "quantization_blocks.csv"}
 
 
 @dataclass
@@ -71,12 +76,13 @@ def score_outputs(state: RunState):
 
 
 def perturbation(state: RunState) -> dict:
-    """Top-K and control conditions (perturbation_results.json)."""
+    """Top-K and control conditions (perturbation_results.json, perturbation_blocks.csv)."""
     config, options, baseline = state.config, state.options, state.baseline
-    conditions = experiment.build_conditions(state.selection, state.scores, config.topk,
-                                             config.mode,
-                                             list(config.controls), list(config.seeds),
-                                             config.perturb, options, layout=state.layout)
+    conditions = experiment.build_conditions(
+        state.selection, state.scores, config.topk, config.mode, list(config.controls),
+        list(config.seeds), config.perturb, options, layout=state.layout,
+        eligible=changed_by(config.perturb, options, state.params))
+    kept, blocks = resumed_rows(state, "perturbation", conditions, config.perturb)
 
     def save(rows: list[dict], complete: bool) -> dict:
         perturbation = {"baseline": baseline.summary(), "method": config.perturb,
@@ -84,36 +90,49 @@ def perturbation(state: RunState) -> dict:
                         "options": vars(options), "complete": complete,
                         "n_conditions": len(conditions), "conditions": rows,
                         "summary": experiment.summarize(rows, baseline.perplexity),
+                        "bootstrap": {**experiment.BOOTSTRAP, "blocks_file": BLOCK_FILES[
+                            "perturbation"]},
                         "restore_verified": all(row["restore_verified"] for row in rows)}
+        save_blocks(state, "perturbation", rows, blocks)
         write_json(state.out_dir / "perturbation_results.json", perturbation)
         save_downstream(state)
         return perturbation
 
     rows = run_saving(state, conditions, "perturbation_results.json", save, config.perturb,
-                      kept=resumed_rows(state, "perturbation", conditions, config.perturb))
+                      kept=kept, blocks=blocks)
     perturbation = save(rows, complete=True)
     report_console.perturbation(perturbation)
     return perturbation
 
 
 def quantization(state: RunState) -> dict:
-    """The compression experiment (src/sensitivity/compression.py; quantization_results.json)."""
+    """The compression experiment (src/sensitivity/compression.py; quantization_results.json,
+    quantization_blocks.csv)."""
     config, baseline, params, selection = state.config, state.baseline, state.params, \
         state.selection
     spec = quant_spec(config)
+    groups = quantize.row_groups(state.metas, spec)
+    report_console.quantization_groups(groups, spec.group)
+    changes = quantize.changed_by(params, state.metas, spec)
     conditions = compression.build_conditions(selection, state.scores, config.topk, config.mode,
-                                              config.controls, config.seeds, state.layout)
+                                              config.controls, config.seeds, changes,
+                                              state.layout)
     n_eligible = sum(p.numel() for p in params.values())
+    kept, blocks = resumed_rows(state, "quantization", conditions, spec.label)
 
     def save(rows: list[dict], complete: bool) -> dict:
         rows = compression.with_recovery(rows, baseline.perplexity)
         results = {"baseline": baseline.summary(), "quantization": {**vars(spec),
                                                                     "label": spec.label},
-                   "k": config.topk, "mode": config.mode, "metric": config.metric,
+                   "groups": groups, "k": config.topk, "mode": config.mode,
+                   "metric": config.metric,
                    "share_kept": compression.share_kept(selection, n_eligible),
                    "complete": complete, "n_conditions": len(conditions), "conditions": rows,
                    "summary": compression.summarize(rows),
+                   "bootstrap": {**experiment.BOOTSTRAP,
+                                 "blocks_file": BLOCK_FILES["quantization"]},
                    "restore_verified": all(row["restore_verified"] for row in rows)}
+        save_blocks(state, "quantization", rows, blocks)
         write_json(state.out_dir / "quantization_results.json", results)
         save_downstream(state)
         return results
@@ -122,10 +141,20 @@ def quantization(state: RunState) -> dict:
     rows = run_saving(state, conditions, "quantization_results.json", save, spec.label,
                       apply=lambda c: quantize.quantized(params, state.metas, spec, c.selection,
                                                          originals, state.layout),
-                      kept=resumed_rows(state, "quantization", conditions, spec.label))
+                      changed=lambda c, checked: compression.count_changed(changes, params, c,
+                                                                           checked),
+                      kept=kept, blocks=blocks)
     results = save(rows, complete=True)
     report_console.quantization(results)
     return results
+
+
+def save_blocks(state: RunState, experiment_name: str, rows: list[dict], blocks: list) -> None:
+    """The per-block NLL sums behind each row's bootstrap interval (``selection``: the kept set
+    for the compression experiment)."""
+    frame = experiment.block_frame(state.baseline, [{"selection": r.get("kept", r.get(
+        "selection")), "seed": r["seed"]} for r in rows], blocks)
+    write_csv(state.out_dir / BLOCK_FILES[experiment_name], frame)
 
 
 def quant_spec(config: RunConfig) -> quantize.QuantSpec:
@@ -133,11 +162,12 @@ def quant_spec(config: RunConfig) -> quantize.QuantSpec:
                               "symmetric" if config.quant_symmetric else "asymmetric")
 
 
-def resumed_rows(state: RunState, experiment_name: str, conditions, method: str) -> list[dict]:
+def resumed_rows(state: RunState, experiment_name: str, conditions,
+                 method: str) -> tuple[list[dict], list]:
     """With --resume, the rows the unfinished run finished for these conditions (in the same
-    order, so the rest can run); [] otherwise."""
+    order, so the rest can run) and their evaluation blocks; ([], []) otherwise."""
     if state.previous is None:
-        return []
+        return [], []
     rows = getattr(state.previous, f"{experiment_name}_rows")
     if experiment_name == "quantization":
         rows = compression.raw_rows(rows)
@@ -145,17 +175,26 @@ def resumed_rows(state: RunState, experiment_name: str, conditions, method: str)
     same = all((row["selection"], row["seed"]) == (c.selection_name, c.seed)
                for row, c in zip(rows, conditions))
     rows = rows if same else []
+    blocks = previous_blocks(state.out_dir / BLOCK_FILES[experiment_name], len(rows))
+    rows = rows[:len(blocks)]  # a condition is kept with the blocks its interval came from
     if state.downstream:  # a kept condition needs its task results too
         rows = rows[:state.downstream.keep(rows, method)]
     state.kept[f"{experiment_name}_conditions"] = len(rows)
     if len(rows) < len(conditions):
         state.kept.setdefault("resumed_at_step", f"{experiment_name} condition {len(rows) + 1} "
                                                  f"of {len(conditions)}")
-    return rows
+    return rows, blocks[:len(rows)]
+
+
+def previous_blocks(path: Path, n_conditions: int) -> list:
+    if not path.is_file() or n_conditions == 0:
+        return []
+    return experiment.blocks_from_frame(pd.read_csv(path), n_conditions)
 
 
 def run_saving(state: RunState, conditions, file_name: str, save, method: str, apply=None,
-               kept: list[dict] | None = None) -> list[dict]:
+               changed=None, kept: list[dict] | None = None,
+               blocks: list | None = None) -> list[dict]:
     """The conditions of an experiment after the ``kept`` ones, ``save(rows, complete=False)``
     after each; on an interruption the console says how many finished."""
     finished: list[dict] = list(kept or [])
@@ -169,7 +208,7 @@ def run_saving(state: RunState, conditions, file_name: str, save, method: str, a
             state.baseline,
             on_condition=(lambda c: downstream.on_condition(c, method)) if downstream else None,
             on_row=lambda rows: save(rows, complete=False), rows=finished, apply=apply,
-            layout=state.layout)
+            layout=state.layout, changed=changed, blocks=blocks)
     except (KeyboardInterrupt, signals.Interrupted):
         print(f"[cwa] interrupted: {len(finished)} of {len(conditions)} conditions finished and "
               f"are kept in {file_name} (complete: false)", file=sys.stderr)

@@ -29,6 +29,7 @@ from src.analysis.registry import Analysis, register
 from src.analysis.targeting import describe_targeting
 from src.options import Settings, int_list, name_list, option
 from src.sensitivity import experiment
+from src.sensitivity.perturb import changed_by
 from src.sensitivity.rank import Selection, selection_size, top_k
 from src.utils.format import fixed, pct, times
 
@@ -63,7 +64,9 @@ def experiment_on(ctx: AnalysisContext, scores, selection: Selection, k: int, mo
     """One top-K experiment against ``controls`` (random_k / bottom_k) over the run's seeds."""
     conditions = experiment.build_conditions(selection, scores, k, mode, list(controls),
                                              list(ctx.seeds), ctx.method, ctx.options,
-                                             layout=ctx.layout)
+                                             layout=ctx.layout,
+                                             eligible=changed_by(ctx.method, ctx.options,
+                                                                 ctx.params))
     rows, restored = experiment.run_conditions(ctx.params, conditions, ctx.method, ctx.options,
                                                ctx.evaluate, ctx.baseline, layout=ctx.layout)
     return {"k": k, "n_weights": selection_size(selection),

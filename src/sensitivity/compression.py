@@ -3,8 +3,10 @@
 Conditions (each evaluated like a perturbation condition, exact restore verified):
 ``rtn`` (nothing kept), ``rtn_keep_top_k`` (the run's top-K kept at full precision),
 ``rtn_keep_random_k`` (K random weights of the same eligible set and mode, one draw per seed),
-``rtn_keep_bottom_k`` (the K lowest |score|). The row's ``kept`` is ``none``, ``top_k``,
-``random_k`` or ``bottom_k``.
+``rtn_keep_bottom_k`` (the K lowest |score| among the weights that quantization changes: keeping
+a weight that is already on the grid keeps nothing). The row's ``kept`` is ``none``, ``top_k``,
+``random_k`` or ``bottom_k``. ``n_changed``: for ``rtn`` the weights quantization changes; for a
+kept set how many of its weights quantization would have changed (what keeping them can win).
 
 Recovery of a kept set = (ppl_rtn - ppl_kept) / (ppl_rtn - ppl_baseline): the share of the
 quantization loss that keeping those weights at full precision wins back (1 = all of it,
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from src.sensitivity import experiment
 from src.sensitivity.experiment import Condition, mean_sd
@@ -25,12 +28,24 @@ from src.sensitivity.rank import Selection, selection_size
 
 
 def build_conditions(top: Selection, scores, k: int, mode: str, controls, seeds,
-                     layout=None) -> list:
-    """rtn, then the kept sets (top-K, random-K per seed, bottom-K); ``layout``: sharded."""
+                     changes, layout=None) -> list:
+    """rtn, then the kept sets (top-K, random-K per seed, bottom-K); ``changes``
+    (quantize.changed_by): where bottom-K is drawn; ``layout``: sharded."""
     kept = experiment.build_conditions(top, scores, k, mode, list(controls), list(seeds),
                                        "zero", PerturbOptions(),  # deterministic: top once
-                                       layout=layout)
+                                       layout=layout, eligible=changes)
     return [Condition("none", None, {}), *kept]
+
+
+def count_changed(changes, names, condition: Condition, checked: Selection) -> torch.Tensor:
+    """``n_changed`` of a condition (0-dim, CPU): the weights of ``names`` quantization changes
+    (rtn), or how many of a kept set's (locally held) weights it would have changed."""
+    if condition.selection_name == "none":
+        counts = [changes(name).sum() for name in names]
+    else:
+        masks = {name: changes(name).reshape(-1) for name in checked}
+        counts = [masks[name][idx.to(masks[name].device)].sum() for name, idx in checked.items()]
+    return torch.stack([c.cpu() for c in counts]).sum() if counts else torch.zeros((), dtype=torch.long)
 
 
 def condition_name(kept: str) -> str:

@@ -1,7 +1,11 @@
 """The perturbation experiment: damage top-K, and equally many control weights, and compare.
 
-Conditions: the top-K selection and each control (``random_k``: drawn anew per seed from the same
-eligible weights and mode; ``bottom_k``: the K lowest |score|). A condition whose selection and
+Conditions: the top-K selection and each control (``random_k``: drawn anew per seed, uniformly
+from the same eligible weights and mode; ``bottom_k``: the K lowest |score| among the weights the
+method changes in value, e.g. not the weights that are already 0 for ``zero`` or ``sign_flip``).
+Every row records ``n_changed``: how many of its selected weights the condition actually changed
+in value (measured under the condition); a row with ``n_changed`` 0 is ``vacuous``: it measures
+nothing, however its perplexity reads. A condition whose selection and
 perturbation are both deterministic (e.g. top-K with ``zero``) is evaluated once, with
 ``seed: null``; otherwise once per seed. The baseline is evaluated once.
 
@@ -9,7 +13,9 @@ Statistics per selection: mean ± sd of perplexity over seeds; ``effect_ratio`` 
 mean over random-K draws of |Δppl| (absolute changes, so a control that happens to lower the
 perplexity slightly cannot flip the sign); a z-score and an empirical p-value (share of random-K draws at least as
 damaging as top-K, (1 + #{random ≥ top}) / (1 + n)); and per condition a paired bootstrap 95%
-interval of Δppl over evaluation blocks (blocks resampled with replacement).
+interval of Δppl over evaluation blocks (blocks resampled with replacement; ``BOOTSTRAP``).
+The per-block NLL sums and token counts it resamples are kept (``block_frame``) so that the
+intervals can be recomputed from the output folder.
 """
 from __future__ import annotations
 
@@ -19,16 +25,33 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import numpy as np
+import pandas as pd
+import torch
 
 from src.eval.perplexity import EvalResult
-from src.sensitivity.perturb import (PerturbOptions, fingerprint, held_part,
+from src.sensitivity.perturb import (PerturbOptions, count_changed, fingerprint, held_part,
                                      perturbation_is_stochastic, perturbed, selected_bits_equal,
                                      snapshot_selected)
 from src.sensitivity.rank import Selection, bottom_k, random_k, selection_size
+from src.sensitivity.sharding import reduced
 
 CONTROL_ALIASES = {"random": "random_k", "random_k": "random_k", "bottom": "bottom_k",
                    "bottom_k": "bottom_k"}
 BOOTSTRAP_SAMPLES = 1000
+BOOTSTRAP = {"method": "paired percentile bootstrap over evaluation blocks: each resample draws "
+                       "n_blocks blocks with replacement (the same draw for the baseline and the "
+                       "condition); perplexity = exp(sum of the drawn blocks' NLL sums / sum of "
+                       "their tokens); the interval is the 2.5th and 97.5th percentile of the "
+                       "resampled differences (numpy default_rng, linear interpolation)",
+             "resamples": BOOTSTRAP_SAMPLES, "seed": 0, "confidence": 0.95}
+BLOCK_COLUMNS = ["condition", "selection", "seed", "block", "nll_sum", "n_tokens"]
+
+
+@dataclass
+class BlockSums:
+    """What the bootstrap resamples of one evaluation: per block, NLL sum (nats) and tokens."""
+    block_nll_sum: torch.Tensor  # [n_blocks] float64, CPU
+    block_tokens: torch.Tensor   # [n_blocks] int64, CPU
 
 
 @dataclass
@@ -40,8 +63,9 @@ class Condition:
 
 def build_conditions(top_selection: Selection, scores, k: int, mode: str, controls: list[str],
                      seeds: list[int], method: str, options: PerturbOptions,
-                     layout=None) -> list[Condition]:
-    """``layout`` (sharding.Layout) when ``scores`` are this rank's shards."""
+                     layout=None, eligible=None) -> list[Condition]:
+    """``layout`` (sharding.Layout) when ``scores`` are this rank's shards; ``eligible`` (name
+    -> bool mask of the weights the method changes): where the bottom-K control is drawn."""
     stochastic = perturbation_is_stochastic(method, options)
     fixed_seeds = seeds if stochastic else [None]
     conditions = [Condition("top_k", s, top_selection) for s in fixed_seeds]
@@ -50,7 +74,7 @@ def build_conditions(top_selection: Selection, scores, k: int, mode: str, contro
         if control == "random_k":
             conditions += [Condition("random_k", s, random_k(sizes, k, mode, seed=s)) for s in seeds]
         elif control == "bottom_k":
-            bottom = bottom_k(scores, k, mode, layout=layout)
+            bottom = bottom_k(scores, k, mode, layout=layout, eligible=eligible)
             conditions += [Condition("bottom_k", s, bottom) for s in fixed_seeds]
     return conditions
 
@@ -60,14 +84,19 @@ def run_conditions(params, conditions: list[Condition], method: str, options: Pe
                    on_condition: Callable | None = None, on_row: Callable | None = None,
                    rows: list[dict] | None = None,
                    apply: Callable[[Condition], ContextManager] | None = None,
-                   layout=None) -> tuple[list[dict], bool]:
+                   layout=None, changed: Callable | None = None,
+                   blocks: list | None = None) -> tuple[list[dict], bool]:
     """Evaluate every condition; returns (rows, restore_verified for all). ``apply(condition)``
     changes the weights for the duration (default: ``perturbed`` with ``method``; the
     compression experiment quantizes instead). ``on_condition`` runs further measurements under
     each condition; ``on_row(rows)`` sees the rows after each condition (to save finished work).
     ``rows`` collects them in a list the caller holds, so the conditions that finished are known
     also when the run is interrupted. ``layout`` (sharding.Layout): the weights are sharded;
-    each rank checks the restore of its part and the condition is restored when all are."""
+    each rank checks the restore of its part and the condition is restored when all are.
+    ``changed(condition, checked)``: how many of the (locally held) selected weights the
+    condition changes, told from the unchanged weights (default: counted under ``apply``
+    against the values before).
+    ``blocks`` collects each condition's evaluation result (per-block NLL sums and tokens)."""
     reference = fingerprint(params)
     rows = [] if rows is None else rows
     all_restored = True
@@ -78,7 +107,10 @@ def run_conditions(params, conditions: list[Condition], method: str, options: Pe
             held_part(params, condition.selection, layout)
         before = snapshot_selected(params, checked)
         start = time.perf_counter()
+        n_changed = changed(condition, checked) if changed else None  # of the weights as they are
         with apply(condition):
+            if n_changed is None:
+                n_changed = count_changed(params, checked, before)
             result = evaluate()
             if on_condition:  # further measurements under the same perturbation
                 on_condition(condition)
@@ -86,8 +118,12 @@ def run_conditions(params, conditions: list[Condition], method: str, options: Pe
             fingerprint(params) == reference
         if layout is not None:
             restored = layout.group.all_true(restored)
+            n_changed = reduced(layout.group, [n_changed]).squeeze(0)
         all_restored &= restored
-        rows.append({**condition_row(condition, method, result, baseline, restored),
+        if blocks is not None:
+            blocks.append(BlockSums(result.block_nll_sum, result.block_tokens))
+        rows.append({**condition_row(condition, method, result, baseline, restored,
+                                     int(n_changed)),
                      "seconds": round(time.perf_counter() - start, 3)})
         if on_row:
             on_row(rows)
@@ -95,15 +131,45 @@ def run_conditions(params, conditions: list[Condition], method: str, options: Pe
 
 
 def condition_row(condition: Condition, method, result: EvalResult, baseline: EvalResult,
-                  restored: bool) -> dict:
+                  restored: bool, n_changed: int) -> dict:
     low, high = bootstrap_delta_ppl(baseline, result)
     return {
         "selection": condition.selection_name, "seed": condition.seed, "method": method,
-        "n_weights": selection_size(condition.selection), **result.summary(),
+        "n_weights": selection_size(condition.selection), "n_changed": n_changed,
+        "vacuous": n_changed == 0, **result.summary(),
         "delta_perplexity": result.perplexity - baseline.perplexity,
         "ppl_ratio": ppl_ratio(result.perplexity, baseline.perplexity),
         "delta_perplexity_ci95": [low, high], "restore_verified": restored,
     }
+
+
+def block_frame(baseline: EvalResult, rows: list[dict], results: list[BlockSums]) -> pd.DataFrame:
+    """One row per evaluation block of the baseline and of each condition (``condition``: the
+    row's index in ``conditions``, -1 for the baseline): the NLL sum (nats) and token count the
+    bootstrap resamples; the token-weighted mean of a condition's rows is its ``nll``."""
+    labels = [(-1, "baseline", None)] + [(i, row["selection"], row["seed"])
+                                          for i, row in enumerate(rows)]
+    parts = [pd.DataFrame({"condition": index, "selection": selection, "seed": seed,
+                           "block": range(result.block_tokens.numel()),
+                           "nll_sum": result.block_nll_sum.numpy(),
+                           "n_tokens": result.block_tokens.numpy()})
+             for (index, selection, seed), result in zip(labels, [baseline, *results])]
+    frame = pd.concat(parts, ignore_index=True)[BLOCK_COLUMNS]
+    frame["seed"] = frame["seed"].astype("Int64")
+    return frame
+
+
+def blocks_from_frame(frame: pd.DataFrame, n_conditions: int) -> list[BlockSums]:
+    """The first conditions' block sums back from a ``block_frame`` (``--resume``); fewer than
+    ``n_conditions`` when the frame holds fewer."""
+    blocks = []
+    for index in range(n_conditions):
+        part = frame[frame["condition"] == index].sort_values("block")
+        if part.empty:
+            break
+        blocks.append(BlockSums(torch.from_numpy(part["nll_sum"].to_numpy("float64")),
+                                torch.from_numpy(part["n_tokens"].to_numpy("int64"))))
+    return blocks
 
 
 def ppl_ratio(perplexity: float, baseline_perplexity: float) -> float:
@@ -176,15 +242,35 @@ def summarize(rows: list[dict], baseline_ppl: float) -> dict:
     return summary
 
 
+# Perplexities are exp of a token-mean NLL summed from float32 token losses: two evaluations of
+# models that differ below this relative spread are not told apart, and a z-score over controls
+# that spread less than this is rounding noise divided by rounding noise.
+Z_SD_FLOOR_REL = 1e-6
+
+
 def compare_to_random(top_ppl: float, random_ppls: list[float], baseline_ppl: float) -> dict:
+    """Top-K against the random-K draws: the effect as a ratio of perplexity changes and of
+    perplexities (and its log), the empirical p-value with its floor 1/(n+1), and a z-score
+    that is None when the draws' sd is below ``Z_SD_FLOOR_REL`` of the baseline perplexity."""
     random_arr = np.asarray(random_ppls, dtype=float)
     random_mean, random_sd = mean_sd(random_arr)
     random_delta = random_mean - baseline_ppl
     top_delta = top_ppl - baseline_ppl
     random_abs_delta, _ = mean_sd(np.abs(random_arr - baseline_ppl))
     effect_ratio = abs(top_delta) / random_abs_delta if random_abs_delta != 0 else math.inf
-    z = (top_ppl - random_mean) / random_sd if random_sd > 0 else math.nan
+    sd_floor = Z_SD_FLOOR_REL * abs(baseline_ppl)
+    z_defined = bool(random_sd > sd_floor) if math.isfinite(random_sd) else False
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = float(np.float64(top_ppl) / np.float64(random_mean))
     p_value = (1 + int(np.sum(random_arr >= top_ppl))) / (1 + len(random_arr))
     return {"top_k_delta_perplexity": top_delta, "random_k_mean_delta_perplexity": random_delta,
-            "random_k_mean_abs_delta_perplexity": random_abs_delta, "effect_ratio": effect_ratio, "z_score": z, "empirical_p_value": p_value,
+            "random_k_mean_abs_delta_perplexity": random_abs_delta, "effect_ratio": effect_ratio,
+            "ppl_ratio_to_random": ratio,
+            "log_ppl_ratio_to_random": math.log(ratio) if ratio > 0 else math.nan,
+            "random_k_sd_perplexity": random_sd, "z_sd_floor": sd_floor,
+            "z_score": (top_ppl - random_mean) / random_sd if z_defined else None,
+            "z_undefined_reason": None if z_defined else (
+                f"the random-K perplexities spread (sd {random_sd:.3g}) no more than the "
+                f"evaluation resolves ({Z_SD_FLOOR_REL:g} of the baseline, {sd_floor:.3g})"),
+            "empirical_p_value": p_value, "empirical_p_floor": 1 / (1 + len(random_arr)),
             "n_random_draws": len(random_arr)}

@@ -11,6 +11,12 @@ Registry ``PERTURBATIONS``: name -> function(values, generator, options) -> new 
                   (0 = least significant mantissa bit) or ``sign`` / ``exponent-msb`` /
                   ``mantissa-msb``; default ``exponent-msb``.
 
+Each entry also says which weights it can change in value (``changes(values, options)`` -> bool
+mask): every nonzero weight for ``zero``, ``sign_flip`` and ``gauss_noise`` (0, -0 and 0 + 0·ε are
+all 0), and for ``bit_flip`` every weight, or every nonzero one when the bit is the sign. The
+bottom-K control is drawn among those weights (``changed_by``), so that it measures damage
+instead of repeating the value a weight already has.
+
 ``perturbed(params, selection, method, ...)`` saves the original values of exactly the selected
 weights (no model copy), writes the perturbed values, and restores the saved values on exit,
 also on an exception, Ctrl-C, SIGTERM or SIGHUP; signals that arrive during the restore wait
@@ -46,19 +52,24 @@ class PerturbOptions:
     prob: float = 1.0           # bit_flip: probability that each selected weight is flipped
 
 
+def _nonzero(values: torch.Tensor, options: PerturbOptions) -> torch.Tensor:
+    return values != 0
+
+
 @dataclass(frozen=True)
 class Perturbation:
     fn: Callable
     description: str
     stochastic: Callable[[PerturbOptions], bool]
+    changes: Callable[[torch.Tensor, PerturbOptions], torch.Tensor] = _nonzero
 
 
 PERTURBATIONS: dict[str, Perturbation] = {}
 
 
-def register(name, description, stochastic=lambda options: False):
+def register(name, description, stochastic=lambda options: False, changes=_nonzero):
     def wrap(fn):
-        PERTURBATIONS[name] = Perturbation(fn, description, stochastic)
+        PERTURBATIONS[name] = Perturbation(fn, description, stochastic, changes)
         return fn
     return wrap
 
@@ -79,7 +90,15 @@ def _gauss_noise(values, generator, options):
     return (values.float() + noise * options.scale * values.float().abs()).to(values.dtype)
 
 
-@register("bit_flip", "flip one IEEE-754 bit", stochastic=lambda o: o.prob < 1.0)
+def _bit_flip_changes(values: torch.Tensor, options: PerturbOptions) -> torch.Tensor:
+    """A flipped sign leaves 0 equal to 0; any other bit changes every value."""
+    if resolve_bit(options.bit, values.dtype) == FLOAT_LAYOUT[values.dtype][1]:
+        return values != 0
+    return torch.ones_like(values, dtype=torch.bool)
+
+
+@register("bit_flip", "flip one IEEE-754 bit", stochastic=lambda o: o.prob < 1.0,
+          changes=_bit_flip_changes)
 def _bit_flip(values, generator, options):
     int_dtype, *_ = FLOAT_LAYOUT[_check_float(values.dtype)]
     bit = resolve_bit(options.bit, values.dtype)
@@ -122,6 +141,13 @@ def resolve_bit(bit, dtype) -> int:
 
 def perturbation_is_stochastic(method: str, options: PerturbOptions) -> bool:
     return PERTURBATIONS[method].stochastic(options)
+
+
+def changed_by(method: str, options: PerturbOptions, params) -> Callable[[str], torch.Tensor]:
+    """name -> bool mask (this process's part of the weight) of the weights ``method`` changes
+    in value."""
+    changes = PERTURBATIONS[method].changes
+    return lambda name: changes(local(params[name]).detach(), options)
 
 
 @contextmanager
@@ -179,6 +205,14 @@ def selected_bits_equal(params, selection: Selection, reference: dict[str, torch
         if not torch.equal(current.view(int_dtype), reference[name].to(current.device).view(int_dtype)):
             return False
     return True
+
+
+def count_changed(params, selection: Selection, before: dict[str, torch.Tensor]) -> torch.Tensor:
+    """How many selected weights differ in value from ``before`` (0-dim int64 on the CPU; one
+    host sync). -0 equals 0; a NaN counts as changed."""
+    counts = [(local(params[name]).detach().view(-1)[idx.to(before[name].device)]
+               != before[name]).sum() for name, idx in selection.items()]
+    return torch.stack([c.cpu() for c in counts]).sum() if counts else torch.zeros((), dtype=torch.long)
 
 
 def snapshot_selected(params, selection: Selection) -> dict[str, torch.Tensor]:

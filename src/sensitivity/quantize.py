@@ -2,7 +2,9 @@
 
 Groups: ``group`` consecutive input weights of one output row ([out, in] coordinates, so GPT-2's
 Conv1D weights are grouped along their stored rows' transposes), the last group of a row shorter
-when ``group`` does not divide the row length; ``group=None`` is one group per output row.
+when ``group`` does not divide the row length (a row of 64 inputs in groups of 48: one group of 48
+and a last one of 16, each with its own range; a row shorter than ``group`` is one group);
+``group=None`` is one group per output row. ``row_groups`` says how the rows of a model divide.
 Kept weights keep their original values and are left out of their group's range (a
 dense-and-sparse split).
 
@@ -44,6 +46,15 @@ class QuantSpec:
     def label(self) -> str:
         grouping = "row" if self.group is None else f"g{self.group}"
         return f"rtn{self.bits}-{grouping}-{self.scheme}"
+
+
+def row_groups(metas: dict[str, ParamMeta], spec: QuantSpec) -> list[dict]:
+    """How the rows of these weights divide into groups, per distinct row length (inputs):
+    {row_length, full_groups (of ``spec.group`` inputs), last_group (the shorter last group's
+    size; 0 when the group size divides the row)}."""
+    lengths = sorted({math.prod(meta.shape_out_in[1:]) for meta in metas.values()})
+    return [{"row_length": n_in, "full_groups": n_in // (spec.group or n_in),
+             "last_group": n_in % (spec.group or n_in)} for n_in in lengths]
 
 
 def _asymmetric(w, valid, bits):
@@ -100,6 +111,16 @@ def quantize_stored(param: torch.Tensor, meta: ParamMeta, spec: QuantSpec,
         result = quantize_out_in(stored.reshape(stored.shape[0], -1), spec,
                                  None if keep is None else keep.reshape(stored.shape[0], -1))
     return result.reshape(stored.shape).to(stored.dtype)
+
+
+def changed_by(params: dict[str, torch.nn.Parameter], metas: dict[str, ParamMeta],
+               spec: QuantSpec):
+    """name -> bool mask (this process's part of the weight) of the weights that round-to-nearest
+    changes in value (a weight on the grid, such as a 0 in a group with a zero point, stays)."""
+    def changes(name: str) -> torch.Tensor:
+        held = local(params[name]).detach()
+        return quantize_stored(held, metas[name], spec, None) != held
+    return changes
 
 
 BACKUP_HEADROOM = 1.5  # the copy stays on a GPU only with this much of its size free beside it

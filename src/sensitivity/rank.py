@@ -10,6 +10,8 @@ weights as a merge of per-tensor top-K candidates, so memory stays O(tensors x K
 """
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import torch
 
@@ -49,13 +51,14 @@ def _exact_tensor_top(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     return chosen, flat[chosen]
 
 
-def _candidates(scores: dict[str, torch.Tensor], k: int, largest: bool):
+def _candidates(scores: dict[str, torch.Tensor], k: int, largest: bool, eligible=None):
     """Per tensor: (indices ascending, rank keys) of its top-min(k, numel) entries by rank key
     (|score|, negated for bottom-K). One topk per tensor and one host sync for all tensors; a
-    tensor whose k-th and (k+1)-th keys tie is redone exactly."""
+    tensor whose k-th and (k+1)-th keys tie is redone exactly. ``eligible`` (name -> bool mask,
+    bottom-K only): weights outside the mask rank after every eligible one."""
     picks, boundary_ties = {}, []
-    for name, score in scores.items():
-        magnitude = score.detach().reshape(-1).float().abs()
+    for name in scores:
+        magnitude = _rank_key(scores, name, eligible)
         n = min(k, magnitude.numel())
         values, index = torch.topk(magnitude, min(n + 1, magnitude.numel()), largest=largest,
                                    sorted=True)
@@ -68,12 +71,20 @@ def _candidates(scores: dict[str, torch.Tensor], k: int, largest: bool):
     result = {}
     for (name, (index, values)), tie in zip(picks.items(), boundary_ties):
         if bool(tie):
-            key = scores[name].detach().reshape(-1).float().abs()
+            key = _rank_key(scores, name, eligible)
             key = key if largest else key.neg_()
             index, values = _exact_tensor_top(key, index.numel())
             values = values.abs()
         result[name] = (index, values if largest else -values)
     return result
+
+
+def _rank_key(scores, name: str, eligible) -> torch.Tensor:
+    """|score| as a flat float32 tensor; +inf where ``eligible`` rules a weight out."""
+    magnitude = scores[name].detach().reshape(-1).float().abs()  # a new tensor: abs copies
+    if eligible is not None:
+        magnitude.masked_fill_(~eligible(name).reshape(-1).to(magnitude.device), math.inf)
+    return magnitude
 
 
 def synchronize_all(tensors: dict) -> None:
@@ -88,9 +99,9 @@ def _in_rank_order(index: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 
 def _select(scores: dict[str, torch.Tensor], k: int, mode: str, largest: bool,
-            layout=None) -> Selection:
+            layout=None, eligible=None) -> Selection:
     check_k(scores if layout is None else {n: layout.numel[n] for n in scores}, k, mode)
-    candidates = _candidates(scores, k, largest)
+    candidates = _candidates(scores, k, largest, eligible)
     if layout is not None:
         candidates = _union_over_ranks(candidates, layout, k)
     if mode == "per_tensor":
@@ -140,8 +151,11 @@ def top_k(scores, k: int, mode: str, layout=None) -> Selection:
     return _select(scores, k, mode, largest=True, layout=layout)
 
 
-def bottom_k(scores, k: int, mode: str, layout=None) -> Selection:
-    return _select(scores, k, mode, largest=False, layout=layout)
+def bottom_k(scores, k: int, mode: str, layout=None, eligible=None) -> Selection:
+    """The K lowest |score|. ``eligible`` (name -> bool mask of this process's part of the
+    weight, e.g. the weights a perturbation changes): drawn among those weights first; ineligible
+    ones are taken only when too few are eligible."""
+    return _select(scores, k, mode, largest=False, layout=layout, eligible=eligible)
 
 
 def random_k(sizes: dict[str, int], k: int, mode: str, seed: int) -> Selection:

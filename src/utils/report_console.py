@@ -37,17 +37,41 @@ def perturbation(results: dict) -> None:
         ("selection", 10, lambda row: row["selection"]),
         ("seed", 5, lambda row: fixed(row["seed"])),
         ("n", 7, lambda row: row["n_weights"]),
+        ("changed", 8, lambda row: row.get("n_changed", "—")),
         ("perplexity", 12, lambda row: fixed(row["perplexity"])),
         ("x baseline", 11, lambda row: fixed(row["ppl_ratio"])),
-        ("Δppl 95% CI", 24, lambda row: "[{}, {}]".format(
-            *(fixed(end, 2) for end in row["delta_perplexity_ci95"]))),
+        ("Δppl 95% CI", 24, _interval_or_vacuous),
         ("restored", 9, lambda row: str(row["restore_verified"]))])
+    _vacuous_note(results["conditions"], "selection")
     versus = results["summary"].get("top_vs_random")
     if versus:
-        print(f"[cwa] top-K vs random-K: effect ratio {fixed(versus['effect_ratio'])}, z "
-              f"{fixed(versus['z_score'], 2)}, empirical p {fixed(versus['empirical_p_value'], 3)} "
-              f"({versus['n_random_draws']} random draws)")
+        z = fixed(versus["z_score"], 2) if versus.get("z_score") is not None else \
+            "not defined (random-K spread below the evaluation's resolution)"
+        print(f"[cwa] top-K vs random-K: effect ratio {fixed(versus['effect_ratio'])} (of "
+              f"|Δppl|), perplexity ratio {fixed(versus.get('ppl_ratio_to_random'))} (log "
+              f"{sig(versus.get('log_ppl_ratio_to_random'), 3)}), z {z}, "
+              f"{_empirical_p(versus)}")
     print(f"[cwa] all weights restored bit-exactly: {results['restore_verified']}")
+
+
+def _interval_or_vacuous(row: dict) -> str:
+    if row.get("vacuous"):
+        return "no weight changed"
+    return "[{}, {}]".format(*(fixed(end, 2) for end in row["delta_perplexity_ci95"]))
+
+
+def _vacuous_note(rows: list[dict], name_key: str) -> None:
+    vacuous = sorted({row[name_key] for row in rows if row.get("vacuous")})
+    if vacuous:
+        print(f"[cwa] warning: {', '.join(vacuous)} changed no weight's value (n_changed 0): "
+              f"its perplexity is the baseline's, not a measured effect")
+
+
+def _empirical_p(versus: dict) -> str:
+    """The empirical p with the smallest value n random draws allow, 1/(n+1)."""
+    n = versus["n_random_draws"]
+    return (f"empirical p {fixed(versus['empirical_p_value'], 3)} (floor "
+            f"{fixed(1 / (n + 1), 3)} with {n} random draws)")
 
 
 def stability(results: dict) -> None:
@@ -67,16 +91,30 @@ def quantization(results: dict) -> None:
     table(results["conditions"], [
         ("condition", 18, lambda row: row["condition"]),
         ("seed", 5, lambda row: fixed(row["seed"])),
+        ("changed", 8, lambda row: row.get("n_changed", "—")),
         ("perplexity", 12, lambda row: fixed(row["perplexity"])),
         ("x baseline", 11, lambda row: fixed(row["ppl_ratio"])),
-        ("recovery", 9, lambda row: fixed(row["recovery"])),
+        ("recovery", 9, lambda row: "no change" if row.get("vacuous") else fixed(row["recovery"])),
         ("restored", 9, lambda row: str(row["restore_verified"]))])
+    _vacuous_note(results["conditions"], "condition")
     versus = results["summary"].get("top_vs_random")
     if versus:
         print(f"[cwa] top-K recovers {fixed(versus['top_k_recovery'])} of the quantization loss, "
               f"random-K {fixed(versus['random_k_mean_recovery'])} ± "
-              f"{fixed(versus['random_k_sd_recovery'])}; empirical p "
-              f"{fixed(versus['empirical_p_value'])} ({versus['n_random_draws']} random draws)")
+              f"{fixed(versus['random_k_sd_recovery'])}; {_empirical_p(versus)}")
+
+
+def quantization_groups(groups: list[dict], group_size: int | None) -> None:
+    """How a row's last quantization group is formed where the group size does not divide it
+    (``groups``: quantize.row_groups)."""
+    parts = [f"rows of {g['row_length']} inputs: " + (
+        f"{g['full_groups']} group{'s' if g['full_groups'] > 1 else ''} of {group_size} and a "
+        f"last group of {g['last_group']}" if g["full_groups"] else
+        f"one group of {g['last_group']}, shorter than {group_size}")
+        for g in groups if g["last_group"]]
+    if parts:
+        print(f"[cwa] quantization groups of {group_size} consecutive inputs, each with its own "
+              f"range: {'; '.join(parts)}")
 
 
 def table(rows, columns) -> None:
