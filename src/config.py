@@ -194,7 +194,9 @@ class RunConfig:
         "(quantization_results.json)", group="compression", parse=integer(2, 8))
     quant_group: int | None = option(
         128, "consecutive input weights of one output row per quantization group, or row (one "
-        "group per output row)", group="compression", parse=integer_or_word(1, "row"),
+        "group per output row); the last group of a row is shorter when N does not divide the "
+        "row length (its own range; a row shorter than N is one group), and the run says so",
+        group="compression", parse=integer_or_word(1, "row"),
         used_when=("--quantize", lambda c: c.quantize is not None))
     quant_symmetric: bool = option(
         False, "absmax quantization around zero instead of min-max with a zero point",
@@ -263,7 +265,11 @@ class RunConfig:
     resume: bool = option(False, "continue the unfinished run in --out-dir (same command): its "
                           "saved scores and finished conditions are kept, the rest runs",
                           group="output")
-    verbose: bool = option(False, "progress bars and more detail", group="output")
+    verbose: bool = option(False, "progress bars and more detail, the libraries' own bars and "
+                           "logging included", group="output")
+    quiet: bool = option(False, "no progress output: by default a terminal shows bars and a log "
+                         "(stderr not a terminal) gets one line per finished scoring pass and "
+                         "per finished condition", group="output")
     # each analysis' Settings instance, by settings class (src/analysis/registry.py)
     analyses: dict = field(default_factory=dict, compare=False)
 
@@ -324,6 +330,8 @@ class RunConfig:
     def _combination_problems(self):
         if self.data_file and self.dataset:
             yield "give either --data-file or --dataset, not both"
+        if self.quiet and self.verbose:
+            yield "give either --quiet or --verbose, not both"
         for component in self.target_components:
             reason = unscorable(component, self.include_embeddings)
             if reason:

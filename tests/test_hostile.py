@@ -556,6 +556,23 @@ def test_report_files_in_the_way_exit_2(tmp_path, capsys, perturbed_run, in_the_
     assert code == 2 and message in err and err.count("\n") == 1, err
 
 
+def test_quant_group_not_dividing_a_row_says_how_the_last_group_is_formed(tmp_path, capsys):
+    from src.cli import build_parser
+
+    assert "the last group of a row is shorter" in build_parser().format_help().replace("\n", " ")
+    out = tmp_path / "run"
+    code = main([*TINY, "--quantize", "4", "--quant-group", "48", "--seeds", "0",
+                 "--out-dir", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    groups = strict_json(out / "quantization_results.json")["groups"]
+    # tiny-llama rows hold 64 inputs (attention, gate, up) or 128 (down)
+    assert groups == [{"row_length": 64, "full_groups": 1, "last_group": 16},
+                      {"row_length": 128, "full_groups": 2, "last_group": 32}]
+    assert "rows of 64 inputs: 1 group of 48 and a last group of 16" in printed
+    assert "rows of 128 inputs: 2 groups of 48 and a last group of 32" in printed
+
+
 def test_one_giant_line_of_data_says_how_it_was_split_and_warns(tmp_path, capsys):
     text = tmp_path / "giant.txt"
     text.write_text(" ".join(f"word{i} is followed by another" for i in range(40)))

@@ -82,6 +82,60 @@ def test_kept_weights_untouched_and_the_rest_on_the_grid(scheme):
                 assert np.abs(np.round(got / scale)).max() <= 2 ** (bits - 1) - 1
 
 
+
+def reference_rtn(w: np.ndarray, keep: np.ndarray, bits: int, group: int | None,
+                  scheme: str) -> np.ndarray:
+    """Round-to-nearest written out weight by weight in float64, from the formulas in the
+    quantize module's docstring: each row cut into groups of ``group`` inputs from its start,
+    whatever is left over forming a shorter last group."""
+    out = w.astype(np.float64).copy()
+    n_out, n_in = w.shape
+    size = group or n_in
+    for r in range(n_out):
+        for start in range(0, n_in, size):
+            cols = [c for c in range(start, min(start + size, n_in)) if not keep[r, c]]
+            if not cols:
+                continue
+            values = [float(w[r, c]) for c in cols]
+            if scheme == "asymmetric":
+                low, high = min(values), max(values)
+                scale = (high - low) / (2 ** bits - 1)
+                for c, v in zip(cols, values):
+                    zero = round(-low / scale) if scale else 0
+                    out[r, c] = (min(max(round(v / scale) + zero, 0), 2 ** bits - 1) - zero) \
+                        * scale if scale else low
+            else:
+                qmax = 2 ** (bits - 1) - 1
+                scale = max(abs(v) for v in values) / qmax
+                for c, v in zip(cols, values):
+                    out[r, c] = min(max(round(v / scale), -qmax), qmax) * scale if scale else 0.0
+    return out
+
+
+@pytest.mark.parametrize("scheme", ["asymmetric", "symmetric"])
+@pytest.mark.parametrize("group", [6, 7, 32, None])  # 20 = 3 x 6 + 2 = 2 x 7 + 6 < 32
+def test_short_last_groups_against_a_computation_by_hand(scheme, group):
+    generator = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 20, generator=generator)
+    keep = torch.rand(8, 20, generator=generator) < 0.1
+    out = quantize_out_in(w, QuantSpec(3, group, scheme), keep)
+    expected = reference_rtn(w.numpy(), keep.numpy(), 3, group, scheme)
+    assert np.allclose(out.numpy(), expected, atol=1e-5)
+
+
+def test_row_groups_says_how_rows_divide():
+    from src.sensitivity.quantize import row_groups
+
+    metas = {"a": ParamMeta("a", 0, "attn_q", (64, 64), False),
+             "b": ParamMeta("b", 0, "mlp_down", (64, 128), False),
+             "c": ParamMeta("c", 0, "mlp_up", (20, 64), True)}  # Conv1D [in=20, out=64]
+    assert row_groups(metas, QuantSpec(4, 48)) == [
+        {"row_length": 20, "full_groups": 0, "last_group": 20},
+        {"row_length": 64, "full_groups": 1, "last_group": 16},
+        {"row_length": 128, "full_groups": 2, "last_group": 32}]
+    assert row_groups(metas, QuantSpec(4, None)) == [
+        {"row_length": n, "full_groups": 1, "last_group": 0} for n in (20, 64, 128)]
+
 def test_conv1d_is_grouped_along_output_rows():
     stored = torch.randn(12, 5)  # GPT-2 Conv1D: [in=12, out=5]
     meta = ParamMeta("x.mlp.c_fc.weight", 0, "mlp_up", (12, 5), True)
