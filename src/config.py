@@ -265,7 +265,11 @@ class RunConfig:
     resume: bool = option(False, "continue the unfinished run in --out-dir (same command): its "
                           "saved scores and finished conditions are kept, the rest runs",
                           group="output")
-    verbose: bool = option(False, "progress bars and more detail", group="output")
+    verbose: bool = option(False, "progress bars and more detail, the libraries' own bars and "
+                           "logging included", group="output")
+    quiet: bool = option(False, "no progress output: by default a terminal shows bars and a log "
+                         "(stderr not a terminal) gets one line per finished scoring pass and "
+                         "per finished condition", group="output")
     # each analysis' Settings instance, by settings class (src/analysis/registry.py)
     analyses: dict = field(default_factory=dict, compare=False)
 
@@ -326,6 +330,8 @@ class RunConfig:
     def _combination_problems(self):
         if self.data_file and self.dataset:
             yield "give either --data-file or --dataset, not both"
+        if self.quiet and self.verbose:
+            yield "give either --quiet or --verbose, not both"
         for component in self.target_components:
             reason = unscorable(component, self.include_embeddings)
             if reason:

@@ -36,7 +36,7 @@ from src.sensitivity.perturb import PerturbOptions
 from src.sensitivity.rank import top_k
 from src.sensitivity.scoring import ScoringJob
 from src import resume, steps
-from src.utils import manifest, output, report_console, signals
+from src.utils import manifest, output, progress, report_console, signals
 from src.utils.io import update_json, write_json
 
 DEFAULT_METHOD = "zero"  # perturbation of the analyses' experiments when --perturb is not given
@@ -181,7 +181,8 @@ def preflight(config: RunConfig, model, tokenizer, model_info: dict, data: DataS
                      data_parallel=None if shards else data_parallel.current(), shards=shards,
                      batch_size=config.batch_size,
                      seed=config.seeds[0], hutchinson_samples=config.hutchinson_samples,
-                     hutchinson_block=config.hutchinson_block, progress=config.verbose)
+                     hutchinson_block=config.hutchinson_block,
+                     progress=progress.mode(config.quiet, config.verbose))
     plan = Plan(model, tokenizer, model_info, data, params, task_items, harness_tasks, analyses,
                 job, previous=previous,
                 layout=sharding.Layout.of(params, shards) if shards else None)
@@ -236,7 +237,7 @@ def calibration_of(config: RunConfig, data: DataSplit) -> dict:
 def run_steps(config: RunConfig, plan: Plan, out_dir: Path, timer) -> dict:
     model, data, params = plan.model, plan.data, plan.params
     with timer.step("baseline_eval"):
-        baseline = evaluate(model, data.evaluation, config.batch_size, config.verbose,
+        baseline = evaluate(model, data.evaluation, config.batch_size, plan.job.progress == "bars",
                             shards=plan.job.shards)
         report_console.baseline(plan.model_info, data, baseline)
     downstream = None
@@ -352,7 +353,8 @@ def run_analysis(state: steps.RunState, plan: Plan, analysis, settings, prepared
         metas=state.metas, job=state.job, data=state.data, baseline=state.baseline,
         metric=config.metric, k=config.topk, mode=config.mode, seeds=config.seeds,
         controls=config.controls, method=config.perturb or DEFAULT_METHOD, options=state.options,
-        batch_size=config.batch_size, progress=config.verbose, tokenizer=plan.tokenizer,
+        batch_size=config.batch_size, progress=state.job.progress == "bars",
+        tokenizer=plan.tokenizer,
         settings=settings, prepared=prepared, cache=plan.cache, layout=state.layout)
     section = analysis.run(context)
     update_json(state.out_dir / "enhanced_analysis.json", analysis.key, section)

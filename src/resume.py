@@ -15,7 +15,7 @@ from pathlib import Path
 
 from src.sensitivity import score_store
 
-IGNORED_FLAGS = ("resume", "overwrite", "verbose", "out_dir")  # may differ between the two runs
+IGNORED_FLAGS = ("resume", "overwrite", "verbose", "quiet", "out_dir")  # may differ between the two runs
 
 
 @dataclass

@@ -24,7 +24,8 @@ from src.sensitivity.perturb import PerturbOptions, changed_by
 from src.sensitivity.rank import Selection, selection_table
 from src.sensitivity.scoring import MetricOutput, ScoringJob
 from src.sensitivity.statistics import tensor_statistics
-from src.utils import report_console, signals
+from src.utils import progress, report_console, signals
+from src.utils.format import fixed
 from src.utils.io import write_csv, write_json
 
 
@@ -207,13 +208,26 @@ def run_saving(state: RunState, conditions, file_name: str, save, method: str, a
             state.params, conditions[len(finished):], method, state.options, state.evaluate,
             state.baseline,
             on_condition=(lambda c: downstream.on_condition(c, method)) if downstream else None,
-            on_row=lambda rows: save(rows, complete=False), rows=finished, apply=apply,
+            on_row=lambda rows: (save(rows, complete=False),
+                                 report_progress(state, rows, len(conditions))),
+            rows=finished, apply=apply,
             layout=state.layout, changed=changed, blocks=blocks)
     except (KeyboardInterrupt, signals.Interrupted):
         print(f"[cwa] interrupted: {len(finished)} of {len(conditions)} conditions finished and "
               f"are kept in {file_name} (complete: false)", file=sys.stderr)
         raise
     return finished
+
+
+def report_progress(state: RunState, rows: list[dict], n_conditions: int) -> None:
+    """In a log (progress mode ``lines``): one line for the condition that just finished."""
+    if state.job.progress != "lines":
+        return
+    row = rows[-1]
+    seed = "" if row["seed"] is None else f" seed {row['seed']}"
+    progress.line(f"condition {len(rows)}/{n_conditions} {row['selection']}{seed}: perplexity "
+                  f"{fixed(row['perplexity'])}, {row['n_changed']} weights changed, "
+                  f"{row['seconds']:.1f} s")
 
 
 def save_downstream(state: RunState, complete: bool = False) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -121,3 +122,23 @@ def _bootstrap(base: pd.DataFrame, part: pd.DataFrame) -> list[float]:
     delta = np.exp(part["nll_sum"].to_numpy()[picks].sum(axis=1) / tokens) - \
         np.exp(base["nll_sum"].to_numpy()[picks].sum(axis=1) / tokens)
     return list(np.percentile(delta, [2.5, 97.5]))
+
+
+@pytest.mark.slow
+def test_a_log_gets_a_line_per_scoring_pass_and_condition_unless_quiet(tmp_path):
+    args = ["--model", "random:tiny-llama", "--device", "cpu", "--max-length", "32",
+            "--max-samples", "4", "--batch-size", "2", "--topk", "3", "--seeds", "0,1",
+            "--perturb", "zero"]
+    logged = run_cli(*args, "--out-dir", tmp_path / "logged")  # stderr is a pipe: a log
+    assert logged.returncode == 0, logged.stderr[-2000:]
+    lines = logged.stderr.splitlines()
+    assert any(re.fullmatch(r"\[cwa\] grad_x_weight: scoring pass over 2 batches of 2 blocks "
+                            r"done in [\d.]+ s", line) for line in lines)
+    finished = [line for line in lines if line.startswith("[cwa] condition ")]
+    assert len(finished) == 4 and finished[1].startswith("[cwa] condition 2/4 random_k seed 0: "
+                                                         "perplexity ")
+    quiet = run_cli(*args, "--quiet", "--out-dir", tmp_path / "quiet")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert quiet.stdout.replace("quiet", "logged") == logged.stdout  # the same results
+    both = run_cli(*args, "--quiet", "--verbose", "--out-dir", tmp_path / "both")
+    assert both.returncode == 2 and "either --quiet or --verbose" in both.stderr

@@ -8,6 +8,7 @@ Scores accumulate on the weight's device in float32; nothing is synchronised per
 from __future__ import annotations
 
 import math
+import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from src.data.loading import TokenBlocks
 from src.eval.perplexity import masked_nll_sum
 from src.models.properties import input_device
 from src.sensitivity.sharding import local
+from src.utils import progress
 
 Scores = dict[str, torch.Tensor]
 
@@ -34,7 +36,7 @@ class ScoringJob:
     seed: int = 0
     hutchinson_samples: int = 8
     hutchinson_block: bool = False
-    progress: bool = False
+    progress: str = "off"  # src.utils.progress mode: bars, lines or off
     data_parallel: object = None  # src.sensitivity.data_parallel.DataParallel under torchrun
     shards: object = None  # src.sensitivity.sharding.ShardGroup under torchrun --shard
 
@@ -119,8 +121,12 @@ def indexed_batches(job: ScoringJob, desc: str, split: bool = True):
     else:
         mine = range(n_batches)
     device = input_device(job.model)
-    for index in tqdm(mine, desc=desc, disable=not job.progress, leave=False):
+    start = time.perf_counter()
+    for index in tqdm(mine, desc=desc, disable=job.progress != "bars", leave=False):
         yield (index, *job.blocks.batch(0 if index is None else index, job.batch_size, device))
+    if job.progress == "lines":
+        progress.line(f"{desc}: scoring pass over {len(mine)} batches of {job.batch_size} "
+                      f"blocks done in {time.perf_counter() - start:.1f} s")
 
 
 def gradient_scale(job: ScoringJob, index) -> float:
