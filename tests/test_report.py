@@ -348,3 +348,12 @@ def test_every_suite_command_uses_real_flags(tmp_path):
 def test_suite_rejects_unknown_phase(tmp_path):
     done = run_suite("everything", tmp_path, sys.executable)
     assert done.returncode == 2 and "unknown phase 'everything'" in done.stderr
+
+
+def test_a_condition_that_changed_nothing_is_flagged_not_read_as_an_effect():
+    conditions = [{"selection": "top_k", "seed": None, "vacuous": False},
+                  {"selection": "bottom_k", "seed": None, "vacuous": True},
+                  {"selection": "random_k", "seed": 3, "vacuous": True}]
+    (line,) = findings.vacuous_conditions(conditions)
+    assert line.startswith("WARNING: bottom_k, random_k (seed 3) changed no weight's value")
+    assert findings.vacuous_conditions([{"selection": "top_k", "seed": None}]) == []

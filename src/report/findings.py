@@ -80,11 +80,22 @@ def perturbation_findings(run: RunFolder) -> list[str]:
         parts.append(f"bottom-K by {pct(abs(ratios['bottom_k'][0] - 1))}")
     findings = [text + (", while " + " and ".join(parts) if parts else "") + "."]
     findings += significance(summary, top_row)
+    findings += vacuous_conditions(p["conditions"])
     findings += destructive_control(ratios.get("random_k", []))
     if not p.get("restore_verified", True):
         findings.append("WARNING: the weights were not restored bit-exactly after every "
                         "condition; later conditions of this run may be contaminated.")
     return findings
+
+
+def vacuous_conditions(conditions: list[dict]) -> list[str]:
+    """Conditions that changed no weight's value measure nothing, however their numbers read."""
+    names = sorted({f"{c['selection']}" + ("" if c.get("seed") is None else f" (seed {c['seed']})")
+                    for c in conditions if c.get("vacuous")})
+    if not names:
+        return []
+    return [f"WARNING: {', '.join(names)} changed no weight's value (n_changed 0): its "
+            f"perplexity is the baseline's and is not a measured effect."]
 
 
 DESTRUCTIVE_CONTROL_RATIO = 1.5  # random-K mean perplexity / baseline above which we warn
