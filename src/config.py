@@ -3,8 +3,8 @@
 The fields below are the run's core flags (src/cli.py builds argparse from them); each analysis
 adds its own flags through its ``Settings`` (src/analysis/registry.py), kept in
 ``RunConfig.analyses``. ``validate()`` checks every value and every combination that can be
-checked without the model; the pipeline checks the rest (K against the eligible weights, the
-model's context, ...) before the output folder is touched.
+checked without the model; src/loaded_checks.py checks the rest (K against the eligible weights,
+the model's context, ...) in the pipeline, before the output folder is touched.
 """
 from __future__ import annotations
 
@@ -28,13 +28,10 @@ from src.sensitivity.experiment import CONTROL_ALIASES
 from src.sensitivity.metrics import METRICS, shardable_metrics
 from src.sensitivity.perturb import PERTURBATIONS, resolve_bit
 from src.sensitivity import score_store
-from src.sensitivity.rank import MODES, max_k
+from src.sensitivity.rank import MODES
 from src.utils import output
 
 PLOT_FORMATS = ("png", "pdf", "svg")
-CALIBRATION_NAMES = {"source": "the calibration data", "max_length": "--max-length",
-                     "max_samples": "--max-samples",
-                     "sha256": "the calibration text (same source and settings)"}
 MODE_ALIASES = {"per_layer": "per_tensor"}  # the name the first users asked for
 GROUP_HELP = {
     "downstream tasks": "built-in HellaSwag / LAMBADA, scored as lm-evaluation-harness does, and "
@@ -83,7 +80,7 @@ def _controls_used(c: RunConfig) -> bool:
         c.analysis_enabled("clustered_perturbation") or c.analysis_enabled("targeted_perturbation")
 
 
-def _subsets_used(c: RunConfig) -> bool:
+def subsets_used(c: RunConfig) -> bool:
     return c.stability_check or c.analysis_enabled("temporal_stability")
 
 
@@ -208,12 +205,12 @@ class RunConfig:
                                        "(--stability-check, --temporal-stability)",
                                        group="stability", parse=number(0.0, 1.0, low_open=True),
                                        used_when=("--stability-check or --temporal-stability",
-                                                  _subsets_used))
+                                                  subsets_used))
     stability_batches: int = option(3, "disjoint calibration parts compared (--stability-check; "
                                     "prefixes for --temporal-stability)", group="stability",
                                     parse=integer(2),
                                     used_when=("--stability-check or --temporal-stability",
-                                               _subsets_used))
+                                               subsets_used))
     # downstream tasks
     downstream_tasks: tuple[str, ...] = option((), "comma-separated: hellaswag, lambada",
                                                group="downstream tasks",
@@ -342,7 +339,7 @@ class RunConfig:
                 resolve_bit(self.bit_position, _float32())
             except UserError as error:
                 yield f"bad --bit-position: {error}"
-        if self.stability_batches > self.max_samples and _subsets_used(self):
+        if self.stability_batches > self.max_samples and subsets_used(self):
             yield (f"--stability-batches {self.stability_batches} needs at least as many "
                    f"calibration blocks, but --max-samples is {self.max_samples}")
         for task in set(self.downstream_tasks) & set(self.lm_eval_tasks):
@@ -388,64 +385,6 @@ class RunConfig:
             problem = resume.refusal(self.out_dir, self.to_dict())
             if problem:
                 yield problem
-
-    def check_loaded(self, *, context: int | None, sizes: dict[str, int], dtypes,
-                     n_calibration: int) -> None:
-        """The checks that need the loaded model and data (run before the output folder is
-        touched): the model's context, K against the eligible weights, the bit to flip in the
-        weights' dtypes, and enough calibration blocks for the stability parts."""
-        if context is not None and self.max_length > context:
-            raise UserError(f"--max-length {self.max_length} exceeds the model's context of "
-                            f"{context} tokens")
-        limit = max_k(sizes, self.mode)
-        if self.topk > limit:
-            where = "the smallest scored tensor" if self.mode == "per_tensor" else \
-                "all scored weights"
-            raise UserError(f"--topk {self.topk} is larger than {where} ({limit} weights) in "
-                            f"{self.mode} mode")
-        if self.perturb == "bit_flip":
-            for dtype in set(dtypes):
-                try:
-                    resolve_bit(self.bit_position, dtype)
-                except UserError as error:
-                    raise UserError(f"bad --bit-position: {error}") from None
-        if _subsets_used(self) and self.stability_batches > n_calibration:
-            raise UserError(f"--stability-batches {self.stability_batches} needs as many "
-                            f"calibration blocks, but the data gave {n_calibration}; lower it or "
-                            f"give more text")
-
-    def scores_data_check(self, differences: dict[str, tuple]) -> tuple[list[str], str | None]:
-        """For --scores-from computed on other calibration data (``differences``:
-        score_store.calibration_differences): ('what: X there, Y here' per difference, the
-        warning that this run uses them anyway); UserError without --scores-from-other-data."""
-        described = [f"{CALIBRATION_NAMES[key]}: {there} there, {here} here"
-                     for key, (there, here) in differences.items()]
-        if not described:
-            return [], None
-        if not self.scores_from_other_data:
-            raise UserError(f"--scores-from '{self.scores_from}' was scored on other calibration "
-                            f"data ({'; '.join(described)}); pass --scores-from-other-data to "
-                            f"use those scores anyway, or score on this run's data")
-        return described, (f"the scores of --scores-from '{self.scores_from}' were computed on "
-                           f"other calibration data than this run's ({'; '.join(described)}); "
-                           f"--scores-from-other-data uses them anyway")
-
-    def data_warnings(self, data) -> list[str]:
-        """One line per way the token blocks (src.data.loading.DataSplit) fall short of what
-        was asked: a single document cut in two, a side with fewer than --max-samples blocks."""
-        warnings = []
-        if data.halved:
-            warnings.append(f"the data is a single document, cut in two at the space nearest "
-                            f"its middle ({data.sides()}); documents separated by blank lines "
-                            f"or one per line split better")
-        short = [side for side, blocks in (("calibration", data.calibration),
-                                           ("evaluation", data.evaluation))
-                 if len(blocks) < self.max_samples]
-        if short:
-            warnings.append(f"the {' and '.join(short)} side{'s' if len(short) > 1 else ''} "
-                            f"got fewer blocks than --max-samples {self.max_samples} asks "
-                            f"({data.sides()}); give more text or lower --max-samples")
-        return warnings
 
 
 def _float32():

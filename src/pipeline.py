@@ -35,7 +35,7 @@ from src.sensitivity.metrics import compute_scores
 from src.sensitivity.perturb import PerturbOptions
 from src.sensitivity.rank import top_k
 from src.sensitivity.scoring import ScoringJob
-from src import resume, steps
+from src import loaded_checks, resume, steps
 from src.utils import manifest, output, progress, report_console, signals
 from src.utils.io import update_json, write_json
 
@@ -169,10 +169,10 @@ def preflight(config: RunConfig, model, tokenizer, model_info: dict, data: DataS
     params = eligible_parameters(model, restriction(
         parse_layers(config.layers), parse_layers(config.target_layers),
         config.target_components, config.include_embeddings))
-    config.check_loaded(context=model_info.get("max_context"),
-                        sizes={n: p.numel() for n, p in params.items()},
-                        dtypes=[p.dtype for p in params.values()],
-                        n_calibration=len(data.calibration))
+    loaded_checks.check_model(config, context=model_info.get("max_context"),
+                              sizes={n: p.numel() for n, p in params.items()},
+                              dtypes=[p.dtype for p in params.values()],
+                              n_calibration=len(data.calibration))
     checked = Preflight(model, tokenizer, params, data)
     analyses = [(analysis, settings, analysis.prepare(settings, checked) if analysis.prepare
                  else None) for analysis, settings in registry.enabled(config)]
@@ -186,7 +186,7 @@ def preflight(config: RunConfig, model, tokenizer, model_info: dict, data: DataS
     plan = Plan(model, tokenizer, model_info, data, params, task_items, harness_tasks, analyses,
                 job, previous=previous,
                 layout=sharding.Layout.of(params, shards) if shards else None)
-    plan.record["warnings"] = config.data_warnings(data)
+    plan.record["warnings"] = loaded_checks.data_warnings(config, data)
     if shards:
         plan.record["sharding"] = sharding.describe(shards, model)
         problem = config.quantize and quantize.shard_problem(
@@ -220,7 +220,7 @@ def stored_scores_for(config: RunConfig, plan: Plan) -> Path | None:
             return None
     if why:
         raise UserError(f"--scores-from '{config.scores_from}' does not fit this run: {why}")
-    described, warning = config.scores_data_check(differences)
+    described, warning = loaded_checks.scores_data(config, differences)
     if warning:
         plan.record["warnings"].append(warning)
     plan.record["scores_source"] = {"path": str(source), "metric": meta["metric"],
