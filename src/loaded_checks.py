@@ -11,7 +11,7 @@ from src.sensitivity.rank import max_k
 
 CALIBRATION_NAMES = {"source": "the calibration data", "max_length": "--max-length",
                      "max_samples": "--max-samples",
-                     "sha256": "the calibration text (same source and settings)"}
+                     "sha256": "the calibration blocks' sha256"}  # the text changed
 
 
 def check_model(config: RunConfig, *, context: int | None, sizes: dict[str, int], dtypes,
