@@ -1,6 +1,6 @@
 """scripts/benchmark.py on a tiny preset: every figure is in the JSON with the spread of its
-repeats, ratios are consistent, and the bare forward+backward differentiates only the scored
-weights into gradient buffers kept across steps."""
+repeats, ratios are paired with their ceiling round by round, and the bare forward+backward
+differentiates only the scored weights into gradient buffers kept across steps."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from src.bench.measure import repeat_summary
+from src.bench.measure import paired_ratio, repeat_summary
 from src.bench.reference import gradient_step, scored_gradients_kept
 from src.sensitivity.eligibility import eligible_parameters
 from src.sensitivity.metrics import METRICS
@@ -65,12 +65,18 @@ def test_ratios_are_against_the_matching_ceiling(report):
         if name == "evaluate" or data_metric:
             ceiling = "forward" if name in ("evaluate", "score_act_mag") else "forward_backward"
             assert figure["ceiling"] == ceiling
-            base = figures[ceiling]["tokens_per_s"]
             assert figure["tokens_per_s"] == pytest.approx(figure["tokens"] / figure["seconds"])
-            assert figure["ratio"] == pytest.approx(figure["tokens_per_s"] / base)
+            # the ceiling timed again in the same rounds as the figure: the median paired ratio
+            paired = figure["ceiling_seconds_repeats"]
+            assert len(paired) == len(figure["seconds_repeats"]) == 2
+            ratios = [(figure["tokens"] / mine) / (figures[ceiling]["tokens"] / theirs)
+                      for mine, theirs in zip(figure["seconds_repeats"], paired)]
+            assert figure["ratio"] == pytest.approx(statistics.median(ratios))
+            spread = (max(ratios) - min(ratios)) / figure["ratio"]
+            assert figure["ratio_spread"] == pytest.approx(spread)
             assert figure["cost_x_ceiling"] == pytest.approx(1 / figure["ratio"])
         else:
-            assert figure["ratio"] is None
+            assert figure["ratio"] is None and figure["ratio_spread"] is None
     assert "1 probe" in figures["score_hutchinson_diag"]["note"]
 
 
@@ -88,6 +94,13 @@ def test_repeat_summary_is_the_median_and_the_spread_of_the_repeats():
     assert repeat_summary([0.5])["spread"] == 0.0
 
 
+def test_paired_ratio_is_the_median_of_the_rounds_ratios():
+    # rounds of 2 s, 1 s, 4 s against a ceiling (twice the tokens) of 1 s, 1 s, 1 s
+    paired = paired_ratio(100, [2.0, 1.0, 4.0], 200, [1.0, 1.0, 1.0])
+    assert paired == {"ratio": 0.25, "ratio_spread": (0.5 - 0.125) / 0.25,
+                      "cost_x_ceiling": 4.0, "ceiling_seconds_repeats": [1.0, 1.0, 1.0]}
+
+
 def test_reference_step_differentiates_only_the_scored_weights_into_kept_buffers():
     torch.manual_seed(0)
     model = load("random:tiny-gpt2").model  # tied wte = lm_head: embeddings and head unscored
@@ -101,12 +114,12 @@ def test_reference_step_differentiates_only_the_scored_weights_into_kept_buffers
                                                         list(scored.values()))))
     with scored_gradients_kept(model, scored):
         buffers = {name: p.grad.data_ptr() for name, p in scored.items()}
-        for _ in range(2):  # the same batch twice: the buffers are zeroed, not accumulated into
-            gradient_step(model, scored, ids, mask)
+        for _ in range(2):  # the same batch twice: both gradients accumulate in the buffers
+            gradient_step(model, ids, mask)
         for name, p in model.named_parameters():
             if name in scored:
                 assert p.grad.data_ptr() == buffers[name], name
-                torch.testing.assert_close(p.grad, expected[name])
+                torch.testing.assert_close(p.grad, 2 * expected[name])
             else:
                 assert p.grad is None and not p.requires_grad, name
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags

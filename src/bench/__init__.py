@@ -9,22 +9,27 @@ Figures (each timed after one untimed warm-up call, then ``--repeats`` timed cal
                         for evaluation and ``act_mag``.
 * ``forward_backward``  bare forward+backward, the work no gradient metric avoids: the
                         calibration loss (``loss_sum``, the metrics' own), gradients of exactly
-                        the scored weights (requires_grad off elsewhere) into ``.grad`` buffers
-                        allocated once and zeroed in place each step (src/bench/reference.py):
-                        the ceiling for the gradient metrics and Hutchinson.
+                        the scored weights (requires_grad off elsewhere) accumulated into
+                        ``.grad`` buffers allocated once per call, outside the timing, and kept
+                        across its steps (src/bench/reference.py): the ceiling for the gradient
+                        metrics and Hutchinson.
 * ``score_<metric>``    ``compute_scores`` for every metric in ``METRICS`` on the same blocks
                         (``hutchinson_diag`` with one probe per batch: its ratio is the cost of one
                         probe, first-order graph included, per token, relative to one fwd+bwd).
 * ``evaluate``          ``src.eval.perplexity.evaluate`` (NLL, accuracy, per-block sums).
-* ``topk_global`` / ``topk_per_tensor``  ``rank.top_k`` over every scored weight's scores.
+* ``topk_global`` / ``topk_per_tensor``  ``rank.top_k`` over every scored weight's scores
+                        (``--rank-metric`` on the warm-up batch).
 * ``perturb_restore``   ``perturbed(..., "sign_flip")`` of the K globally selected weights and
                         their exact restore.
 * ``quantize_rtn``      round-to-nearest (``--quant-bits``, groups of 128) of every scored weight,
                         written back in place (the compression experiment's cost per condition).
 
 Throughput is tokens per second over ``--steps`` batches of ``--batch-size`` x ``--max-length``
-random token ids; ``ratio`` = figure's tokens/s / ceiling's tokens/s (1.0 = no overhead over the
-bare model). Peak memory per figure: CUDA max allocated (largest over visible GPUs), else the
+random token ids. A figure with a ceiling is timed in rounds with it, one call of each per round,
+so both meet the same load of a shared machine: ``ratio`` is the median over the rounds of the
+figure's tokens/s / the ceiling's tokens/s (1.0 = no overhead over the bare model),
+``ratio_spread`` their (largest - smallest) / median, ``ceiling_seconds_repeats`` the ceiling's
+seconds in those rounds. Peak memory per figure: CUDA max allocated (largest over visible GPUs), else the
 process's peak RSS (reset per figure where Linux allows it, else the running peak).
 
 Example: python scripts/benchmark.py --model random:llama-3.1-8b --dtype bfloat16 \\

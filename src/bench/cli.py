@@ -44,7 +44,8 @@ def parse_args(argv=None):
     parser.add_argument("--quant-bits", type=int, default=4,
                         help="bits of the round-to-nearest quantization figure")
     parser.add_argument("--rank-metric", default="grad_x_weight",
-                        help="whose scores the top-K and perturbation figures use")
+                        help="whose scores (on the warm-up batch) the top-K and perturbation "
+                             "figures use")
     parser.add_argument("--hutchinson-batch-size", type=int,
                         help="batch size for the Hutchinson figure (default --batch-size)")
     parser.add_argument("--hutchinson-mode", choices=["whole", "block", "auto"], default="auto",
@@ -90,17 +91,12 @@ def run(args) -> dict:
     bench.forward()
     bench.forward_backward()
     metrics = [m for m in args.metrics.split(",") if m and (not shards or METRICS[m].shardable)]
-    ordered = [args.rank_metric] * (args.rank_metric in metrics) + \
-        [m for m in metrics if m != args.rank_metric]
-    for metric in ordered:
+    for metric in metrics:
         bench.metric(metric)
-        if metric == args.rank_metric and not shards:
-            bench.ranking_and_perturbation()
-    if args.rank_metric not in metrics and not shards:
-        bench.ranking_and_perturbation()
     bench.evaluate()
     names = ["forward", "forward_backward", *[f"score_{m}" for m in metrics], "evaluate"]
     if not shards:  # ranking, perturbation and quantization figures: one process
+        bench.ranking_and_perturbation()
         bench.quantization()
         names += ["topk_global", "topk_per_tensor", "perturb_restore", "quantize_rtn"]
     figures = {name: bench.figures[name] for name in names}
@@ -139,6 +135,9 @@ def main(argv=None) -> int:
           f"spread = (slowest - fastest) / median), "
           f"{report['model']['dtype']} on {report['device']}, {report['threads']} threads")
     print(table(report["figures"]))
+    print("ratio: median over the repeats of the figure's tokens/s against its ceiling's, the "
+          "ceiling timed again in the same rounds (so not the ceiling row's tokens/s); spread "
+          "beside it: (largest - smallest) / median of those ratios")
     if report["world_size"] > 1:
         print(f"{report['world_size']} processes, model sharded (FSDP2): seconds are the slowest "
               f"rank's, tokens/s all ranks' together (per rank: divide by "

@@ -3,10 +3,14 @@ quantization, each timed in the same process (src/bench/__init__.py)."""
 from __future__ import annotations
 
 import gc
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
-from src.bench.measure import PeakMemory, random_blocks, repeat_summary, timed
+from src.bench.measure import (PeakMemory, Work, paired_ratio, random_blocks, repeat_summary,
+                               timed_rounds)
 from src.bench.reference import gradient_step, scored_gradients_kept
 from src.eval.perplexity import evaluate
 from src.models.components import describe_parameters
@@ -20,6 +24,14 @@ from src.sensitivity.sharding import without_grad
 
 # Which bare ceiling each scoring metric is compared with (default: forward_backward).
 FORWARD_ONLY_METRICS = {"act_mag"}
+CEILINGS = ("forward", "forward_backward")
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """A ceiling's work, timed again beside every figure compared with it."""
+    work: Work
+    tokens: int
 
 
 class Bench:
@@ -38,39 +50,65 @@ class Bench:
                                          seed=2)
         self.tokens = n * args.max_length
         self.figures: dict[str, dict] = {}
-        self.scores = None
+        self.ceilings: dict[str, Ceiling] = {}
+        # Hutchinson one transformer block at a time: --hutchinson-mode block, or auto after
+        # the whole model ran out of memory
+        self.hutchinson_block = args.hutchinson_mode == "block"
         self.main = shards is None or shards.is_main
 
     def record(self, name: str, fn, warm_data=None, data=None, *, tokens: int | None = None,
-               ceiling: str | None = None, note: str = "") -> dict:
-        self.memory.reset()
+               ceiling: str | None = None, note: str = "", around=nullcontext) -> dict:
+        """Time ``fn(data)`` (see measure.Work) and keep its figure. A figure with a ratio is
+        timed in rounds with its ceiling (one call of each per round) and its ratio is the
+        median of the rounds' ratios."""
+        work, peaks = Work(fn, data, warm_data, around), []
+        paired = self.ceilings.get(ceiling) if tokens else None
+        measured = replace(work, around=partial(self._peak_memory, peaks, around))
         try:
-            seconds = timed(fn, warm_data, data, self.args.repeats, self.args.clock)
-            if self.shards is not None:  # each repeat takes as long as its slowest rank
-                seconds = [max(ranks) for ranks in zip(*self.shards.all_gather_objects(seconds))]
+            *ceiling_seconds, seconds = self._timed([paired.work, measured] if paired
+                                                    else [measured])
         except torch.cuda.OutOfMemoryError as error:
-            figure = {"error": f"out of memory: {str(error).splitlines()[0][:160]}",
-                      "peak_memory_bytes": self.memory.peak_bytes(), "note": note}
-            self.figures[name] = figure
-            gc.collect()
-            torch.cuda.empty_cache()
-            print(f"[bench] {name}: OUT OF MEMORY", flush=True)
-            return figure
+            return self._out_of_memory(name, error, note)
         timing = repeat_summary(seconds)
         figure = {**timing, "tokens": tokens,
                   "tokens_per_s": tokens / timing["seconds"] if tokens else None,
-                  "ceiling": ceiling, "ratio": None, "cost_x_ceiling": None,
-                  "peak_memory_bytes": self.memory.peak_bytes(), "note": note}
-        base = self.figures.get(ceiling or "", {}).get("tokens_per_s")
-        if tokens and base:
-            figure["ratio"] = figure["tokens_per_s"] / base
-            figure["cost_x_ceiling"] = base / figure["tokens_per_s"]
+                  "ceiling": ceiling, "ratio": None, "ratio_spread": None,
+                  "cost_x_ceiling": None, "peak_memory_bytes": max(peaks), "note": note}
+        if paired:
+            figure.update(paired_ratio(tokens, seconds, paired.tokens, ceiling_seconds[0]))
+        if name in CEILINGS:
+            self.ceilings[name] = Ceiling(work, tokens)
         self.figures[name] = figure
         if self.main:
             print(f"[bench] {name}: {figure['seconds']:.4f} s (spread {figure['spread']:.1%})" +
                   (f", {figure['tokens_per_s']:.1f} tok/s" if tokens else "") +
-                  (f", ratio {figure['ratio']:.3f} vs {ceiling}" if figure["ratio"] else ""),
-                  flush=True)
+                  (f", ratio {figure['ratio']:.3f} (spread {figure['ratio_spread']:.1%}) vs "
+                   f"{ceiling}" if paired else ""), flush=True)
+        return figure
+
+    def _timed(self, works: list[Work]) -> list[list[float]]:
+        """timed_rounds; under --shard each round's seconds are the slowest rank's."""
+        seconds = timed_rounds(works, self.args.repeats, self.args.clock)
+        if self.shards is None:
+            return seconds
+        every_rank = self.shards.all_gather_objects(seconds)
+        return [[max(ranks) for ranks in zip(*work_seconds)] for work_seconds in zip(*every_rank)]
+
+    @contextmanager
+    def _peak_memory(self, peaks: list[int], around):
+        """``around()`` with this process's peak memory of the call appended to ``peaks``."""
+        self.memory.reset()
+        with around():
+            yield
+        peaks.append(self.memory.peak_bytes())
+
+    def _out_of_memory(self, name: str, error, note: str) -> dict:
+        figure = {"error": f"out of memory: {str(error).splitlines()[0][:160]}",
+                  "peak_memory_bytes": self.memory.peak_bytes(), "note": note}
+        self.figures[name] = figure
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"[bench] {name}: OUT OF MEMORY", flush=True)
         return figure
 
     def batches(self, blocks):
@@ -88,25 +126,22 @@ class Bench:
                 for ids, mask in items:
                     self.model(input_ids=ids, attention_mask=mask)
 
-        self._measure("forward", run, batches, warm, ceiling=None,
-                      note="bare model forward, inference mode")
+        self.record("forward", run, warm, batches, tokens=self.tokens,
+                    note="bare model forward, inference mode")
 
     def forward_backward(self):
         batches, warm = self.batches(self.blocks), self.batches(self.warm_blocks)
 
         def run(items):
             for ids, mask in items:
-                gradient_step(self.model, self.params, ids, mask)
+                gradient_step(self.model, ids, mask)
 
-        with scored_gradients_kept(self.model, self.params):
-            self._measure("forward_backward", run, batches, warm, ceiling=None,
-                          note="bare forward+backward: calibration loss, gradients of the scored "
-                               "weights only, into buffers kept across steps")
+        self.record("forward_backward", run, warm, batches, tokens=self.tokens,
+                    around=partial(scored_gradients_kept, self.model, self.params),
+                    note="bare forward+backward: calibration loss, gradients of the scored "
+                         "weights only, accumulated into buffers kept across steps")
 
-    def _measure(self, name, run, batches, warm, ceiling, note):
-        self.record(name, run, warm, batches, tokens=self.tokens, ceiling=ceiling, note=note)
-
-    def metric(self, metric: str, block_mode: bool = False):
+    def metric(self, metric: str):
         args = self.args
         uses_data = METRICS[metric].uses_data
         batch_size = args.batch_size
@@ -117,32 +152,24 @@ class Bench:
             vocab = self.model.get_input_embeddings().num_embeddings
             blocks = random_blocks(batch_size * args.steps, args.max_length, vocab, seed=3)
             warm = random_blocks(batch_size, args.max_length, vocab, seed=4)
-            block_mode = block_mode or args.hutchinson_mode == "block"
             note = (f"1 probe per batch of {batch_size}, "
-                    + ("block mode (one pass per transformer block)" if block_mode
+                    + ("block mode (one pass per transformer block)" if self.hutchinson_block
                        else "whole model") + "; cost_x_ceiling = cost of one probe per token "
                     "in fwd+bwd units")
         ceiling = "forward" if metric in FORWARD_ONLY_METRICS else "forward_backward"
-        result = {}
 
-        def run(data):
-            result.clear()
-            job = ScoringJob(self.model, self.params, data, batch_size=batch_size, seed=0,
-                             hutchinson_samples=1, hutchinson_block=block_mode,
-                             shards=self.shards)
-            result["scores"] = compute_scores(job, metric).scores
+        def run(data):  # the scores are dropped at once: no call holds another's in memory
+            compute_scores(self.scoring_job(data, batch_size), metric)
 
         tokens = len(blocks) * args.max_length if uses_data else None
         figure = self.record(f"score_{metric}", run, warm, blocks, tokens=tokens,
                              ceiling=ceiling if uses_data else None, note=note)
-        if metric == args.rank_metric and "scores" in result:
-            self.scores = result["scores"]
-        result.clear()
-        if "error" in figure and metric == "hutchinson_diag" and not block_mode \
+        if "error" in figure and metric == "hutchinson_diag" and not self.hutchinson_block \
                 and args.hutchinson_mode == "auto":
             print("[bench] hutchinson_diag: whole-model mode ran out of memory; block mode",
                   flush=True)
-            self.metric(metric, block_mode=True)
+            self.hutchinson_block = True
+            self.metric(metric)
 
     def evaluate(self):
         self.record("evaluate", lambda data: evaluate(self.model, data, self.args.batch_size,
@@ -150,28 +177,37 @@ class Bench:
                     self.warm_blocks, self.blocks, tokens=self.tokens, ceiling="forward",
                     note="NLL, accuracy, per-block sums")
 
+    def scoring_job(self, data, batch_size: int) -> ScoringJob:
+        """A scoring job on ``data`` (Hutchinson: one probe per batch)."""
+        return ScoringJob(self.model, self.params, data, batch_size=batch_size, seed=0,
+                          hutchinson_samples=1, hutchinson_block=self.hutchinson_block,
+                          shards=self.shards)
+
     def ranking_and_perturbation(self):
-        if self.scores is None:
-            self.scores = compute_scores(ScoringJob(self.model, self.params, self.warm_blocks,
-                                                    self.args.batch_size), "magnitude").scores
-        n_weights = sum(s.numel() for s in self.scores.values())
+        """Top-K and perturbation of scores of ``--rank-metric`` on the warm-up batch
+        (magnitude if that metric's figure ran out of memory)."""
+        metric = self.args.rank_metric
+        if "error" in self.figures.get(f"score_{metric}", {}):
+            metric = "magnitude"
+        scores = compute_scores(self.scoring_job(self.warm_blocks, self.args.batch_size),
+                                metric).scores
+        n_weights = sum(s.numel() for s in scores.values())
         k = self.args.topk
         selection = {}
 
         def global_top(_):
-            selection["global"] = top_k(self.scores, k, "global")
+            selection["global"] = top_k(scores, k, "global")
 
         self.record("topk_global", global_top,
-                    note=f"exact global top-{k} of {n_weights} weights ({self.args.rank_metric})")
-        self.record("topk_per_tensor", lambda _: top_k(self.scores, k, "per_tensor"),
-                    note=f"top-{k} in each of {len(self.scores)} tensors")
+                    note=f"exact global top-{k} of {n_weights} weights ({metric})")
+        self.record("topk_per_tensor", lambda _: top_k(scores, k, "per_tensor"),
+                    note=f"top-{k} in each of {len(scores)} tensors")
 
         def flip(_):
             with perturbed(self.params, selection["global"], "sign_flip"):
                 pass
 
         self.record("perturb_restore", flip, note=f"sign_flip of {k} weights and exact restore")
-        self.scores = None
 
     def quantization(self):
         """Round-to-nearest of every scored weight, tensor by tensor, written back in place

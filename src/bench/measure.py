@@ -1,4 +1,4 @@
-"""Timing and peak memory of one benchmark figure (src/bench/__init__.py)."""
+"""Timing and peak memory of the benchmark's figures (src/bench/__init__.py)."""
 from __future__ import annotations
 
 import gc
@@ -6,10 +6,14 @@ import resource
 import statistics
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from src.data.loading import TokenBlocks
+
 
 def synchronize() -> None:
     if torch.cuda.is_available():
@@ -57,19 +61,36 @@ class PeakMemory:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def timed(fn, warm_data, data, repeats: int = 1, clock: str = "wall") -> list[float]:
-    """Seconds of each of ``repeats`` calls ``fn(data)``, after one untimed warm-up call
-    ``fn(warm_data)``. ``clock``: wall time, or this process's CPU time (user + system: what a
-    CPU run costs, unaffected by other processes waiting for the same cores)."""
+@dataclass(frozen=True)
+class Work:
+    """What one figure times: ``run(data)``, warmed up once by an untimed ``run(warm_data)``;
+    every call sits inside ``around()``, which is not timed (state the call needs, such as the
+    reference's gradient buffers, and the figure's peak memory)."""
+    run: Callable
+    data: object = None
+    warm_data: object = None
+    around: Callable[[], AbstractContextManager] = nullcontext
+
+
+def timed_rounds(works: list[Work], repeats: int = 1, clock: str = "wall") -> list[list[float]]:
+    """Seconds of each work in each of ``repeats`` rounds, after one untimed warm-up call of
+    each. A round runs the works one after another, so works timed together (a figure and its
+    ceiling) meet the same load of a shared machine. ``clock``: wall time, or this process's CPU
+    time (user + system: what a CPU run costs, unaffected by other processes waiting for the
+    same cores)."""
     now = CLOCKS[clock]
-    fn(warm_data)
-    seconds = []
+    for work in works:
+        with work.around():
+            work.run(work.warm_data)
+    seconds = [[] for _ in works]
     for _ in range(repeats):
-        synchronize()
-        start = now()
-        fn(data)
-        synchronize()
-        seconds.append(now() - start)
+        for work, its_seconds in zip(works, seconds):
+            with work.around():
+                synchronize()
+                start = now()
+                work.run(work.data)
+                synchronize()
+                its_seconds.append(now() - start)
     return seconds
 
 
@@ -81,6 +102,18 @@ def repeat_summary(seconds: list[float]) -> dict:
             "spread": (max(seconds) - min(seconds)) / middle, "seconds_repeats": list(seconds)}
 
 
+def paired_ratio(tokens: int, seconds: list[float], ceiling_tokens: int,
+                 ceiling_seconds: list[float]) -> dict:
+    """Throughput against the ceiling timed in the same rounds: ``ratio`` = the median over
+    rounds of (tokens / seconds) / (ceiling tokens / ceiling seconds), ``ratio_spread`` =
+    (largest - smallest) / median of those ratios, ``cost_x_ceiling`` = 1 / ratio."""
+    ratios = [(tokens / mine) / (ceiling_tokens / theirs)
+              for mine, theirs in zip(seconds, ceiling_seconds)]
+    middle = statistics.median(ratios)
+    return {"ratio": middle, "ratio_spread": (max(ratios) - min(ratios)) / middle,
+            "cost_x_ceiling": 1 / middle, "ceiling_seconds_repeats": list(ceiling_seconds)}
+
+
 def random_blocks(n_blocks: int, length: int, vocab_size: int, seed: int) -> TokenBlocks:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (n_blocks, length), generator=generator)
@@ -88,15 +121,16 @@ def random_blocks(n_blocks: int, length: int, vocab_size: int, seed: int) -> Tok
 
 
 def table(figures: dict) -> str:
-    lines = [f"{'figure':<24}{'seconds':>11}{'spread':>8}{'tokens/s':>13}{'ratio':>8}  "
-             f"{'vs':<17}{'peak MiB':>10}"]
+    lines = [f"{'figure':<24}{'seconds':>11}{'spread':>8}{'tokens/s':>13}{'ratio':>8}"
+             f"{'spread':>8}  {'vs':<17}{'peak MiB':>10}"]
     for name, f in figures.items():
         peak = f"{f['peak_memory_bytes'] / 2**20:.0f}" if f.get("peak_memory_bytes") else "-"
         if "error" in f:
             lines.append(f"{name:<24}{'ERROR':>11}  {f['error'][:50]}  {peak}")
             continue
         tps = f"{f['tokens_per_s']:.1f}" if f["tokens_per_s"] else "-"
-        ratio = f"{f['ratio']:.3f}" if f["ratio"] is not None else "-"
-        lines.append(f"{name:<24}{f['seconds']:>11.4f}{f['spread']:>8.1%}{tps:>13}{ratio:>8}  "
-                     f"{f['ceiling'] or '':<17}{peak:>10}")
+        ratio, ratio_spread = ((f"{f['ratio']:.3f}", f"{f['ratio_spread']:.1%}")
+                               if f["ratio"] is not None else ("-", "-"))
+        lines.append(f"{name:<24}{f['seconds']:>11.4f}{f['spread']:>8.1%}{tps:>13}{ratio:>8}"
+                     f"{ratio_spread:>8}  {f['ceiling'] or '':<17}{peak:>10}")
     return "\n".join(lines)

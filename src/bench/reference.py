@@ -2,9 +2,10 @@
 avoid (src/bench/__init__.py).
 
 A step is the calibration loss (``loss_sum``, the metrics' own) and its backward, with gradients
-of exactly the scored weights (``gradients_only_on``, as every gradient metric) written into
-``.grad`` buffers allocated once and zeroed in place, so no step pays for gradients of the
-embeddings, the output head or 1-D weights, nor for allocating gradients again.
+of exactly the scored weights (``gradients_only_on``, as every gradient metric) accumulated into
+``.grad`` buffers allocated (as zeros) once per timed call, outside the timing: no step pays for
+gradients of the embeddings, the output head or 1-D weights, nor for allocating or clearing
+gradient buffers.
 """
 from __future__ import annotations
 
@@ -25,10 +26,8 @@ def scored_gradients_kept(model, params: dict[str, torch.nn.Parameter]):
         yield
 
 
-def gradient_step(model, params: dict[str, torch.nn.Parameter], input_ids,
-                  attention_mask) -> None:
-    """One bare forward+backward inside ``scored_gradients_kept``: the kept buffers zeroed in
-    place, then the batch's gradient accumulated into them."""
-    for param in params.values():
-        param.grad.zero_()
+def gradient_step(model, input_ids, attention_mask) -> None:
+    """One bare forward+backward inside ``scored_gradients_kept``: the batch's gradients
+    accumulate into the kept buffers in place, as a gradient metric's accumulators do (no buffer
+    is allocated or cleared per step)."""
     loss_sum(model, input_ids, attention_mask).backward()
