@@ -1,6 +1,7 @@
 """The weights files of a local model folder, checked before Hugging Face loads them.
 
-A corrupt, truncated or missing weights file makes the loader deep inside transformers raise an
+Weights whose shapes do not fit the config are named by ``check_shapes_match``. A corrupt,
+truncated or missing weights file makes the loader deep inside transformers raise an
 error that names no file (safetensors' ``SafetensorError``, ``torch.load``'s ``UnpicklingError``
 or ``RuntimeError``). ``check_weight_files`` opens each file the folder's checkpoint is made of,
 the way transformers picks them, reading headers only (safetensors' header, ``torch.load`` onto
@@ -79,3 +80,16 @@ def _check_readable(weights: Path) -> None:
     except (EOFError, RuntimeError, OSError) as error:
         raise UserError(f"weights file '{weights}' cannot be read by torch.load: corrupt or "
                         f"truncated ({first_line(error)})") from None
+
+
+def check_shapes_match(path_or_id, mismatched_keys) -> None:
+    """UserError naming a weight whose shape in the checkpoint is not the one its config gives.
+
+    ``mismatched_keys`` holds transformers' (name, shape in the checkpoint, shape in the model)."""
+    if not mismatched_keys:
+        return
+    name, saved, expected = min(mismatched_keys)
+    others = f" (and {len(mismatched_keys) - 1} more weight(s))" if len(mismatched_keys) > 1 else ""
+    raise UserError(f"the weights of model '{path_or_id}' do not fit its config.json: '{name}' "
+                    f"is {tuple(saved)} in the checkpoint but {tuple(expected)} by the "
+                    f"config{others}")

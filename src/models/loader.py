@@ -23,7 +23,7 @@ from src.errors import UserError, first_line
 from src.sensitivity.sharding import shard_model
 from src.models.builtin import (BUILTIN_ALIASES, BUILTIN_NAME, builtin_tokenizer,
                                 default_cache_dir, ensure_cache)
-from src.models.checkpoint import check_weight_files
+from src.models.checkpoint import check_shapes_match, check_weight_files
 from src.models.device_map import check_resident, dispatch_random, resolve_device_map
 from src.models import random_init
 from src.models.presets import PRESETS
@@ -185,21 +185,8 @@ def _load_pretrained(path_or_id, torch_dtype, device_map, revision, trust_remote
     model, loading_info = AutoModelForCausalLM.from_pretrained(
         path_or_id, dtype=torch_dtype, device_map=device_map, ignore_mismatched_sizes=True,
         output_loading_info=True, **kwargs)
-    _check_shapes_match(path_or_id, loading_info["mismatched_keys"])
+    check_shapes_match(path_or_id, loading_info["mismatched_keys"])
     return model, tokenizer
-
-
-def _check_shapes_match(path_or_id, mismatched_keys) -> None:
-    """UserError naming a weight whose shape in the checkpoint is not the one its config gives.
-
-    ``mismatched_keys`` holds transformers' (name, shape in the checkpoint, shape in the model)."""
-    if not mismatched_keys:
-        return
-    name, saved, expected = min(mismatched_keys)
-    others = f" (and {len(mismatched_keys) - 1} more weight(s))" if len(mismatched_keys) > 1 else ""
-    raise UserError(f"the weights of model '{path_or_id}' do not fit its config.json: '{name}' "
-                    f"is {tuple(saved)} in the checkpoint but {tuple(expected)} by the "
-                    f"config{others}")
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
