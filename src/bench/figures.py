@@ -62,6 +62,7 @@ class Bench:
         timed in rounds with its ceiling (one call of each per round) and its ratio is the
         median of the rounds' ratios."""
         work, peaks = Work(fn, data, warm_data, around), []
+        self.memory.reset()
         paired = self.ceilings.get(ceiling) if tokens else None
         measured = replace(work, around=partial(self._peak_memory, peaks, around))
         try:
@@ -97,7 +98,7 @@ class Bench:
     @contextmanager
     def _peak_memory(self, peaks: list[int], around):
         """``around()`` with this process's peak memory of the call appended to ``peaks``."""
-        self.memory.reset()
+        self.memory.reset_peak()
         with around():
             yield
         peaks.append(self.memory.peak_bytes())

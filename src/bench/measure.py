@@ -28,9 +28,16 @@ class PeakMemory:
         self.rss_resettable = False
 
     def reset(self) -> None:
+        """Before a figure: free what earlier figures left cached, then start a new peak."""
         gc.collect()
         if self.use_cuda:
             torch.cuda.empty_cache()
+        self.reset_peak()
+
+    def reset_peak(self) -> None:
+        """Start a new peak, keeping cached memory (between a figure's timed calls, which must
+        not pay for allocating it again)."""
+        if self.use_cuda:
             for index in range(torch.cuda.device_count()):
                 torch.cuda.reset_peak_memory_stats(index)
             return
