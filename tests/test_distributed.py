@@ -37,19 +37,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-# The processes under torchrun compute with other CPU kernels than the one-process runs they are
-# compared with (ATen's scalar code instead of its vector code, MKL held to SSE4.2): every
-# comparison crosses kernel families, as a run on another CPU does, so the tests hold what float32
-# can promise (tests/tolerance.py) and no more. Random presets drawn by the scalar code differ
-# from the vector code's draw by a few float32 ulps, as they do between CPUs.
-OTHER_CPU_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
-
-
 def torchrun(*args, nproc: int = 2) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(RUNNER),
                *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", **OTHER_CPU_KERNELS)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
 
 

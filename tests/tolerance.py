@@ -23,11 +23,8 @@ import torch
 
 FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
 PERPLEXITY_REL = 1e-6
-# A random preset drawn by another CPU's vector code (its own log, sqrt and cos in Box-Muller)
-# differs from this CPU's draw by a few ulps per weight.
-WEIGHT_REL = 16 * FLOAT32_EPS
 KEY = ["parameter", "flat_index"]
-COORDINATES = ["layer", "component", "row", "col"]
+COORDINATES = ["layer", "component", "row", "col", "value"]  # the weights themselves are equal
 
 
 def summation_atol(scale: float, n_terms: int) -> float:
@@ -81,15 +78,15 @@ def _assert_group_selection(group: pd.DataFrame, tolerance) -> None:
     both = group[group["_merge"] == "both"]
     for column in COORDINATES:
         assert (both[f"{column}_expected"] == both[f"{column}_got"]).all(), column
-    np.testing.assert_allclose(both["value_got"], both["value_expected"], rtol=WEIGHT_REL, atol=0)
     for _, row in both.iterrows():
         assert abs(row["score_got"] - row["score_expected"]) <= tolerance(row["parameter"]), \
             (row["parameter"], row["flat_index"])
-    for side in ("expected", "got"):
+    for side, other in (("expected", "got"), ("got", "expected")):
         alone = group[group["_merge"] == ("left_only" if side == "expected" else "right_only")]
-        boundary = group[f"score_{side}"].abs().min()
-        for _, row in alone.iterrows():  # only a boundary weight may be swapped for another
-            assert abs(abs(row[f"score_{side}"]) - boundary) <= 2 * tolerance(row["parameter"]), \
+        other_boundary = group[f"score_{other}"].abs().min()  # the other run's K-th score
+        for _, row in alone.iterrows():  # only a near-tie of the boundary may be swapped
+            assert abs(abs(row[f"score_{side}"]) - other_boundary) <= \
+                2 * tolerance(row["parameter"]), \
                 f"{row['parameter']}[{row['flat_index']}] selected by one run only"
     _assert_ranks_agree(both, tolerance)
 
