@@ -382,7 +382,7 @@ class RunConfig:
         if problem:
             yield problem
         elif self.resume:
-            problem = resume.refusal(self.out_dir, self.to_dict())
+            problem = resume.refusal(self.out_dir, self.to_dict(), type(self)().to_dict())
             if problem:
                 yield problem
 

@@ -40,8 +40,9 @@ def _read(path: Path):
     return read_json(path) if path.is_file() else None
 
 
-def refusal(out_dir: str, config_dict: dict) -> str | None:
-    """Why ``--resume`` cannot continue the run in ``out_dir`` with this configuration."""
+def refusal(out_dir: str, config_dict: dict, defaults: dict) -> str | None:
+    """Why ``--resume`` cannot continue the run in ``out_dir`` with this configuration.
+    ``defaults``: every flag's default, which a run written before the flag existed had."""
     folder = Path(out_dir)
     manifest, saved = _read(folder / "experiment_manifest.json"), _read(folder / "config.json")
     if manifest is None or saved is None:
@@ -50,7 +51,7 @@ def refusal(out_dir: str, config_dict: dict) -> str | None:
             "succeeded":
         return (f"--resume: the run in '{out_dir}' succeeded, there is nothing to continue; "
                 f"--overwrite runs it again")
-    differing = differences(saved, config_dict)
+    differing = differences({**defaults, **saved}, config_dict)
     if differing:
         return (f"--resume needs the same command as the run in '{out_dir}'; these flags "
                 f"differ: {'; '.join(differing)}")

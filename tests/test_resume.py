@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from src.cli import main
+from src.cli import config_from_argv, main
+from src.errors import UserError
 from src.sensitivity import score_store
 from src.utils.io import file_sha256
 from tests.test_hostile import MANY_SEEDS, TINY, files_of, start_run, strict_json, wait_for
@@ -116,6 +117,21 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, scored_run, capsys):
     code, _, err = run_main(capsys, *SCORED, "--out-dir", failed, "--resume", "--overwrite")
     assert code == 2 and "not both" in err
     assert files_of(scored_run) == before
+
+
+def test_a_run_from_before_a_flag_existed_resumes_at_that_flags_default(tmp_path, scored_run):
+    failed = tmp_path / "failed"
+    shutil.copytree(scored_run, failed)
+    manifest = json.loads((failed / "experiment_manifest.json").read_text())
+    (failed / "experiment_manifest.json").write_text(json.dumps({**manifest, "status": "failed"}))
+    saved = json.loads((failed / "config.json").read_text())
+    del saved["scores_from_other_data"]  # written by a version that did not have the flag
+    (failed / "config.json").write_text(json.dumps(saved))
+    config_from_argv([*SCORED, "--save-scores", "--out-dir", str(failed), "--resume"])  # no refusal
+    with pytest.raises(UserError, match="--scores-from-other-data: now True"):
+        config_from_argv([*SCORED, "--save-scores", "--scores-from", str(scored_run),
+                          "--scores-from-other-data",
+                          "--out-dir", str(failed), "--resume"])
 
 
 def test_scores_from_the_same_run_gives_identical_top_weights(tmp_path, scored_run, capsys):
