@@ -105,6 +105,8 @@ def run(args) -> dict:
         "model": info, "batch_size": args.batch_size, "max_length": args.max_length,
         "steps": args.steps, "warmup_batches": 1, "repeats": args.repeats, "clock": args.clock,
         "time_statistic": "median of repeats", "spread": "(slowest - fastest) / median",
+        "ratio_statistic": "median over rounds of tokens/s / the ceiling's tokens/s, the ceiling "
+                           "timed in the same rounds",
         "topk": args.topk,
         "tokens_per_figure": bench.tokens, "n_scored_weights": sum(p.numel() for p in params.values()),
         "device": (torch.cuda.get_device_name(0) if use_cuda else platform.processor() or "cpu"),
