@@ -29,7 +29,8 @@ from src.eval import downstream_step, harness
 from src.eval.perplexity import evaluate
 from src.models.components import describe_parameters
 from src.models.loader import load_model
-from src.sensitivity import data_parallel, quantize, score_store, sharding
+from src.distributed import sharding
+from src.sensitivity import data_parallel, quantize, score_store
 from src.sensitivity.eligibility import (eligible_parameters, parse_layers, restriction)
 from src.sensitivity.metrics import compute_scores
 from src.sensitivity.perturb import PerturbOptions

@@ -258,14 +258,14 @@ def plots(state: RunState, extra_plots: dict) -> list[str]:
     """Every plot whose input exists (core ones and ``extra_plots``) into plots/; under --shard
     every rank adds its part of the score summary and rank 0 draws."""
     from src.report.run_folder import RunFolder  # matplotlib only when plotting
-    from src.utils import experiment_plots, run_plots, visualize  # noqa: F401 - register plots
+    from src.report import experiment_plots, plotting, run_plots  # noqa: F401 - register plots
 
     summary = run_plots.summarize(state.scores, state.layout) if state.scores else None
     if state.layout is not None and not state.layout.group.is_main:
         return []
     folder = RunFolder.read(state.out_dir)
     folder.score_summary, folder.metas = summary, state.metas
-    return visualize.save_run_plots(folder, {**visualize.RUN_PLOTS, **extra_plots},
+    return plotting.save_run_plots(folder, {**plotting.RUN_PLOTS, **extra_plots},
                                     state.config.plot_formats)
 
 

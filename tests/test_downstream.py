@@ -14,9 +14,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from src.data import task_items
 from src.eval import downstream as ds
 from src.errors import UserError
-from src.eval.downstream import TaskDataError
+from src.data.task_items import TaskDataError
 
 
 # ----------------------------------------------------------------------------- fixtures, helpers
@@ -112,15 +113,15 @@ def write_lines(path, lines):
 def test_hellaswag_preprocess_rules():
     raw = "  [header] How to cook rice [title] Rinse the rice. [step] Use cold water.  "
     # " [title]" -> ". ", brackets removed, double spaces collapsed once (leading space stays, as in the harness)
-    assert ds.hellaswag_preprocess(raw) == " How to cook rice. Rinse the rice. Use cold water."
-    assert ds.hellaswag_preprocess("Stir [substeps] slowly.") == "Stir slowly."
-    assert ds.hellaswag_preprocess("a    b") == "a  b"  # one str.replace pass, like the harness
-    assert ds.hellaswag_preprocess("[title] Wash it.") == " Wash it."
+    assert task_items.hellaswag_preprocess(raw) == " How to cook rice. Rinse the rice. Use cold water."
+    assert task_items.hellaswag_preprocess("Stir [substeps] slowly.") == "Stir slowly."
+    assert task_items.hellaswag_preprocess("a    b") == "a  b"  # one str.replace pass, like the harness
+    assert task_items.hellaswag_preprocess("[title] Wash it.") == " Wash it."
 
 
 def test_hellaswag_query_choices_and_requests():
     item = hs_item("A man [step] boils water.", "then he", ["adds pasta [step] and salt.", "sleeps."], "1")
-    query, choices, gold = ds.hellaswag_doc(item)
+    query, choices, gold = task_items.hellaswag_doc(item)
     assert query == "Cooking: A man boils water. Then he"
     assert choices == ["adds pasta and salt.", "sleeps."]
     assert gold == 1
@@ -128,8 +129,8 @@ def test_hellaswag_query_choices_and_requests():
 
 
 def test_lambada_split():
-    assert ds.lambada_split("The cat sat on the mat") == ("The cat sat on the", " mat")
-    assert ds.lambada_split("He said  hello") == ("He said ", " hello")  # split on single spaces
+    assert task_items.lambada_split("The cat sat on the mat") == ("The cat sat on the", " mat")
+    assert task_items.lambada_split("He said  hello") == ("He said ", " hello")  # split on single spaces
     assert ds.TASKS["lambada"].requests({"text": "one two"}) == [("one", " two")]
 
 
@@ -139,7 +140,7 @@ def test_rigged_model_forces_the_chosen_ending(tok, tiny):
     ctx_a, ctx_b = "The chef cuts an onion.", "then she"
     winner = "fries purple elephants quickly"
     others = ["seven wooden chairs broke.", "my uncle sells lamps.", "rain fell on Tuesday."]
-    query = ds.hellaswag_doc(hs_item(ctx_a, ctx_b, [winner], 0))[0]
+    query = task_items.hellaswag_doc(hs_item(ctx_a, ctx_b, [winner], 0))[0]
     winner_ids = enc(tok, " " + winner)
     assert not set(winner_ids) & {t for o in others for t in enc(tok, " " + o)}
     rig = BigramRig(tiny, chain(enc(tok, query)[-1], winner_ids))
@@ -165,7 +166,7 @@ def test_acc_and_acc_norm_disagree_matching_a_plain_loop(tok, tiny):
              hs_item("A bird sings.", "it", [long, short], 0)]
     expected_acc, expected_norm = [], []
     for item in items:
-        query, choices, gold = ds.hellaswag_doc(item)
+        query, choices, gold = task_items.hellaswag_doc(item)
         lls = [reference_score(tiny, tok, query, " " + c)[0] for c in choices]
         expected_acc.append(float(np.argmax(lls) == gold))
         expected_norm.append(float(np.argmax([ll / len(c) for ll, c in zip(lls, choices)]) == gold))
@@ -198,11 +199,11 @@ def test_lambada_multi_token_word_greedy_and_perplexity(tok, tiny):
              "Nobody expected the small brown platypus"]
     word_ids = [enc(tok, " " + t.split(" ")[-1]) for t in texts]
     assert all(len(ids) > 1 for ids in word_ids)
-    ctx_last = [enc(tok, ds.lambada_split(t)[0])[-1] for t in texts]
+    ctx_last = [enc(tok, task_items.lambada_split(t)[0])[-1] for t in texts]
     transitions = chain(ctx_last[0], word_ids[0])                # every token of item 0 forced
     transitions.update(chain(ctx_last[1], word_ids[1][:1]))      # only the first token of item 1
     rig = BigramRig(tiny, transitions)
-    reference = [reference_score(rig, tok, *ds.lambada_split(t)) for t in texts]
+    reference = [reference_score(rig, tok, *task_items.lambada_split(t)) for t in texts]
     assert [greedy for _, greedy in reference] == [True, False, False]
     metrics = ds.evaluate_task(rig, tok, "lambada", [{"text": t} for t in texts], batch_size=2)
     assert metrics["acc"] == pytest.approx(1 / 3)
@@ -211,8 +212,8 @@ def test_lambada_multi_token_word_greedy_and_perplexity(tok, tiny):
 
 
 def test_batched_scores_equal_one_at_a_time(tok, tiny):
-    hs = ds.load_task_items("hellaswag", n_samples=5, seed=3)
-    lb = ds.load_task_items("lambada", n_samples=9, seed=3)
+    hs = task_items.load_task_items("hellaswag", n_samples=5, seed=3)
+    lb = task_items.load_task_items("lambada", n_samples=9, seed=3)
     requests = [r for item in hs for r in ds.TASKS["hellaswag"].requests(item)]
     requests += [r for item in lb for r in ds.TASKS["lambada"].requests(item)]
     one = ds.score_requests(tiny, tok, requests, batch_size=1)
@@ -255,8 +256,8 @@ def test_non_finite_model_is_scored_as_the_harness_scores_it(tok, tiny):
 
 
 def test_evaluate_tasks_runs_every_task(tok, tiny):
-    items = {"hellaswag": ds.load_task_items("hellaswag", n_samples=2),
-             "lambada": ds.load_task_items("lambada", n_samples=3)}
+    items = {"hellaswag": task_items.load_task_items("hellaswag", n_samples=2),
+             "lambada": task_items.load_task_items("lambada", n_samples=3)}
     results = ds.evaluate_tasks(tiny, tok, items, batch_size=4)
     assert set(results) == {"hellaswag", "lambada"}
     assert results["hellaswag"]["n"] == 2 and set(results["hellaswag"]) >= {"acc", "acc_norm", "acc_stderr", "acc_norm_stderr"}
@@ -273,29 +274,29 @@ def test_metric_helpers():
 # ----------------------------------------------------------------------------- data loading
 
 def test_bundled_sets_load_and_sampling_is_deterministic(tok):
-    hs = ds.load_task_items("hellaswag")
-    lb = ds.load_task_items("lambada")
+    hs = task_items.load_task_items("hellaswag")
+    lb = task_items.load_task_items("lambada")
     assert len(hs) >= 64 and len(lb) >= 64
     assert all(len(i["endings"]) == 4 and isinstance(i["label"], int) for i in hs)
     assert {i["label"] for i in hs} == {0, 1, 2, 3}
     assert sum("[title]" in i["ctx_a"] for i in hs) >= 5
-    assert sum(len(enc(tok, ds.lambada_split(i["text"])[1])) > 1 for i in lb) >= 5
-    first = ds.load_task_items("hellaswag", n_samples=10, seed=0)
-    assert first == ds.load_task_items("hellaswag", n_samples=10, seed=0)
+    assert sum(len(enc(tok, task_items.lambada_split(i["text"])[1])) > 1 for i in lb) >= 5
+    first = task_items.load_task_items("hellaswag", n_samples=10, seed=0)
+    assert first == task_items.load_task_items("hellaswag", n_samples=10, seed=0)
     assert len(first) == 10
     positions = [hs.index(item) for item in first]
     assert positions == sorted(positions)
-    assert first != ds.load_task_items("hellaswag", n_samples=10, seed=1)
-    assert ds.load_task_items("lambada", n_samples=10_000) == lb
+    assert first != task_items.load_task_items("hellaswag", n_samples=10, seed=1)
+    assert task_items.load_task_items("lambada", n_samples=10_000) == lb
     with pytest.raises(TaskDataError, match="at least 1"):
-        ds.load_task_items("lambada", n_samples=0)
+        task_items.load_task_items("lambada", n_samples=0)
 
 
 def test_local_jsonl_in_public_schema(tmp_path):
     rows = [hs_item("A b.", "c", ["x", "y", "z", "w"], "2"), hs_item("D e.", "f", ["x", "y", "z", "w"], 0)]
     path = write_lines(tmp_path / "hs.jsonl", [json.dumps(r) for r in rows] + [""])
-    assert ds.load_task_items("hellaswag", str(path)) == rows
-    assert ds.load_task_items("lambada", write_lines(tmp_path / "lb.jsonl", ['{"text": "a b"}'])) == [{"text": "a b"}]
+    assert task_items.load_task_items("hellaswag", str(path)) == rows
+    assert task_items.load_task_items("lambada", write_lines(tmp_path / "lb.jsonl", ['{"text": "a b"}'])) == [{"text": "a b"}]
 
 
 @pytest.mark.parametrize("task, lines, needles", [
@@ -310,7 +311,7 @@ def test_local_jsonl_in_public_schema(tmp_path):
 def test_bad_task_files_raise_one_line_errors(tmp_path, task, lines, needles):
     path = write_lines(tmp_path / "data.jsonl", lines)
     with pytest.raises(TaskDataError) as info:
-        ds.load_task_items(task, path)
+        task_items.load_task_items(task, path)
     message = str(info.value)
     assert str(path) in message and "\n" not in message
     for needle in needles:
@@ -319,10 +320,10 @@ def test_bad_task_files_raise_one_line_errors(tmp_path, task, lines, needles):
 
 def test_missing_file_and_unknown_task(tmp_path):
     with pytest.raises(TaskDataError, match="does not exist") as info:
-        ds.load_task_items("lambada", tmp_path / "nope.jsonl")
+        task_items.load_task_items("lambada", tmp_path / "nope.jsonl")
     assert str(tmp_path / "nope.jsonl") in str(info.value)
     with pytest.raises(TaskDataError, match="available: hellaswag, lambada"):
-        ds.load_task_items("winogrande")
+        task_items.load_task_items("winogrande")
     assert issubclass(TaskDataError, ValueError)
 
 
@@ -334,7 +335,7 @@ def test_hub_unreachable_says_what_to_do(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(UserError) as info:
-        ds.load_task_items("hellaswag", "hub")
+        task_items.load_task_items("hellaswag", "hub")
     message = str(info.value)
     assert "\n" not in message and "bundled" in message and "--task-data hellaswag=PATH" in message
 
@@ -348,6 +349,6 @@ def test_hub_rows_are_validated_and_sampled(monkeypatch):
         return [{"text": f"word{i} end{i}"} for i in range(5)]
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
-    items = ds.load_task_items("lambada", "hub", n_samples=2, seed=0)
+    items = task_items.load_task_items("lambada", "hub", n_samples=2, seed=0)
     assert calls == [("EleutherAI/lambada_openai", "default", "test")]
     assert len(items) == 2 and items[0]["text"] < items[1]["text"]

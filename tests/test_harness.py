@@ -13,6 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from src.cli import main
+from src.data import task_items
 from src.eval import downstream as ds
 from src.eval import harness
 from src.models.builtin import builtin_cache_folder, default_cache_dir
@@ -99,7 +100,7 @@ def test_builtin_scorer_in_lockstep_with_the_harness(builtin):
     n = 24
     tasks = harness.load_tasks(list(PAIRS), BUNDLED, None, n, 4, False)
     theirs = harness.evaluate(builtin.model, builtin.tokenizer, tasks)
-    items = {ours: ds.load_task_items(ours)[:n] for ours in PAIRS.values()}
+    items = {ours: task_items.load_task_items(ours)[:n] for ours in PAIRS.values()}
     ours = ds.evaluate_tasks(builtin.model, builtin.tokenizer, items, batch_size=4)
     for their_name, our_name in PAIRS.items():
         for metric in ("acc", "acc_norm"):

@@ -20,7 +20,7 @@ import torch
 
 from src.cli import config_from_argv
 from src.errors import UserError
-from src.sensitivity import sharding
+from src.distributed import sharding
 from src.sensitivity.rank import (_candidates, _in_rank_order, _merge_global, _union_over_ranks,
                                   top_k)
 from tests.conftest import run_cli

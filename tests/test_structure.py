@@ -72,6 +72,27 @@ def test_no_import_cycle_among_src_modules():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """src package (or top-level module) -> the other src packages its modules import."""
+    package = lambda module: ".".join(module.split(".")[:2])  # noqa: E731
+    packages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        edges = packages.setdefault(package(module), set())
+        edges |= {package(t) for t in targets} - {package(module)}
+    return packages
+
+
+def test_packages_are_layered_without_loops():
+    """A package imports only packages below it: no two packages import each other, directly or
+    through others (utils, distributed, plots at the bottom; pipeline and cli at the top)."""
+    packages = package_graph(import_graph())
+    assert "src.distributed" in packages["src.sensitivity"]  # the walk sees package edges
+    cycle = find_cycle(packages)
+    assert cycle is None, " -> ".join(cycle)
+    assert packages["src.utils"] <= {"src.errors"} and packages["src.distributed"] <= {"src.errors"}
+    assert packages["src.plots"] <= {"src.errors", "src.utils", "src.models"}
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None

@@ -15,11 +15,12 @@ from src.cli import config_from_argv
 from src.errors import UserError
 from src.models.components import ParamMeta
 from src.report.run_folder import RunFolder
-from src.utils import experiment_plots, run_plots, visualize  # noqa: F401 - register plots
+from src.plots import style
+from src.report import experiment_plots, plotting, run_plots  # noqa: F401 - register plots
 from tests.conftest import run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-ALL_PLOTS = {**visualize.RUN_PLOTS, **registry.plots()}
+ALL_PLOTS = {**plotting.RUN_PLOTS, **registry.plots()}
 CORE_PLOTS = ("sensitivity_distribution", "layer_component_heatmap", "topk_location",
               "perturbation_effects")
 ANALYSIS_PLOTS = ("architecture_depth", "progressive_curve", "super_weight_spikes")
@@ -75,14 +76,14 @@ def test_plot_formats_parse_and_figures_are_closed(tmp_path):
             config_from_argv(["--save-plots", "--plot-format", bad])
     figure, ax = plt.subplots()
     ax.plot([1, 2], [3, 4])
-    paths = visualize.save_figure(figure, tmp_path / "sub" / "line", ("png", "svg"))
+    paths = style.save_figure(figure, tmp_path / "sub" / "line", ("png", "svg"))
     assert [p.rsplit(".", 1)[1] for p in paths] == ["png", "svg"]
     assert not plt.fignum_exists(figure.number)
 
 
 def test_missing_inputs_are_skipped_with_a_note(tmp_path, capsys):
     run = RunFolder(tmp_path, {"metric": "magnitude", "mode": "global", "topk": 3})
-    written = visualize.save_run_plots(run, ALL_PLOTS, ("png",))
+    written = plotting.save_run_plots(run, ALL_PLOTS, ("png",))
     assert written == []
     out = capsys.readouterr().out
     assert "perturbation_effects (no perturbation_results.json; needs --perturb)" in out
@@ -131,7 +132,7 @@ def test_a_plot_that_cannot_read_its_input_does_not_stop_the_others(tmp_path, ca
     write_json(tmp_path / "enhanced_analysis.json", {"architecture": {"by_layer": "unexpected"},
                                                      "temporal_stability": {"drift": {}}})
     write_json(tmp_path / "config.json", {"metric": "magnitude", "mode": "global", "topk": 3})
-    written = visualize.save_run_plots(RunFolder.read(tmp_path), ALL_PLOTS, ("png",))
+    written = plotting.save_run_plots(RunFolder.read(tmp_path), ALL_PLOTS, ("png",))
     out = capsys.readouterr().out
     assert "plot architecture_depth FAILED, results unaffected: AttributeError" in out
     assert "plot temporal_drift skipped: the temporal-stability analysis has fewer" in out

@@ -211,7 +211,7 @@ def group_findings(kind: str, groups: dict, base: float) -> list[str]:
 
 
 def plot_progressive(section: dict):
-    from src.utils.visualize import SELECTION_COLOURS, plt
+    from src.plots.style import SELECTION_COLOURS, plt
 
     curve, baseline = section["curve"], section["baseline"]["perplexity"]
     ks = np.asarray(curve["k"], dtype=float)

@@ -34,7 +34,7 @@ from src.models.properties import attention_heads
 from src.options import Settings, option
 from src.sensitivity.eligibility import unscored_reason
 from src.sensitivity.rank import Selection, selection_size
-from src.sensitivity.sharding import local_rows, reduced
+from src.distributed.sharding import local_rows, reduced
 from src.sensitivity.statistics import to_host
 from src.utils.format import sig
 
@@ -263,7 +263,7 @@ def findings(section: dict) -> list[str]:
 
 
 def plot_depth(section: dict):
-    from src.utils.visualize import PALETTE, SkipPlot, plt
+    from src.plots.style import PALETTE, SkipPlot, plt
 
     by_layer = {int(k): v for k, v in section["by_layer"].items() if str(k).lstrip("-").isdigit()}
     layers = sorted(by_layer)

@@ -21,7 +21,7 @@ from src.models.components import ParamMeta
 from src.sensitivity.perturb import PerturbOptions
 from src.sensitivity.rank import Selection, max_k, random_k, selection_size, top_k
 from src.sensitivity.scoring import Scores, ScoringJob
-from src.sensitivity.sharding import reduced
+from src.distributed.sharding import reduced
 from src.sensitivity.statistics import per_tensor
 
 SPEARMAN_SAMPLE = 100_000  # weights in the fixed random sample behind every Spearman correlation

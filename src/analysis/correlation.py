@@ -120,7 +120,7 @@ def findings(section: dict) -> list[str]:
 
 
 def plot_correlation(section: dict):
-    from src.utils.visualize import pair_heatmap, plt
+    from src.plots.style import pair_heatmap, plt
 
     metrics = list(section["metrics"])
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.6))

@@ -207,7 +207,7 @@ def findings(section: dict) -> list[str]:
 
 
 def plot_drift(section: dict):
-    from src.utils.visualize import SkipPlot, colours, plt
+    from src.plots.style import SkipPlot, colours, plt
 
     families = {name: fam for name, fam in section["drift"].items()
                 if isinstance(fam, dict) and fam.get("steps")}

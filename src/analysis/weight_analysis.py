@@ -175,7 +175,7 @@ def findings(section: dict) -> list[str]:
 def plot_clusters(section: dict):
     from matplotlib.colors import ListedColormap
 
-    from src.utils.visualize import colours, draw_heatmap, grid, label_grid_axes, plt
+    from src.plots.style import colours, draw_heatmap, grid, label_grid_axes, plt
 
     profiles, clustering = section["profiles"], section.get("clustering") or {}
     labels = clustering.get("labels") or {}

@@ -16,7 +16,8 @@ from src.bench.measure import CLOCKS, PeakMemory, table  # noqa: E402
 from src.errors import UserError  # noqa: E402
 from src.models.loader import load_model  # noqa: E402
 from src.sensitivity.eligibility import eligible_parameters  # noqa: E402
-from src.sensitivity import data_parallel, sharding  # noqa: E402
+from src.distributed import sharding  # noqa: E402
+from src.sensitivity import data_parallel  # noqa: E402
 from src.sensitivity.metrics import METRICS  # noqa: E402
 
 

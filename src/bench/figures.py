@@ -20,7 +20,7 @@ from src.sensitivity.perturb import perturbed
 from src.sensitivity.quantize import QuantSpec, quantize_stored
 from src.sensitivity.rank import top_k
 from src.sensitivity.scoring import ScoringJob
-from src.sensitivity.sharding import without_grad
+from src.distributed.sharding import without_grad
 
 # Which bare ceiling each scoring metric is compared with (default: forward_backward).
 FORWARD_ONLY_METRICS = {"act_mag"}

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 
+from src.data.task_items import load_task_items
 from src.eval import harness
-from src.eval.downstream import evaluate_tasks, load_task_items
+from src.eval.downstream import evaluate_tasks
 from src.utils.format import fixed
 
 ACCURACY_METRICS = ("acc", "acc_norm", "exact_match")  # fractions correct: plotted, reported

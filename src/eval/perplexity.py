@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from src.data.loading import TokenBlocks
 from src.models.properties import input_device
-from src.sensitivity.sharding import gathered, my_share, without_grad
+from src.distributed.sharding import gathered, my_share, without_grad
 
 
 @dataclass

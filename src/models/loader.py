@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from src.errors import UserError, first_line
-from src.sensitivity.sharding import shard_model
+from src.distributed.sharding import shard_model
 from src.models.builtin import (BUILTIN_ALIASES, BUILTIN_NAME, builtin_tokenizer,
                                 default_cache_dir, ensure_cache)
 from src.models.checkpoint import check_shapes_match, check_weight_files

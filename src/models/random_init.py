@@ -16,8 +16,8 @@ import math
 
 import torch
 
-from src.sensitivity.scoring import stable_seed
-from src.sensitivity.sharding import local, local_rows
+from src.utils.seeds import stable_seed
+from src.distributed.sharding import local, local_rows
 
 ROWS_PER_STREAM = 256
 INIT_SEED = 0

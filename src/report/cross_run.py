@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import PercentFormatter
 
+from src.plots.style import PALETTE, SELECTION_COLOURS, plt, save_figure
 from src.report.findings import jaccard_of, ppl_ratios
 from src.report.run_folder import RunFolder
 from src.utils.format import sig, times
-from src.utils.visualize import PALETTE, SELECTION_COLOURS, plt, save_figure
 
 # Runs are compared only when they saw the same text in the same amounts.
 DATA_KEYS = ("data_file", "dataset", "max_length", "max_samples")

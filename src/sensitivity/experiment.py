@@ -33,7 +33,7 @@ from src.sensitivity.perturb import (PerturbOptions, count_changed, fingerprint,
                                      perturbation_is_stochastic, perturbed, selected_bits_equal,
                                      snapshot_selected)
 from src.sensitivity.rank import Selection, bottom_k, random_k, selection_size
-from src.sensitivity.sharding import reduced
+from src.distributed.sharding import reduced
 
 CONTROL_ALIASES = {"random": "random_k", "random_k": "random_k", "bottom": "bottom_k",
                    "bottom_k": "bottom_k"}

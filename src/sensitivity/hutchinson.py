@@ -29,7 +29,8 @@ from contextlib import contextmanager
 import torch
 
 from src.models.components import layer_index
-from src.sensitivity.scoring import generator_for, gradients_only_on, indexed_batches, loss_sum
+from src.sensitivity.scoring import gradients_only_on, indexed_batches, loss_sum
+from src.utils.seeds import generator_for
 
 
 @contextmanager

@@ -25,10 +25,10 @@ from src.errors import UserError
 from src.eval.perplexity import token_nll
 from src.sensitivity.hutchinson import hutchinson_diagonal
 from src.sensitivity.scoring import (MetricOutput, Scores, ScoringJob, all_reduce_sum_, batches,
-                                     fold_gradients, generator_for, gradient_scale,
-                                     gradients_only_on, indexed_batches, loss_sum,
-                                     zeros_like_fp32)
-from src.sensitivity.sharding import local, local_rows, without_grad
+                                     fold_gradients, gradient_scale, gradients_only_on,
+                                     indexed_batches, loss_sum, zeros_like_fp32)
+from src.utils.seeds import generator_for
+from src.distributed.sharding import local, local_rows, without_grad
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ import torch
 
 from src.errors import UserError
 from src.sensitivity.rank import Selection
-from src.sensitivity.scoring import generator_for
-from src.sensitivity.sharding import local
+from src.utils.seeds import generator_for
+from src.distributed.sharding import local
 from src.utils import signals
 
 # dtype -> (integer view, sign bit, exponent MSB, mantissa MSB)

@@ -32,7 +32,7 @@ import torch
 
 from src.models.components import ParamMeta
 from src.sensitivity.rank import Selection
-from src.sensitivity.sharding import local, local_rows
+from src.distributed.sharding import local, local_rows
 from src.utils import signals
 
 

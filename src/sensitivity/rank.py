@@ -17,7 +17,7 @@ import torch
 
 from src.errors import UserError
 from src.models.components import ParamMeta, to_out_in
-from src.sensitivity.sharding import local
+from src.distributed.sharding import local
 
 Selection = dict[str, torch.Tensor]
 MODES = ("per_tensor", "global")

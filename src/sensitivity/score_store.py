@@ -23,7 +23,7 @@ from src.data.loading import DataSplit
 from src.errors import UserError
 from src.sensitivity.metrics import METRICS
 from src.sensitivity.scoring import MetricOutput
-from src.sensitivity import sharding
+from src.distributed import sharding
 from src.utils.io import file_sha256, write_safetensors, write_safetensors_streamed
 
 FILE_NAME = "scores.safetensors"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 from src.data.loading import TokenBlocks
 from src.eval.perplexity import masked_nll_sum
 from src.models.properties import input_device
-from src.sensitivity.sharding import local
+from src.distributed.sharding import local
 from src.utils import progress
 
 Scores = dict[str, torch.Tensor]
@@ -38,26 +37,13 @@ class ScoringJob:
     hutchinson_block: bool = False
     progress: str = "off"  # src.utils.progress mode: bars, lines or off
     data_parallel: object = None  # src.sensitivity.data_parallel.DataParallel under torchrun
-    shards: object = None  # src.sensitivity.sharding.ShardGroup under torchrun --shard
+    shards: object = None  # src.distributed.sharding.ShardGroup under torchrun --shard
 
 
 @dataclass
 class MetricOutput:
     scores: Scores
     extra: dict[str, Scores] = field(default_factory=dict)  # e.g. {"stderr": ...}
-
-
-def stable_seed(seed: int, *parts) -> int:
-    """A seed that depends only on (seed, parts), the same in every process and run: the one
-    way this project derives a stream from the user's seed (probes, random scores, random
-    control draws, stochastic perturbations)."""
-    text = "|".join(str(p) for p in (seed, *parts))
-    return zlib.crc32(text.encode()) + (seed % 1000) * (1 << 32)
-
-
-def generator_for(device, seed: int, *parts) -> torch.Generator:
-    """A torch generator on ``device`` seeded with ``stable_seed(seed, *parts)``."""
-    return torch.Generator(device=device).manual_seed(stable_seed(seed, *parts))
 
 
 @contextmanager

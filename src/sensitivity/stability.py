@@ -21,7 +21,7 @@ from scipy.stats import spearmanr
 from src.sensitivity.metrics import METRICS, compute_scores
 from src.sensitivity.rank import Selection, top_k
 from src.sensitivity.scoring import ScoringJob
-from src.sensitivity.sharding import local
+from src.distributed.sharding import local
 
 
 def seed_subset(n_blocks: int, fraction: float, seed: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from src.sensitivity.sharding import reduced
+from src.distributed.sharding import reduced
 
 QUANTILE_SAMPLE = 1 << 15
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99, "p99_9": 0.999}

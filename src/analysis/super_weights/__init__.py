@@ -60,7 +60,7 @@ from src.analysis.super_weights.detection import (MAX_WEIGHTS, SPIKE_THRESHOLD, 
 from src.data.loading import TokenBlocks
 from src.eval.perplexity import EvalResult, evaluate
 from src.options import Settings, integer, number, option
-from src.sensitivity import sharding
+from src.distributed import sharding
 from src.sensitivity.perturb import fingerprint
 from src.utils.format import fixed, sig, times
 
@@ -202,7 +202,7 @@ def findings(section: dict) -> list[str]:
 
 
 def plot_spikes(section: dict):
-    from src.utils.visualize import colours, plt
+    from src.plots.style import colours, plt
 
     threshold = section["method"]["spike_threshold"]
     candidates = section.get("candidates", [])
@@ -232,7 +232,7 @@ def plot_spikes(section: dict):
 
 
 def _plot_effects(ax, candidates: list[dict]) -> None:
-    from src.utils.visualize import SELECTION_COLOURS
+    from src.plots.style import SELECTION_COLOURS
 
     if not candidates:
         ax.text(0.5, 0.5, "no layer crossed the spike threshold", ha="center", va="center",

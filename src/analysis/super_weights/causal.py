@@ -12,8 +12,8 @@ from src.sensitivity import experiment
 from src.sensitivity.experiment import Condition
 from src.sensitivity.perturb import PerturbOptions
 from src.sensitivity.rank import Selection, random_k, top_k
-from src.sensitivity.scoring import stable_seed
-from src.sensitivity.sharding import local, reduced
+from src.utils.seeds import stable_seed
+from src.distributed.sharding import local, reduced
 
 CONFIRM_MARGIN = 0.10     # ratio_alone must exceed the worst control ratio by this much
 

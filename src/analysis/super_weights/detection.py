@@ -15,7 +15,7 @@ from src.models.components import (ParamMeta, component_of, describe_parameters,
 from src.models.properties import input_device
 from src.sensitivity.perturb import perturbed
 from src.sensitivity.rank import Selection
-from src.sensitivity.sharding import local, my_share, without_grad
+from src.distributed.sharding import local, my_share, without_grad
 
 SPIKE_THRESHOLD = 100.0   # output_ratio at or above which a layer spikes
 MAX_WEIGHTS = 5           # default number of candidates searched for

@@ -1,12 +1,12 @@
 """Data and document processing of the bundled lm-evaluation-harness tasks (cwa_hellaswag,
 cwa_lambada): the bundled original sample sets of src/data/tasks, read and processed by the
-same code as the built-in scorer (src/eval/downstream.py), so both paths see identical items.
+same code as the built-in scorer (src/data/task_items.py), so both paths see identical items.
 
 The harness imports this file by path; run it from the project root (so that ``src`` imports).
 """
 import datasets
 
-from src.eval.downstream import hellaswag_doc, load_task_items
+from src.data.task_items import hellaswag_doc, load_task_items
 
 
 def _split(task: str, split: str) -> dict:

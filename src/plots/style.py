@@ -1,10 +1,7 @@
-"""The figure style and drawing helpers of every plot, and ``save_run_plots``.
-
-A plot is a function(RunFolder) -> Figure: the core ones (``RUN_PLOTS``) are in
-src/utils/run_plots.py and experiment_plots.py, each analysis brings its own
-(src/analysis/registry.py). A plot whose input is absent (no --perturb,
-an analysis that did not run) raises ``InputAbsent``; one that cannot be drawn from this run
-raises ``SkipPlot``; ``save_run_plots`` reports either and moves on.
+"""The figure style and drawing helpers of every plot (src/report/plotting.py draws a run's
+plots; the core ones are in src/report/run_plots.py and experiment_plots.py, each analysis
+brings its own through src/analysis/registry.py). A plot that cannot be drawn from a run raises
+``SkipPlot``.
 
 Conventions: the Agg backend (no display needed); the seaborn "colorblind" palette for
 categories and viridis (perceptually uniform, colour-blind safe) for heatmaps; every figure has a
@@ -14,7 +11,6 @@ signed metrics are drawn as |score|.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import matplotlib
 
@@ -25,7 +21,6 @@ import seaborn as sns  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from src.models.components import COMPONENTS  # noqa: E402
-from src.report.run_folder import InputAbsent, RunFolder  # noqa: E402
 
 PALETTE = sns.color_palette("colorblind")
 HEATMAP_CMAP = "viridis"
@@ -47,44 +42,6 @@ METRIC_UNITS = {
 
 class SkipPlot(Exception):
     """The plot cannot be drawn from this run; the message says why."""
-
-
-RUN_PLOTS: dict[str, Callable] = {}  # the core plots: src/utils/run_plots, experiment_plots
-
-
-def run_plot(name: str):
-    """Registers a core plot: function(RunFolder) -> Figure."""
-    def add(function):
-        RUN_PLOTS[name] = function
-        return function
-    return add
-
-
-def save_run_plots(run: RunFolder, plots: dict[str, Callable], formats=("png",)) -> list[str]:
-    """Draw every plot whose input exists into <run folder>/plots/; returns the written paths."""
-    written, absent = [], []
-    for name, draw in plots.items():
-        open_before = set(plt.get_fignums())
-        try:
-            figure = draw(run)
-        except InputAbsent as reason:
-            absent.append(f"{name} ({reason})")
-            continue
-        except SkipPlot as reason:
-            print(f"[cwa] plot {name} skipped: {reason}")
-            continue
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
-            # a layout this plot does not know (e.g. a newer analysis): the run's results stand
-            print(f"[cwa] plot {name} FAILED, results unaffected: {type(error).__name__}: "
-                  f"{error}")
-            for number in set(plt.get_fignums()) - open_before:
-                plt.close(number)
-            continue
-        written += save_figure(figure, run.path / "plots" / name, formats)
-    if absent:
-        print(f"[cwa] plots skipped, their input is absent: {'; '.join(absent)}")
-    print(f"[cwa] {len(written)} plot files in {run.path / 'plots'}")
-    return written
 
 
 def save_figure(figure: plt.Figure, stem: Path, formats=("png",)) -> list[str]:

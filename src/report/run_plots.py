@@ -1,5 +1,5 @@
 """The score plots of a run (``--save-plots``): score distribution, layer x component heatmap
-and where the top-K sit (src/utils/experiment_plots.py draws the experiments; each analysis
+and where the top-K sit (src/report/experiment_plots.py draws the experiments; each analysis
 brings its own plots, src/analysis/registry.py).
 
 Score distributions are exact octave histograms of |score| computed on the score tensors (on
@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from matplotlib.colors import LogNorm
 
+from src.distributed.sharding import reduced
+from src.plots.style import (SkipPlot, colours, draw_heatmap, grid, metric_label,
+                             ordered_components, plt)
+from src.report.plotting import run_plot
 from src.report.run_folder import InputAbsent, RunFolder
-from src.sensitivity.sharding import reduced
 from src.utils.format import count
-from src.utils.visualize import (SkipPlot, colours, draw_heatmap, grid, metric_label,
-                                 ordered_components, plt, run_plot)
 
 # ----------------------------------------------------------------------------- score summaries
 

@@ -7,10 +7,11 @@ import math
 import numpy as np
 
 from src.eval.downstream_step import ACCURACY_METRICS
+from src.plots.style import (PALETTE, SELECTION_COLOURS, SELECTION_ORDER, SkipPlot,
+                             pair_heatmap, plt)
+from src.report.plotting import run_plot
 from src.report.run_folder import RunFolder
 from src.utils.format import is_finite_number, sig
-from src.utils.visualize import (PALETTE, SELECTION_COLOURS, SELECTION_ORDER, SkipPlot,
-                                 pair_heatmap, plt, run_plot)
 
 
 @run_plot("perturbation_effects")
