@@ -46,7 +46,7 @@ class RunFolder:
     quantization: dict | None = None
     plots: list[Path] = field(default_factory=list)
     # only while the run that writes the folder is in memory:
-    score_summary: object = None        # utils.run_plots.ScoreSummary of the scores
+    score_summary: object = None        # report.run_plots.ScoreSummary of the scores
     metas: dict | None = None           # name -> ParamMeta
     table: pd.DataFrame | None = None   # the top_weights table
 
