@@ -84,13 +84,14 @@ def perturbation(state: RunState) -> dict:
         list(config.seeds), config.perturb, options, layout=state.layout,
         eligible=changed_by(config.perturb, options, state.params))
     kept, blocks = resumed_rows(state, "perturbation", conditions, config.perturb)
+    resolution = experiment.perplexity_resolution(baseline)
 
     def save(rows: list[dict], complete: bool) -> dict:
         perturbation = {"baseline": baseline.summary(), "method": config.perturb,
                         "k": config.topk, "mode": config.mode, "metric": config.metric,
                         "options": vars(options), "complete": complete,
                         "n_conditions": len(conditions), "conditions": rows,
-                        "summary": experiment.summarize(rows, baseline.perplexity),
+                        "summary": experiment.summarize(rows, baseline.perplexity, resolution),
                         "bootstrap": {**experiment.BOOTSTRAP, "blocks_file": BLOCK_FILES[
                             "perturbation"]},
                         "restore_verified": all(row["restore_verified"] for row in rows)}

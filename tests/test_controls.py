@@ -86,6 +86,20 @@ def test_z_is_not_defined_when_the_controls_do_not_spread():
     assert spread["z_score"] == pytest.approx((13.0 - 11.0) / 1.0)
     assert spread["z_undefined_reason"] is None
     json.dumps(tight, allow_nan=False)  # strict JSON: None, not a nine-digit number or NaN
+    # draws that spread beyond float32 rounding but less than the evaluation text resolves
+    noisy_text = experiment.compare_to_random(20.0, [10.001, 10.002, 10.003], 10.0,
+                                              resolution=0.5)
+    assert noisy_text["z_score"] is None and noisy_text["z_sd_floor"] == 0.5
+
+
+def test_the_evaluation_resolution_is_the_baseline_perplexitys_standard_error():
+    """Against the delta method: equal-token blocks, ppl = exp(mean block NLL), so its standard
+    error is about ppl * sd(block NLL) / sqrt(n)."""
+    rng = np.random.default_rng(1)
+    block_nll = 3.0 + 0.2 * rng.standard_normal(400)  # token-mean NLL per block
+    result = _fake_result((block_nll * 100).tolist(), [100] * 400)
+    expected = math.exp(block_nll.mean()) * block_nll.std(ddof=1) / math.sqrt(400)
+    assert experiment.perplexity_resolution(result) == pytest.approx(expected, rel=0.1)
 
 
 @pytest.mark.slow

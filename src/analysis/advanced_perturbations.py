@@ -71,7 +71,8 @@ def experiment_on(ctx: AnalysisContext, scores, selection: Selection, k: int, mo
                                                ctx.evaluate, ctx.baseline, layout=ctx.layout)
     return {"k": k, "n_weights": selection_size(selection),
             "touched": touched(selection, ctx.metas),
-            "summary": experiment.summarize(rows, ctx.baseline.perplexity),
+            "summary": experiment.summarize(rows, ctx.baseline.perplexity,
+                                            experiment.perplexity_resolution(ctx.baseline)),
             "conditions": rows, "restore_verified": restored}
 
 

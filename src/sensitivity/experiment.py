@@ -225,8 +225,9 @@ def mean_sd(values) -> tuple[float, float]:
     return float(arr.mean()), (float(arr.std(ddof=1)) if arr.size > 1 else 0.0)
 
 
-def summarize(rows: list[dict], baseline_ppl: float) -> dict:
-    """Per selection: mean ± sd of perplexity over seeds; top-K against the random-K draws."""
+def summarize(rows: list[dict], baseline_ppl: float, resolution: float = 0.0) -> dict:
+    """Per selection: mean ± sd of perplexity over seeds; top-K against the random-K draws
+    (``resolution``: ``perplexity_resolution`` of the baseline, the z-score's floor)."""
     by_selection: dict[str, list[float]] = {}
     for row in rows:
         by_selection.setdefault(row["selection"], []).append(row["perplexity"])
@@ -238,27 +239,43 @@ def summarize(rows: list[dict], baseline_ppl: float) -> dict:
     if "top_k" in by_selection and "random_k" in by_selection:
         top_mean, _ = mean_sd(by_selection["top_k"])
         summary["top_vs_random"] = compare_to_random(top_mean, by_selection["random_k"],
-                                                     baseline_ppl)
+                                                     baseline_ppl, resolution)
     return summary
 
 
 # Perplexities are exp of a token-mean NLL summed from float32 token losses: two evaluations of
-# models that differ below this relative spread are not told apart, and a z-score over controls
-# that spread less than this is rounding noise divided by rounding noise.
+# models that differ below this relative spread are not told apart.
 Z_SD_FLOOR_REL = 1e-6
 
 
-def compare_to_random(top_ppl: float, random_ppls: list[float], baseline_ppl: float) -> dict:
+def perplexity_resolution(baseline: EvalResult, n_samples: int = BOOTSTRAP_SAMPLES,
+                          seed: int = 0) -> float:
+    """What the evaluation text resolves: the standard error of the baseline perplexity over
+    evaluation blocks (sd of the perplexities of the bootstrap's block resamples)."""
+    n_blocks = baseline.block_tokens.numel()
+    picks = np.random.default_rng(seed).integers(0, n_blocks, size=(n_samples, n_blocks))
+    tokens = baseline.block_tokens.numpy()[picks].sum(axis=1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        resampled = np.exp(baseline.block_nll_sum.numpy()[picks].sum(axis=1) / tokens)
+        return float(np.std(resampled, ddof=1)) if n_samples > 1 else math.nan
+
+
+def compare_to_random(top_ppl: float, random_ppls: list[float], baseline_ppl: float,
+                      resolution: float = 0.0) -> dict:
     """Top-K against the random-K draws: the effect as a ratio of perplexity changes and of
     perplexities (and its log), the empirical p-value with its floor 1/(n+1), and a z-score
-    that is None when the draws' sd is below ``Z_SD_FLOOR_REL`` of the baseline perplexity."""
+    that is None when the draws spread (sd) no more than the evaluation resolves: the larger of
+    ``resolution`` (``perplexity_resolution``: controls that move perplexity less than the
+    evaluation text's own standard error are indistinguishable from the baseline, and a z over
+    their spread is a nine-digit artefact) and float32 rounding (``Z_SD_FLOOR_REL``)."""
     random_arr = np.asarray(random_ppls, dtype=float)
     random_mean, random_sd = mean_sd(random_arr)
     random_delta = random_mean - baseline_ppl
     top_delta = top_ppl - baseline_ppl
     random_abs_delta, _ = mean_sd(np.abs(random_arr - baseline_ppl))
     effect_ratio = abs(top_delta) / random_abs_delta if random_abs_delta != 0 else math.inf
-    sd_floor = Z_SD_FLOOR_REL * abs(baseline_ppl)
+    sd_floor = max(Z_SD_FLOOR_REL * abs(baseline_ppl),
+                   resolution if math.isfinite(resolution) else 0.0)
     z_defined = bool(random_sd > sd_floor) if math.isfinite(random_sd) else False
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = float(np.float64(top_ppl) / np.float64(random_mean))
@@ -271,6 +288,7 @@ def compare_to_random(top_ppl: float, random_ppls: list[float], baseline_ppl: fl
             "z_score": (top_ppl - random_mean) / random_sd if z_defined else None,
             "z_undefined_reason": None if z_defined else (
                 f"the random-K perplexities spread (sd {random_sd:.3g}) no more than the "
-                f"evaluation resolves ({Z_SD_FLOOR_REL:g} of the baseline, {sd_floor:.3g})"),
+                f"evaluation resolves (sd floor {sd_floor:.3g}: the baseline perplexity's "
+                f"standard error over evaluation blocks, at least {Z_SD_FLOOR_REL:g} of it)"),
             "empirical_p_value": p_value, "empirical_p_floor": 1 / (1 + len(random_arr)),
             "n_random_draws": len(random_arr)}
