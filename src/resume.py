@@ -13,7 +13,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+
 from src.sensitivity import score_store
+from src.sensitivity.experiment import BLOCK_FILES
 
 IGNORED_FLAGS = ("resume", "overwrite", "verbose", "quiet", "out_dir")  # may differ between the two runs
 
@@ -28,6 +31,7 @@ class Previous:
     downstream: dict | None = None
     stability: dict | None = None
     analyses: dict = field(default_factory=dict)
+    blocks: dict = field(default_factory=dict)  # experiment -> its blocks CSV as a DataFrame
 
     @property
     def previous_seconds(self) -> dict:
@@ -81,11 +85,13 @@ def read_previous(out_dir: Path) -> Previous:
     perturbation = _read(out_dir / "perturbation_results.json") or {}
     quantization = _read(out_dir / "quantization_results.json") or {}
     enhanced = _read(out_dir / "enhanced_analysis.json") or {}
+    blocks = {name: pd.read_csv(out_dir / file) for name, file in BLOCK_FILES.items()
+              if (out_dir / file).is_file()}
     return Previous(manifest, scores if scores.is_file() else None,
                     list(perturbation.get("conditions", [])),
                     list(quantization.get("conditions", [])),
                     _read(out_dir / "downstream_results.json"),
-                    _read(out_dir / "stability_results.json"), enhanced)
+                    _read(out_dir / "stability_results.json"), enhanced, blocks)
 
 
 def record(previous: Previous, kept: dict) -> dict:

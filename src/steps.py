@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from src.config import RunConfig
@@ -28,9 +27,6 @@ from src.utils import progress, report_console, signals
 from src.utils.format import fixed
 from src.utils.io import write_csv, write_json
 
-
-# per-block NLL sums of every condition, beside each experiment's JSON (experiment.block_frame)
-BLOCK_FILES = {"perturbation": "perturbation_blocks.csv", "quantization": "quantization_blocks.csv"}
 
 
 @dataclass
@@ -92,8 +88,8 @@ def perturbation(state: RunState) -> dict:
                         "options": vars(options), "complete": complete,
                         "n_conditions": len(conditions), "conditions": rows,
                         "summary": experiment.summarize(rows, baseline.perplexity, resolution),
-                        "bootstrap": {**experiment.BOOTSTRAP, "blocks_file": BLOCK_FILES[
-                            "perturbation"]},
+                        "bootstrap": {**experiment.BOOTSTRAP,
+                                      "blocks_file": experiment.BLOCK_FILES["perturbation"]},
                         "restore_verified": all(row["restore_verified"] for row in rows)}
         save_blocks(state, "perturbation", rows, blocks)
         write_json(state.out_dir / "perturbation_results.json", perturbation)
@@ -132,7 +128,7 @@ def quantization(state: RunState) -> dict:
                    "complete": complete, "n_conditions": len(conditions), "conditions": rows,
                    "summary": compression.summarize(rows),
                    "bootstrap": {**experiment.BOOTSTRAP,
-                                 "blocks_file": BLOCK_FILES["quantization"]},
+                                 "blocks_file": experiment.BLOCK_FILES["quantization"]},
                    "restore_verified": all(row["restore_verified"] for row in rows)}
         save_blocks(state, "quantization", rows, blocks)
         write_json(state.out_dir / "quantization_results.json", results)
@@ -156,7 +152,7 @@ def save_blocks(state: RunState, experiment_name: str, rows: list[dict], blocks:
     for the compression experiment)."""
     frame = experiment.block_frame(state.baseline, [{"selection": r.get("kept", r.get(
         "selection")), "seed": r["seed"]} for r in rows], blocks)
-    write_csv(state.out_dir / BLOCK_FILES[experiment_name], frame)
+    write_csv(state.out_dir / experiment.BLOCK_FILES[experiment_name], frame)
 
 
 def quant_spec(config: RunConfig) -> quantize.QuantSpec:
@@ -177,7 +173,8 @@ def resumed_rows(state: RunState, experiment_name: str, conditions,
     same = all((row["selection"], row["seed"]) == (c.selection_name, c.seed)
                for row, c in zip(rows, conditions))
     rows = rows if same else []
-    blocks = previous_blocks(state.out_dir / BLOCK_FILES[experiment_name], len(rows))
+    frame = state.previous.blocks.get(experiment_name)  # read by rank 0, given to every rank
+    blocks = experiment.blocks_from_frame(frame, len(rows)) if frame is not None else []
     rows = rows[:len(blocks)]  # a condition is kept with the blocks its interval came from
     if state.downstream:  # a kept condition needs its task results too
         rows = rows[:state.downstream.keep(rows, method)]
@@ -186,12 +183,6 @@ def resumed_rows(state: RunState, experiment_name: str, conditions,
         state.kept.setdefault("resumed_at_step", f"{experiment_name} condition {len(rows) + 1} "
                                                  f"of {len(conditions)}")
     return rows, blocks[:len(rows)]
-
-
-def previous_blocks(path: Path, n_conditions: int) -> list:
-    if not path.is_file() or n_conditions == 0:
-        return []
-    return experiment.blocks_from_frame(pd.read_csv(path), n_conditions)
 
 
 def run_saving(state: RunState, conditions, file_name: str, save, method: str, apply=None,

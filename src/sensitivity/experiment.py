@@ -45,6 +45,8 @@ BOOTSTRAP = {"method": "paired percentile bootstrap over evaluation blocks: each
                        "resampled differences (numpy default_rng, linear interpolation)",
              "resamples": BOOTSTRAP_SAMPLES, "seed": 0, "confidence": 0.95}
 BLOCK_COLUMNS = ["condition", "selection", "seed", "block", "nll_sum", "n_tokens"]
+# where each experiment's per-block NLL sums go, beside its JSON (``block_frame``)
+BLOCK_FILES = {"perturbation": "perturbation_blocks.csv", "quantization": "quantization_blocks.csv"}
 
 
 @dataclass
