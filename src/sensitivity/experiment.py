@@ -169,8 +169,8 @@ def blocks_from_frame(frame: pd.DataFrame, n_conditions: int) -> list[BlockSums]
         part = frame[frame["condition"] == index].sort_values("block")
         if part.empty:
             break
-        blocks.append(BlockSums(torch.from_numpy(part["nll_sum"].to_numpy("float64")),
-                                torch.from_numpy(part["n_tokens"].to_numpy("int64"))))
+        blocks.append(BlockSums(torch.tensor(part["nll_sum"].to_numpy("float64")),
+                                torch.tensor(part["n_tokens"].to_numpy("int64"))))
     return blocks
 
 
