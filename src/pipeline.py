@@ -29,8 +29,8 @@ from src.eval import downstream_step, harness
 from src.eval.perplexity import evaluate
 from src.models.components import describe_parameters
 from src.models.loader import load_model
-from src.distributed import sharding
-from src.sensitivity import data_parallel, quantize, score_store
+from src.distributed import ranks as distributed, sharding
+from src.sensitivity import quantize, score_store
 from src.sensitivity.eligibility import (eligible_parameters, parse_layers, restriction)
 from src.sensitivity.metrics import compute_scores
 from src.sensitivity.perturb import PerturbOptions
@@ -64,9 +64,9 @@ class Plan:
 
 
 def run(config: RunConfig) -> dict:
-    if config.shard and int(os.environ.get("RANK", "0")) != 0:
-        # every rank runs every step on its shards; rank 0 alone writes the real folder and
-        # the console, the others a scratch folder that goes when they finish
+    if int(os.environ.get("RANK", "0")) != 0:
+        # torchrun: every rank runs every step on its share; rank 0 alone writes the real folder
+        # and the console, the others a scratch folder that goes when they finish
         with tempfile.TemporaryDirectory(prefix="cwa_shard_rank") as scratch, \
                 open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
             return run_steps_of(replace(config, out_dir=str(Path(scratch) / "run"),
@@ -79,12 +79,8 @@ def run_steps_of(config: RunConfig) -> dict:
     with timer.step("setup"):
         seed_everything(config.seeds[0])
         quiet_libraries(config.verbose)
-        group = data_parallel.from_environment(config.device)
-        shards = sharding.from_group(group) if config.shard else None
+        ranks = distributed.join(config.device, shard=config.shard)
         environment = manifest.environment()
-    if group is not None and not group.is_main and shards is None:  # torchrun rank > 0:
-        model, _, _ = load(config, timer)                            # scores rank 0's jobs
-        return data_parallel.serve_scoring(model)
     with output.claim(config.out_dir, replace=config.overwrite, resume=config.resume) as out_dir:
         with timer.step("read_inputs"):  # text and task items first: fails fast when offline
             documents = load_documents(config.data_file, config.dataset)
@@ -94,25 +90,25 @@ def run_steps_of(config: RunConfig) -> dict:
                 config.lm_eval_tasks, config.lm_eval_include, config.lm_eval_fewshot,
                 config.lm_eval_limit, config.lm_eval_batch_size or config.batch_size,
                 config.verbose) if config.lm_eval_tasks else None
-        model, tokenizer, model_info = load(config, timer, shards)
+        model, tokenizer, model_info = load(config, timer, ranks)
         with timer.step("prepare_data"):
             data = prepare_data(tokenizer, documents=documents, max_length=config.max_length,
                                 max_samples=config.max_samples)
         with timer.step("preflight"):
             previous = resume.read_previous(out_dir) if config.resume else None
-            if shards is not None and config.resume:  # the other ranks write a scratch folder
-                previous = shards.main_value(previous)
-            plan = preflight(config, model, tokenizer, model_info, data, task_items,
+            if config.resume:  # the other ranks write a scratch folder
+                previous = ranks.main_value(previous)
+            plan = preflight(config, ranks, model, tokenizer, model_info, data, task_items,
                              harness_tasks, previous)
         with timer.step("start_output"):
-            if group is None or group.is_main:
+            if ranks.is_main:
                 for warning in plan.record["warnings"]:
                     print(f"[cwa] warning: {warning}", file=sys.stderr)
             foreign = clear_output(config, out_dir)
             record = functools.partial(
                 manifest.build_manifest, config=config.to_dict(), model_info=model_info,
                 data_info=describe_data(data), seeds=config.seeds, timer=timer, out_dir=out_dir,
-                started_at=started, environment=environment, data_parallel=group,
+                started_at=started, environment=environment, data_parallel=ranks.describe(),
                 foreign=foreign, extra=plan.record)
             plan.record["lm_eval"] = harness_tasks.info if harness_tasks else None
             write_json(out_dir / "config.json", config.to_dict())
@@ -121,7 +117,7 @@ def run_steps_of(config: RunConfig) -> dict:
         try:
             results = run_steps(config, plan, out_dir, timer)
             status = "succeeded"
-            data_parallel.finish(release_servers=shards is None)  # torchrun: leave the group
+            distributed.leave()
             return results
         except (KeyboardInterrupt, signals.Interrupted) as stop:
             status, error = "interrupted", str(stop) or "interrupted by SIGINT (Ctrl-C)"
@@ -135,17 +131,17 @@ def run_steps_of(config: RunConfig) -> dict:
             write_json(out_dir / output.MANIFEST, record(status=status, error=error))
 
 
-def load(config: RunConfig, timer, shards=None):
+def load(config: RunConfig, timer, ranks):
     """(model, tokenizer, info) on this process's device (sharded with --shard); under torchrun
     rank 0 first, so it fills the caches alone (with --shard only rank 0 reads a checkpoint,
     and every rank loads at once: the shards come from rank 0 by broadcast)."""
-    in_turn = contextlib.nullcontext() if shards else data_parallel.main_first()
+    in_turn = contextlib.nullcontext() if ranks.sharded else distributed.main_first()
     with timer.step("load_model"), in_turn:
         return load_model(config.model, dtype=config.dtype,
-                          device=data_parallel.device_for(config.device),
+                          device=distributed.device_for(config.device),
                           device_map=config.device_map, cache_dir=config.cache_dir,
                           revision=config.revision, trust_remote_code=config.trust_remote_code,
-                          shards=shards)
+                          shard_over=ranks if ranks.sharded else None)
 
 
 def clear_output(config: RunConfig, out_dir: Path) -> frozenset[str]:
@@ -163,7 +159,7 @@ def clear_output(config: RunConfig, out_dir: Path) -> frozenset[str]:
     return frozenset(present)
 
 
-def preflight(config: RunConfig, model, tokenizer, model_info: dict, data: DataSplit,
+def preflight(config: RunConfig, ranks, model, tokenizer, model_info: dict, data: DataSplit,
               task_items: dict, harness_tasks, previous) -> Plan:
     """Every check that needs the model or the data (stored scores that must fit included),
     and every input an analysis prepares."""
@@ -177,19 +173,17 @@ def preflight(config: RunConfig, model, tokenizer, model_info: dict, data: DataS
     checked = Preflight(model, tokenizer, params, data)
     analyses = [(analysis, settings, analysis.prepare(settings, checked) if analysis.prepare
                  else None) for analysis, settings in registry.enabled(config)]
-    shards = sharding.from_group(data_parallel.current()) if config.shard else None
-    job = ScoringJob(model=model, params=params, blocks=data.calibration,
-                     data_parallel=None if shards else data_parallel.current(), shards=shards,
+    job = ScoringJob(model=model, params=params, blocks=data.calibration, ranks=ranks,
                      batch_size=config.batch_size,
                      seed=config.seeds[0], hutchinson_samples=config.hutchinson_samples,
                      hutchinson_block=config.hutchinson_block,
                      progress=progress.mode(config.quiet, config.verbose))
     plan = Plan(model, tokenizer, model_info, data, params, task_items, harness_tasks, analyses,
                 job, previous=previous,
-                layout=sharding.Layout.of(params, shards) if shards else None)
+                layout=sharding.Layout.of(params, ranks) if ranks.sharded else None)
     plan.record["warnings"] = loaded_checks.data_warnings(config, data)
-    if shards:
-        plan.record["sharding"] = sharding.describe(shards, model)
+    if ranks.sharded:
+        plan.record["sharding"] = sharding.describe(ranks, model)
         problem = config.quantize and quantize.shard_problem(
             params, describe_parameters(model, params), steps.quant_spec(config))
         if problem:
@@ -206,10 +200,9 @@ def stored_scores_for(config: RunConfig, plan: Plan) -> Path | None:
         source = plan.previous.scores
     if source is None:
         return None
-    shards = plan.job.shards
-    if shards is not None and not shards.all_true(source.is_file()):
-        raise UserError(f"--shard: every process reads its rows of {source}, and some cannot "
-                        f"see it; put it on a filesystem every node shares")
+    if not plan.job.ranks.all_true(source.is_file()):
+        raise UserError(f"torchrun: every process reads {source}, and some cannot see it; put "
+                        f"it on a filesystem every node shares")
     meta = score_store.read_meta(source)
     why = score_store.mismatch(meta, config.metric, plan.job,
                                score_store.model_fingerprint(plan.model))
@@ -239,7 +232,7 @@ def run_steps(config: RunConfig, plan: Plan, out_dir: Path, timer) -> dict:
     model, data, params = plan.model, plan.data, plan.params
     with timer.step("baseline_eval"):
         baseline = evaluate(model, data.evaluation, config.batch_size, plan.job.progress == "bars",
-                            shards=plan.job.shards)
+                            ranks=plan.job.ranks)
         report_console.baseline(plan.model_info, data, baseline)
     downstream = None
     if plan.task_items or plan.harness_tasks:
@@ -305,18 +298,16 @@ def score_or_load(config: RunConfig, plan: Plan, out_dir: Path, timer):
               f"{stored.meta.get('scoring_seconds', '?')} s)")
         own = out_dir / score_store.FILE_NAME
         rewrite = config.save_scores and stored.path.resolve() != own.resolve()
-        if plan.job.shards is not None:  # saving is a collective: rank 0's choice is every rank's
-            rewrite = plan.job.shards.main_value(rewrite)
+        rewrite = plan.job.ranks.main_value(rewrite)  # sharded, saving is a collective
         if rewrite:
-            score_store.save(own, stored.output, stored.meta, plan.layout)
+            score_store.save(own, stored.output, stored.meta, plan.job.ranks, plan.layout)
         return stored.output
     with timer.step(f"score_{config.metric}"):
         start = time.perf_counter()
         scored = compute_scores(plan.job, config.metric)
         seconds = time.perf_counter() - start
     keep = config.save_scores or worth_keeping_for_resume(scored, seconds, plan.layout)
-    if plan.job.shards is not None:
-        keep = plan.job.shards.main_value(keep)
+    keep = plan.job.ranks.main_value(keep)
     if not keep:
         print(f"[cwa] scores not written for --resume: computing them took {seconds:.1f} s, "
               f"less than writing them would (--save-scores writes them anyway)")
@@ -324,7 +315,8 @@ def score_or_load(config: RunConfig, plan: Plan, out_dir: Path, timer):
     with timer.step("save_scores"):
         score_store.save(out_dir / score_store.FILE_NAME, scored, score_store.describe(
             config.metric, plan.job, score_store.model_fingerprint(plan.model),
-            calibration_of(config, plan.data), seconds), plan.layout)
+            calibration_of(config, plan.data), seconds), plan.job.ranks,
+            plan.layout)
     return scored
 
 

@@ -53,7 +53,7 @@ class RunState:
 
     def evaluate(self) -> EvalResult:
         return evaluate(self.model, self.data.evaluation, self.config.batch_size,
-                        shards=self.job.shards)
+                        ranks=self.job.ranks)
 
 
 def score_outputs(state: RunState):
@@ -253,7 +253,7 @@ def plots(state: RunState, extra_plots: dict) -> list[str]:
     from src.report import experiment_plots, plotting, run_plots  # noqa: F401 - register plots
 
     summary = run_plots.summarize(state.scores, state.layout) if state.scores else None
-    if state.layout is not None and not state.layout.group.is_main:
+    if not state.job.ranks.is_main:
         return []
     folder = RunFolder.read(state.out_dir)
     folder.score_summary, folder.metas = summary, state.metas

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from src.cli import config_from_argv
 from src.errors import UserError
 from src.models.device_map import resolve_device_map
-from src.sensitivity import data_parallel as distributed
+from src.distributed import ranks as distributed
 from tests.conftest import ROOT, RUNNER, run_cli
 
 TINY = ["--model", "random:tiny-llama", "--max-length", "32", "--max-samples", "4",
@@ -151,13 +151,16 @@ def test_bad_device_map_exits_2_with_one_line(tmp_path):
 def test_torchrun_environment_detection(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
-    assert distributed.from_environment("cpu") is None
+    assert distributed.join("cpu") == distributed.Ranks()
+    distributed.leave()
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
-    assert distributed.from_environment("cpu") is None  # a single process is not parallel
+    assert not distributed.join("cpu").distributed  # a single process is not parallel
+    distributed.leave()
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="cannot be combined with torchrun"):
         config_from_argv(["--device-map", "auto", "--device", "cpu"])
-    assert distributed.current() is None
-    group = distributed.DataParallel(rank=1, world_size=3, local_rank=1, backend="gloo")
+    assert distributed.current() == distributed.Ranks()
+    group = distributed.Ranks(rank=1, world_size=3, local_rank=1, backend="gloo")
     assert list(group.my_batches(8)) == [1, 4, 7] and not group.is_main
+    assert group.describe() == {"rank": 1, "world_size": 3, "local_rank": 1, "backend": "gloo"}

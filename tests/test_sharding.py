@@ -20,7 +20,7 @@ import torch
 
 from src.cli import config_from_argv
 from src.errors import UserError
-from src.distributed import sharding
+from src.distributed import ranks, sharding
 from src.sensitivity.rank import (_candidates, _in_rank_order, _merge_global, _union_over_ranks,
                                   top_k)
 from tests.conftest import run_cli
@@ -79,8 +79,11 @@ def test_sharded_run_equals_one_process(tmp_path, model, metric, mode, method, e
 
 
 def test_shard_refuses_what_does_not_run_sharded(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
     with pytest.raises(UserError, match="needs several processes"):
-        sharding.from_group(None)  # not launched by torchrun
+        ranks.join("cpu", shard=True)  # not launched by torchrun
+    ranks.leave()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")  # no folder checks: rank 0 alone writes the folder
     for extra, flag in ((["--metric", "hutchinson_diag"], "is a double backward"),
@@ -94,24 +97,18 @@ def test_shard_refuses_what_does_not_run_sharded(monkeypatch):
 
 
 def test_padded_batches_and_row_ranges():
-    first, second = (sharding.ShardGroup(rank, 2, "gloo", torch.device("cpu")) for rank in (0, 1))
+    first, second = (ranks.Ranks(rank, 2, sharded=True) for rank in (0, 1))
     assert first.my_batches(5) == [0, 2, 4] and second.my_batches(5) == [1, 3, None]
+    assert second.my_batches(5, split=False) == [0, 1, 2, 3, 4]
+    replicas = ranks.Ranks(1, 2)  # data parallel: no padding passes (no FSDP to keep in step)
+    assert replicas.my_batches(5) == [1, 3] and replicas.gradient_factor == 1.0
+    assert second.gradient_factor == 2.0 and ranks.Ranks().my_batches(3) == [0, 1, 2]
     weight = torch.empty(5, 3)
     assert sharding.row_range(weight, 0, 2) == range(0, 3)
     assert sharding.row_range(weight, 1, 2) == range(3, 5)
     assert len(sharding.row_range(torch.empty(1, 3), 1, 2)) == 0  # a rank may hold no rows
     assert [len(sharding.row_range(torch.empty(10, 1), r, 4)) for r in range(4)] == \
         [len(piece) for piece in torch.arange(10).chunk(4)]
-
-
-class _OneRank:
-    """A ShardGroup of one process: every reduction leaves its tensors as they are."""
-    device = torch.device("cpu")
-
-    def all_reduce_sum_(self, tensors):
-        pass
-
-    all_reduce_max_ = all_reduce_sum_
 
 
 def test_sharded_statistics_formulas_equal_one_process_ties_included():
@@ -123,7 +120,8 @@ def test_sharded_statistics_formulas_equal_one_process_ties_included():
     tensors = {"heavy": torch.randn(300, 7, generator=generator).pow(3),
                "ties": torch.tensor([[5.0, 5.0, 5.0, 1.0], [5.0, 2.0, 0.0, 0.0]]),
                "constant": torch.full((3, 3), 0.5), "one": torch.tensor([[-2.0]])}
-    layout = sharding.Layout(_OneRank(), {n: t.numel() for n, t in tensors.items()},
+    # one process: every reduction leaves its tensors as they are
+    layout = sharding.Layout(ranks.Ranks(), {n: t.numel() for n, t in tensors.items()},
                              {n: 0 for n in tensors})
     expected = tensor_statistics(tensors, absolute=True, tail=True)
     got = tensor_statistics(tensors, absolute=True, tail=True, layout=layout)
@@ -158,7 +156,7 @@ def test_union_of_rank_candidates_is_the_single_process_selection_ties_included(
                for r in range(2)]
     candidates = [{n: (i.cpu() + offsets[r][n], keys) for n, (i, keys) in
                    _candidates(pieces[r], k, largest=True).items()} for r in range(2)]
-    layout = SimpleNamespace(offset={n: 0 for n in scores}, group=_Ranks(candidates),
+    layout = SimpleNamespace(offset={n: 0 for n in scores}, ranks=_Ranks(candidates),
                              numel={n: s.numel() for n, s in scores.items()})
     merged = _union_over_ranks(candidates[0], layout, k)
     got = {n: _in_rank_order(i, keys) for n, (i, keys) in merged.items()} \

@@ -34,7 +34,7 @@ from src.models.properties import attention_heads
 from src.options import Settings, option
 from src.sensitivity.eligibility import unscored_reason
 from src.sensitivity.rank import Selection, selection_size
-from src.distributed.sharding import local_rows, reduced
+from src.distributed.sharding import local_rows
 from src.sensitivity.statistics import to_host
 from src.utils.format import sig
 
@@ -99,7 +99,7 @@ def all_slices(scores, metas, selection: Selection, model, layout=None) -> tuple
         slices += tensor_slices(name, score, meta, selection.get(name), parts,
                                 local_rows(params[name]))
     masses = [s.mass for s in slices]  # each rank's part of every mass under --shard
-    masses = to_host(masses) if layout is None else reduced(layout.group, masses).tolist()
+    masses = to_host(masses) if layout is None else layout.ranks.reduced(masses).tolist()
     for s, mass in zip(slices, masses):
         s.mass = mass
     return slices, fused

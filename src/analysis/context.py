@@ -21,7 +21,7 @@ from src.models.components import ParamMeta
 from src.sensitivity.perturb import PerturbOptions
 from src.sensitivity.rank import Selection, max_k, random_k, selection_size, top_k
 from src.sensitivity.scoring import Scores, ScoringJob
-from src.distributed.sharding import reduced
+
 from src.sensitivity.statistics import per_tensor
 
 SPEARMAN_SAMPLE = 100_000  # weights in the fixed random sample behind every Spearman correlation
@@ -62,8 +62,7 @@ class AnalysisContext:
     layout: Any = None               # sharding.Layout under --shard: scores are this rank's rows
 
     def evaluate(self) -> EvalResult:
-        return evaluate(self.model, self.data.evaluation, self.batch_size,
-                        shards=self.layout.group if self.layout is not None else None)
+        return evaluate(self.model, self.data.evaluation, self.batch_size, ranks=self.job.ranks)
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -116,7 +115,7 @@ def abs_sums(scores: Scores, layout=None) -> dict[str, float]:
     """Sum of |score| per tensor; under --shard (``layout``) the whole tensor's, over the ranks."""
     if layout is None:
         return per_tensor(scores, lambda s: s.detach().float().abs().sum())
-    sums = reduced(layout.group, [s.detach().float().abs().sum() for s in scores.values()])
+    sums = layout.ranks.reduced([s.detach().float().abs().sum() for s in scores.values()])
     return dict(zip(scores, sums.tolist()))
 
 

@@ -16,8 +16,7 @@ from src.bench.measure import CLOCKS, PeakMemory, table  # noqa: E402
 from src.errors import UserError  # noqa: E402
 from src.models.loader import load_model  # noqa: E402
 from src.sensitivity.eligibility import eligible_parameters  # noqa: E402
-from src.distributed import sharding  # noqa: E402
-from src.sensitivity import data_parallel  # noqa: E402
+from src.distributed import ranks as distributed  # noqa: E402
 from src.sensitivity.metrics import METRICS  # noqa: E402
 
 
@@ -76,33 +75,32 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    shards = sharding.from_group(data_parallel.from_environment(args.device)) \
-        if args.shard else None
-    device = str(shards.device) if shards else args.device
+    ranks = distributed.join(args.device, shard=True) if args.shard else distributed.Ranks()
+    device = str(ranks.device) if ranks.sharded else args.device
     model, _, info = load_model(args.model, dtype=args.dtype, device=device,
-                                device_map=args.device_map, shards=shards)
-    say(shards, f"[bench] {info['spec']} ({info['n_parameters'] / 1e6:.1f}M parameters, "
+                                device_map=args.device_map, shard_over=ranks if ranks.sharded else None)
+    say(ranks, f"[bench] {info['spec']} ({info['n_parameters'] / 1e6:.1f}M parameters, "
         f"{info['dtype']}, {info['device'] if not args.device_map else args.device_map}"
-        f"{f', sharded over {shards.world_size} processes' if shards else ''}) built in "
+        f"{f', sharded over {ranks.world_size} processes' if ranks.sharded else ''}) built in "
         f"{time.perf_counter() - started:.1f} s")
     use_cuda = any(p.device.type == "cuda" for p in model.parameters())
     params = eligible_parameters(model)
     memory = PeakMemory(use_cuda)
-    bench = Bench(model, params, args, memory, shards)
+    bench = Bench(model, params, args, memory, ranks)
     bench.forward()
     bench.forward_backward()
-    metrics = [m for m in args.metrics.split(",") if m and (not shards or METRICS[m].shardable)]
+    metrics = [m for m in args.metrics.split(",") if m and (not ranks.sharded or METRICS[m].shardable)]
     for metric in metrics:
         bench.metric(metric)
     bench.evaluate()
     names = ["forward", "forward_backward", *[f"score_{m}" for m in metrics], "evaluate"]
-    if not shards:  # ranking, perturbation and quantization figures: one process
+    if not ranks.sharded:  # ranking, perturbation and quantization figures: one process
         bench.ranking_and_perturbation()
         bench.quantization()
         names += ["topk_global", "topk_per_tensor", "perturb_restore", "quantize_rtn"]
     figures = {name: bench.figures[name] for name in names}
     return {
-        "world_size": shards.world_size if shards else 1,
+        "world_size": ranks.world_size,
         "model": info, "batch_size": args.batch_size, "max_length": args.max_length,
         "steps": args.steps, "warmup_batches": 1, "repeats": args.repeats, "clock": args.clock,
         "time_statistic": "median of repeats", "spread": "(slowest - fastest) / median",
@@ -119,8 +117,8 @@ def run(args) -> dict:
     }
 
 
-def say(shards, line: str) -> None:
-    if shards is None or shards.is_main:
+def say(ranks, line: str) -> None:
+    if ranks.is_main:
         print(line, flush=True)
 
 

@@ -20,6 +20,7 @@ from src.sensitivity.perturb import perturbed
 from src.sensitivity.quantize import QuantSpec, quantize_stored
 from src.sensitivity.rank import top_k
 from src.sensitivity.scoring import ScoringJob
+from src.distributed.ranks import Ranks
 from src.distributed.sharding import without_grad
 
 # Which bare ceiling each scoring metric is compared with (default: forward_backward).
@@ -35,14 +36,14 @@ class Ceiling:
 
 
 class Bench:
-    """``shards`` (sharding.ShardGroup, benchmark --shard): every rank times ``--steps`` batches
+    """``ranks`` (src.distributed.ranks.Ranks; sharded: benchmark --shard): every rank times ``--steps`` batches
     of its own; each repeat's seconds are the slowest rank's and a figure's tokens all ranks'
     tokens."""
 
-    def __init__(self, model, params, args, memory: PeakMemory, shards=None):
+    def __init__(self, model, params, args, memory: PeakMemory, ranks: Ranks = Ranks()):
         self.model, self.params, self.args, self.memory = model, params, args, memory
-        self.shards = shards
-        self.world = shards.world_size if shards else 1
+        self.ranks = ranks
+        self.world = ranks.world_size
         vocab = model.get_input_embeddings().num_embeddings
         n = args.batch_size * args.steps * self.world
         self.blocks = random_blocks(n, args.max_length, vocab, seed=1)
@@ -54,7 +55,7 @@ class Bench:
         # Hutchinson one transformer block at a time: --hutchinson-mode block, or auto after
         # the whole model ran out of memory
         self.hutchinson_block = args.hutchinson_mode == "block"
-        self.main = shards is None or shards.is_main
+        self.main = ranks.is_main
 
     def record(self, name: str, fn, warm_data=None, data=None, *, tokens: int | None = None,
                ceiling: str | None = None, note: str = "", around=nullcontext) -> dict:
@@ -90,9 +91,9 @@ class Bench:
     def _timed(self, works: list[Work]) -> list[list[float]]:
         """timed_rounds; under --shard each round's seconds are the slowest rank's."""
         seconds = timed_rounds(works, self.args.repeats, self.args.clock)
-        if self.shards is None:
+        if not self.ranks.distributed:
             return seconds
-        every_rank = self.shards.all_gather_objects(seconds)
+        every_rank = self.ranks.all_gather_objects(seconds)
         return [[max(ranks) for ranks in zip(*work_seconds)] for work_seconds in zip(*every_rank)]
 
     @contextmanager
@@ -116,14 +117,14 @@ class Bench:
         """This process's batches of ``blocks`` (under --shard its share)."""
         device = input_device(self.model)
         n_batches = len(blocks) // self.args.batch_size
-        mine = range(n_batches) if self.shards is None else self.shards.my_batches(n_batches)
+        mine = self.ranks.my_batches(n_batches)
         return [blocks.batch(index, self.args.batch_size, device) for index in mine]
 
     def forward(self):
         batches, warm = self.batches(self.blocks), self.batches(self.warm_blocks)
 
         def run(items):
-            with without_grad(self.shards is not None):
+            with without_grad(self.ranks.sharded):
                 for ids, mask in items:
                     self.model(input_ids=ids, attention_mask=mask)
 
@@ -174,7 +175,7 @@ class Bench:
 
     def evaluate(self):
         self.record("evaluate", lambda data: evaluate(self.model, data, self.args.batch_size,
-                                                      shards=self.shards),
+                                                      ranks=self.ranks),
                     self.warm_blocks, self.blocks, tokens=self.tokens, ceiling="forward",
                     note="NLL, accuracy, per-block sums")
 
@@ -182,7 +183,7 @@ class Bench:
         """A scoring job on ``data`` (Hutchinson: one probe per batch)."""
         return ScoringJob(self.model, self.params, data, batch_size=batch_size, seed=0,
                           hutchinson_samples=1, hutchinson_block=self.hutchinson_block,
-                          shards=self.shards)
+                          ranks=self.ranks)
 
     def ranking_and_perturbation(self):
         """Top-K and perturbation of scores of ``--rank-metric`` on the warm-up batch

@@ -7,135 +7,54 @@ before the block runs and frees them after; a backward reduce-scatters each grad
 receives the *mean over ranks* of its rows' gradients. Gloo has no pre-multiplied sum, so instead
 of a divide factor every loss is multiplied by N: the reduced gradient is then the sum over ranks.
 
-Every rank runs the same pipeline on its share of the blocks (rank r takes batches r, r+N, ...,
-the single-process batches). FSDP's collectives need every rank to run as many forward and
-backward passes as the others, so a rank short of a batch runs a padding step (batch 0 again)
-whose contribution is discarded (``None`` index). Scores stay sharded: a rank holds the float32
-scores of the rows it holds.
+Every rank runs the same pipeline on its share of the blocks (src/distributed/ranks.py: ``Ranks``
+with ``sharded``, padding passes included). Scores stay sharded: a rank holds the float32 scores
+of the rows it holds; ``Layout`` says where each tensor's values live.
 """
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from src.distributed.ranks import Ranks, current
 from src.errors import UserError
 
 BLOCK_LIST_NAMES = ("layers", "h", "blocks", "layer")  # the ModuleList of decoder blocks
 
 
-@dataclass(frozen=True)
-class ShardGroup:
-    """This rank's place in the sharded run (the process group is data_parallel's)."""
-    rank: int
-    world_size: int
-    backend: str
-    device: torch.device
-    mesh: object = field(default=None, compare=False, repr=False)  # made once, by from_group()
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def my_batches(self, n_batches: int) -> list[int | None]:
-        """This rank's batch indices, padded with None to the same length on every rank."""
-        steps = math.ceil(n_batches / self.world_size)
-        return [index if index < n_batches else None
-                for index in range(self.rank, steps * self.world_size, self.world_size)]
-
-    def all_reduce_sum_(self, tensors) -> None:
-        import torch.distributed as dist
-
-        for tensor in tensors:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-
-    def all_reduce_max_(self, tensors) -> None:
-        import torch.distributed as dist
-
-        for tensor in tensors:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-
-    def all_true(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is True on every rank."""
-        return all(self.all_gather_objects(bool(flag)))
-
-    def main_value(self, obj):
-        """Rank 0's ``obj`` on every rank: a choice that leads to collectives (every rank must
-        make the same), or what rank 0 read from the output folder (the others have none)."""
-        import torch.distributed as dist
-
-        shared = [obj]
-        dist.broadcast_object_list(shared, src=0)
-        return shared[0]
-
-    def all_gather_objects(self, obj) -> list:
-        import torch.distributed as dist
-
-        gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, obj)
-        return gathered
-
-
-def my_share(n_batches: int, shards: ShardGroup | None) -> list[int | None]:
-    """The batch indices this process runs: all of them, or its share under --shard."""
-    return list(range(n_batches)) if shards is None else shards.my_batches(n_batches)
-
-
-def reduced(group: ShardGroup, parts: list[torch.Tensor], op: str = "sum") -> torch.Tensor:
-    """Each part (a 0-d or 1-d device tensor, one per tensor: this rank's share of a sum or a
-    maximum) summed (or maxed) over the ranks, as one float64 CPU tensor [n_parts, ...]: one
-    collective and one host transfer for all of them."""
-    stacked = torch.stack([part.to(group.device, torch.float64) for part in parts])
-    (group.all_reduce_max_ if op == "max" else group.all_reduce_sum_)([stacked])
-    return stacked.cpu()
-
-
-def gathered(per_batch: dict, shards: ShardGroup | None) -> dict:
-    """{batch index: result} of every process (picklable CPU results), the same on every rank."""
-    if shards is None:
-        return per_batch
-    return {index: result for part in shards.all_gather_objects(per_batch)
-            for index, result in part.items()}
-
-
-def whole_on_main(part: torch.Tensor, shape, group: ShardGroup) -> torch.Tensor | None:
+def whole_on_main(part: torch.Tensor, shape, ranks: Ranks) -> torch.Tensor | None:
     """The whole tensor of shape ``shape`` from every rank's rows (``part``, this rank's), on
     rank 0; None on the others. A collective: every rank calls it, tensor by tensor."""
     import torch.distributed as dist
 
-    per_rank = math.ceil(shape[0] / group.world_size)
-    padded = torch.zeros((per_rank, *shape[1:]), dtype=part.dtype, device=group.device)
+    per_rank = math.ceil(shape[0] / ranks.world_size)
+    padded = torch.zeros((per_rank, *shape[1:]), dtype=part.dtype, device=ranks.device)
     padded[:part.shape[0]] = part
-    pieces = [torch.empty_like(padded) for _ in range(group.world_size)] if group.is_main \
+    pieces = [torch.empty_like(padded) for _ in range(ranks.world_size)] if ranks.is_main \
         else None
     dist.gather(padded, pieces, dst=0)
-    return torch.cat(pieces)[:shape[0]] if group.is_main else None
+    return torch.cat(pieces)[:shape[0]] if ranks.is_main else None
 
 
-def group_of(model: torch.nn.Module) -> ShardGroup | None:
-    """The ShardGroup ``model`` is sharded over, or None when it is not sharded."""
-    param = next(model.parameters())
-    if not is_sharded(param):
-        return None
-    import torch.distributed as dist
-
-    mesh = param.device_mesh
-    return ShardGroup(mesh.get_local_rank(), mesh.size(), dist.get_backend(), param.device, mesh)
+def ranks_of(model: torch.nn.Module) -> Ranks | None:
+    """The Ranks ``model`` is sharded over, or None when it is not sharded."""
+    return current() if is_sharded(next(model.parameters())) else None
 
 
 @dataclass(frozen=True)
 class Layout:
     """Where the values of sharded tensors live: each tensor's global size and the flat range
     of its values this rank holds (rows are contiguous, so a flat range)."""
-    group: ShardGroup
+    ranks: Ranks
     numel: dict[str, int]
     offset: dict[str, int]
 
     @classmethod
-    def of(cls, params: dict, group: ShardGroup) -> "Layout":
-        return cls(group, {n: p.numel() for n, p in params.items()},
+    def of(cls, params: dict, ranks: Ranks) -> "Layout":
+        return cls(ranks, {n: p.numel() for n, p in params.items()},
                    {n: flat_offset(p) for n, p in params.items()})
 
     def localize(self, name: str, local_numel: int, flat_index: torch.Tensor):
@@ -159,49 +78,31 @@ class Layout:
             window = filled[start:start + length]
             window[held] = part[local_index.to(part.device)].double().cpu()
             start += length
-        on_device = filled.to(self.group.device)  # NCCL reduces CUDA tensors only
-        self.group.all_reduce_sum_([on_device])
+        on_device = filled.to(self.ranks.device)  # NCCL reduces CUDA tensors only
+        self.ranks.sum_([on_device])
         return dict(zip(names, on_device.cpu().split(lengths)))
 
 
-def from_group(group) -> ShardGroup:
-    """The ShardGroup of torchrun's process group (data_parallel.DataParallel, joined first);
-    exit 2 when not under torchrun."""
-    global _mesh
-    if group is None:
-        raise UserError("--shard needs several processes: launch with torchrun "
-                        "--nproc-per-node N phase1_runner_enhanced.py ... --shard")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    device = torch.device("cuda", group.local_rank) if group.backend == "nccl" else \
-        torch.device("cpu")
-    if _mesh is None:  # a collective: every rank makes it here, before anything runs rank by rank
-        _mesh = init_device_mesh(device.type, (group.world_size,))
-    return ShardGroup(group.rank, group.world_size, group.backend, device, _mesh)
-
-
-_mesh = None
-
-def describe(group: ShardGroup, model: torch.nn.Module) -> dict:
+def describe(ranks: Ranks, model: torch.nn.Module) -> dict:
     """The manifest's record of the sharding, with the parameter bytes rank 0 holds."""
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", group.world_size))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size))
     held = sum(local(p).numel() * p.element_size() for p in model.parameters())
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"engine": "FSDP2 fully_shard (each decoder block, then the root)",
-            "placement": "dim 0 (rows), torch.chunk pieces", "world_size": group.world_size,
-            "nodes": max(1, group.world_size // max(per_node, 1)), "backend": group.backend,
+            "placement": "dim 0 (rows), torch.chunk pieces", "world_size": ranks.world_size,
+            "nodes": max(1, ranks.world_size // max(per_node, 1)), "backend": ranks.backend,
             "parameter_bytes_held_by_rank_0": held, "parameter_bytes_total": total}
 
 
-def shard_model(model: torch.nn.Module, group: ShardGroup) -> None:
+def shard_model(model: torch.nn.Module, ranks: Ranks) -> None:
     """fully_shard every decoder block, then the root (embeddings, final norm, output head)."""
     from torch.distributed.fsdp import fully_shard
 
     for block in decoder_blocks(model):
-        fully_shard(block, mesh=group.mesh)
+        fully_shard(block, mesh=ranks.mesh)
     # the root too frees its gathered weights (embeddings, output head) after each forward:
     # evaluation is forward-only, and a whole output head per process is what --shard avoids
-    fully_shard(model, mesh=group.mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=ranks.mesh, reshard_after_forward=True)
 
 
 def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -45,7 +45,8 @@ import torch
 from tqdm.auto import tqdm
 
 from src.data.task_items import TaskDataError, hellaswag_doc, lambada_split
-from src.distributed.sharding import gathered, group_of, my_share, without_grad
+from src.distributed.ranks import current
+from src.distributed.sharding import without_grad
 from src.eval.perplexity import perplexity_of
 from src.models.properties import context_length, input_device
 
@@ -195,14 +196,14 @@ def _score_batch(model, sequences: list[list[int]], n_scored: list[int], device)
 def score_requests(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 8,
                    max_length: int | None = None, desc: str = "loglikelihood") -> list[tuple[float, bool]]:
     """(loglik, is_greedy) of each (context, continuation) request, in the order given. A
-    sharded model (--shard): each process scores its share of the batches (as evaluation
-    does), and every process gets every result."""
-    shards = group_of(model)
-    with without_grad(shards is not None):
-        return _score_requests(model, tokenizer, requests, batch_size, max_length, desc, shards)
+    torchrun: each process scores its share of the batches (as evaluation does), and every
+    process gets every result."""
+    ranks = current()
+    with without_grad(ranks.sharded):
+        return _score_requests(model, tokenizer, requests, batch_size, max_length, desc, ranks)
 
 
-def _score_requests(model, tokenizer, requests, batch_size, max_length, desc, shards):
+def _score_requests(model, tokenizer, requests, batch_size, max_length, desc, ranks):
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     max_length = max_length or model_max_length(model, tokenizer)
@@ -218,16 +219,17 @@ def _score_requests(model, tokenizer, requests, batch_size, max_length, desc, sh
     was_training = model.training
     model.eval()
     try:
-        quiet = len(batches) < 2 or (shards is not None and not shards.is_main)
-        for index in tqdm(my_share(len(batches), shards), desc=desc, leave=False, disable=quiet):
-            batch = batches[0 if index is None else index]  # None: a --shard padding step
+        quiet = len(batches) < 2 or not ranks.is_main
+        for index in tqdm(ranks.my_batches(len(batches)), desc=desc, leave=False,
+                          disable=quiet):
+            batch = batches[0 if index is None else index]  # None: a padding pass (sharded)
             scores = _score_batch(model, [sequences[i] for i in batch], [n_scored[i] for i in batch], device)
             if index is not None:
                 per_batch[index] = scores
     finally:
         model.train(was_training)
     results: list[tuple[float, bool] | None] = [None] * len(sequences)
-    for index, scores in gathered(per_batch, shards).items():
+    for index, scores in ranks.gathered(per_batch).items():
         for request, score in zip(batches[index], scores):
             results[request] = score
     return results

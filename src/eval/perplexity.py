@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from src.data.loading import TokenBlocks
 from src.models.properties import input_device
-from src.distributed.sharding import gathered, my_share, without_grad
+from src.distributed.ranks import Ranks, current
+from src.distributed.sharding import without_grad
 
 
 @dataclass
@@ -100,23 +101,24 @@ def masked_nll_sum(logits, input_ids, attention_mask) -> torch.Tensor:
 
 
 def evaluate(model, blocks: TokenBlocks, batch_size: int, progress: bool = False,
-             shards=None) -> EvalResult:
-    """Token-mean NLL, perplexity and next-token accuracy over ``blocks``. Under --shard
-    (``shards``, a sharding.ShardGroup) each rank evaluates its share of the batches (padded to
-    equal passes) and the per-block sums are gathered: the same result on every rank."""
+             ranks: Ranks | None = None) -> EvalResult:
+    """Token-mean NLL, perplexity and next-token accuracy over ``blocks``. Under torchrun
+    (``ranks``, by default the run's) each rank evaluates its share of the batches and the
+    per-block sums are gathered: the same result on every rank."""
+    ranks = ranks or current()
     device = input_device(model)
     n_batches = math.ceil(len(blocks) / batch_size)
     per_batch = {}
-    with without_grad(shards is not None):
-        for index in tqdm(my_share(n_batches, shards), desc="evaluate", disable=not progress,
+    with without_grad(ranks.sharded):
+        for index in tqdm(ranks.my_batches(n_batches), desc="evaluate", disable=not progress,
                           leave=False):
             input_ids, attention_mask = blocks.batch(0 if index is None else index, batch_size,
                                                      device)
             sums = _block_sums(model(input_ids=input_ids, attention_mask=attention_mask).logits,
                                input_ids, attention_mask)
-            if index is not None:  # None: a --shard padding step
+            if index is not None:  # None: a padding pass (sharded ranks run alike)
                 per_batch[index] = tuple(part.cpu() for part in sums)
-    per_batch = gathered(per_batch, shards)
+    per_batch = ranks.gathered(per_batch)
     nll_sum, tokens, correct = (torch.cat([per_batch[i][part] for i in range(n_batches)]).cpu()
                                 for part in range(3))
     n_tokens = int(tokens.sum())

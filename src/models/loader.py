@@ -67,11 +67,11 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def load_model(spec: str | None, *, dtype: str = "auto", device: str = "auto",
                device_map: str | None = None, cache_dir: str | None = None,
-               revision: str | None = None, trust_remote_code: bool = False, shards=None):
+               revision: str | None = None, trust_remote_code: bool = False, shard_over=None):
     """Load a causal LM and its tokenizer; returns (model, tokenizer, info dict).
 
     The model is in eval mode on ``device`` (or spread by ``device_map``), with ``dtype``.
-    ``shards`` (sharding.ShardGroup, --shard): the model comes back sharded over the processes;
+    ``shard_over`` (Ranks with ``sharded``, --shard): the model comes back sharded over the processes;
     no device ever holds the whole model (see ``_load_sharded`` and ``_skeleton``).
     """
     spec = spec or BUILTIN_NAME
@@ -82,13 +82,13 @@ def load_model(spec: str | None, *, dtype: str = "auto", device: str = "auto",
     if spec.startswith("random:"):
         build_on = torch.device("cpu") if device_map is not None else target
         model, tokenizer = _build_random(spec[len("random:"):], cache, torch_dtype, build_on,
-                                         shards)
+                                         shard_over)
         if device_map is not None:
             model = dispatch_random(model, device_map)
         source = "random"
-    elif shards is not None:
+    elif shard_over is not None:
         model, tokenizer, source = _load_sharded(spec, cache, torch_dtype, target, revision,
-                                                 trust_remote_code, shards)
+                                                 trust_remote_code, shard_over)
     else:
         model, tokenizer, source = _load_checkpoint(spec, cache, torch_dtype, device_map,
                                                     revision, trust_remote_code)
@@ -123,26 +123,26 @@ def _load_checkpoint(spec: str, cache: Path, torch_dtype, device_map, revision,
 
 
 def _load_sharded(spec: str, cache: Path, torch_dtype, target: torch.device, revision,
-                  trust_remote_code, shards):
+                  trust_remote_code, shard_over):
     """A trained model under --shard. Rank 0 alone reads the checkpoint, into host memory; every
-    rank builds the model on the meta device, shards it and receives its rows from rank 0, so no
+    rank builds the model on the meta device, shard_over it and receives its rows from rank 0, so no
     device holds the whole model and the files are read once, not once per process. A load
     error on rank 0 is every rank's (exit 2 everywhere, nobody left waiting)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     whole, loaded = None, None
-    if shards.is_main:
+    if shard_over.is_main:
         try:
             whole, tokenizer, source = _load_checkpoint(spec, cache, torch_dtype, None, revision,
                                                         trust_remote_code)
             loaded = (whole.config, tokenizer, source)
         except UserError as error:
             loaded = error
-    loaded = shards.main_value(loaded)
+    loaded = shard_over.main_value(loaded)
     if isinstance(loaded, UserError):
         raise loaded
     config, tokenizer, source = loaded
-    model = _skeleton(config, torch_dtype, target, shards, trust_remote_code)
+    model = _skeleton(config, torch_dtype, target, shard_over, trust_remote_code)
     set_model_state_dict(model, whole.state_dict() if whole is not None else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model, tokenizer, source
@@ -270,7 +270,7 @@ def _hub_error_line(model_id: str, error: Exception) -> str:
 # ----------------------------------------------------------------------------- random init
 
 def _build_random(preset_or_path: str, cache: Path, torch_dtype, target: torch.device,
-                  shards=None):
+                  shard_over=None):
     from transformers import AutoConfig
 
     config_dict = _random_config_dict(preset_or_path)
@@ -291,7 +291,7 @@ def _build_random(preset_or_path: str, cache: Path, torch_dtype, target: torch.d
         # position through every layer, where each RMSNorm multiplies the gradient by
         # 1/sqrt(eps) ~ 316; in bfloat16 it overflowed to NaN halfway down llama-3.1-8b.
         config.pad_token_id = None
-        model = _skeleton(config, torch_dtype, target, shards)
+        model = _skeleton(config, torch_dtype, target, shard_over)
         random_init.initialize_(model)
         model.config.pad_token_id = tokenizer.pad_token_id \
             if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -301,7 +301,7 @@ def _build_random(preset_or_path: str, cache: Path, torch_dtype, target: torch.d
     return model, tokenizer
 
 
-def _skeleton(config, torch_dtype, target: torch.device, shards=None, trust_remote_code=False):
+def _skeleton(config, torch_dtype, target: torch.device, shard_over=None, trust_remote_code=False):
     """The model with storage for the weights this process holds (all of them unless sharded),
     not yet drawn: built on the meta device, so no weight is initialised twice; buffers (e.g.
     rotary frequencies) keep the values they were built with."""
@@ -313,10 +313,10 @@ def _skeleton(config, torch_dtype, target: torch.device, shards=None, trust_remo
                                                  trust_remote_code=trust_remote_code)
     model.tie_weights()  # not done on the meta device; a built model ties them itself
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    if shards is not None:
-        shard_model(model, shards)
+    if shard_over is not None:
+        shard_model(model, shard_over)
     model.to_empty(device=target)
-    if shards is None:
+    if shard_over is None:
         model.tie_weights()  # to_empty gives each module its own storage; FSDP keeps them shared
     with torch.no_grad():
         for name, buffer in model.named_buffers():

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from matplotlib.colors import LogNorm
 
-from src.distributed.sharding import reduced
+
 from src.plots.style import (SkipPlot, colours, draw_heatmap, grid, metric_label,
                              ordered_components, plt)
 from src.report.plotting import run_plot
@@ -58,7 +58,7 @@ def summarize(scores: dict, layout=None) -> ScoreSummary:
     l1 = torch.stack([torch.linalg.vector_norm(scores[n].detach().float(), ord=1).double().cpu()
                       for n in names])
     if layout is not None:  # float64 counts are exact below 2**53
-        counts, l1 = reduced(layout.group, list(counts)).long(), reduced(layout.group, list(l1))
+        counts, l1 = layout.ranks.reduced(list(counts)).long(), layout.ranks.reduced(list(l1))
     numel = {n: layout.numel[n] if layout is not None else scores[n].numel() for n in names}
     return ScoreSummary(dict(zip(names, counts.numpy())), dict(zip(names, l1.tolist())), numel)
 

@@ -33,7 +33,7 @@ from src.sensitivity.perturb import (PerturbOptions, count_changed, fingerprint,
                                      perturbation_is_stochastic, perturbed, selected_bits_equal,
                                      snapshot_selected)
 from src.sensitivity.rank import Selection, bottom_k, random_k, selection_size
-from src.distributed.sharding import reduced
+
 
 CONTROL_ALIASES = {"random": "random_k", "random_k": "random_k", "bottom": "bottom_k",
                    "bottom_k": "bottom_k"}
@@ -119,8 +119,8 @@ def run_conditions(params, conditions: list[Condition], method: str, options: Pe
         restored = selected_bits_equal(params, checked, before) and \
             fingerprint(params) == reference
         if layout is not None:
-            restored = layout.group.all_true(restored)
-            n_changed = reduced(layout.group, [n_changed]).squeeze(0)
+            restored = layout.ranks.all_true(restored)
+            n_changed = layout.ranks.reduced([n_changed]).squeeze(0)
         all_restored &= restored
         if blocks is not None:
             blocks.append(BlockSums(result.block_nll_sum, result.block_tokens))

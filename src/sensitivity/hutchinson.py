@@ -29,7 +29,7 @@ from contextlib import contextmanager
 import torch
 
 from src.models.components import layer_index
-from src.sensitivity.scoring import gradients_only_on, indexed_batches, loss_sum
+from src.sensitivity.scoring import batches, gradients_only_on, loss_sum
 from src.utils.seeds import generator_for
 
 
@@ -80,22 +80,23 @@ class WeightedWelford:
         return (variance / n_eff).sqrt()
 
 
-def merge_across_ranks(stats, group) -> None:
+def merge_across_ranks(stats, ranks) -> None:
     """torchrun: turn each rank's running moments into the moments of all ranks' samples, in
     place on every rank (pairwise-merge formula: M2 = Σ_r [M2_r + W_r (mean_r - mean)²]), one
     tensor at a time so the extra memory is one tensor."""
     stats = list(stats)
-    totals = group.sum_scalars([x for s in stats for x in (s.weight_sum, s.weight_sq_sum)])
+    totals = ranks.reduced([torch.tensor(x, dtype=torch.float64)
+                            for s in stats for x in (s.weight_sum, s.weight_sq_sum)]).tolist()
     for position, s in enumerate(stats):
         local_weight, local_mean = s.weight_sum, s.mean.clone()
         s.weight_sum, s.weight_sq_sum = totals[2 * position], totals[2 * position + 1]
         s.mean.mul_(local_weight)
-        group.all_reduce_sum_([s.mean])
+        ranks.sum_([s.mean])
         if s.weight_sum > 0:
             s.mean.div_(s.weight_sum)
         delta = local_mean.sub_(s.mean)
         s.m2.addcmul_(delta, delta, value=local_weight)
-        group.all_reduce_sum_([s.m2])
+        ranks.sum_([s.m2])
 
 
 def offload_to_cpu(stats) -> None:
@@ -140,14 +141,15 @@ def hutchinson_diagonal(job):
             for name, p in group.items():
                 stats[name] = WeightedWelford(p.shape, p.device)
             with gradients_only_on(model, group):
-                for batch_index, input_ids, mask in indexed_batches(job, "hutchinson"):
+                for batch in batches(job, "hutchinson"):
+                    mask = batch.attention_mask
                     n_tokens = int((mask[:, 1:] * mask[:, :-1]).sum())
-                    loss = loss_sum(model, input_ids, mask) / n_tokens
+                    loss = loss_sum(model, batch.input_ids, mask) / n_tokens
                     probe_batch(loss, names, tensors, stats, seed=job.seed,
-                                batch_index=batch_index, n_probes=job.hutchinson_samples,
+                                batch_index=batch.index, n_probes=job.hutchinson_samples,
                                 weight=n_tokens / total_tokens / job.hutchinson_samples)
-            if job.data_parallel is not None:
-                merge_across_ranks([stats[name] for name in names], job.data_parallel)
+            if job.ranks.distributed:
+                merge_across_ranks([stats[name] for name in names], job.ranks)
             if job.hutchinson_block:
                 offload_to_cpu([stats[name] for name in names])
     mean = {name: s.mean for name, s in stats.items()}

@@ -24,9 +24,8 @@ import torch
 from src.errors import UserError
 from src.eval.perplexity import token_nll
 from src.sensitivity.hutchinson import hutchinson_diagonal
-from src.sensitivity.scoring import (MetricOutput, Scores, ScoringJob, all_reduce_sum_, batches,
-                                     fold_gradients, gradient_scale, gradients_only_on,
-                                     indexed_batches, loss_sum, zeros_like_fp32)
+from src.sensitivity.scoring import (MetricOutput, Scores, ScoringJob, batches, fold_gradients,
+                                     gradients_only_on, loss_sum, zeros_like_fp32)
 from src.utils.seeds import generator_for
 from src.distributed.sharding import local, local_rows, without_grad
 
@@ -58,11 +57,9 @@ def register(name: str, *, uses_data: bool, signed: bool = False, description: s
 def compute_scores(job: ScoringJob, metric: str) -> MetricOutput:
     if metric not in METRICS:
         raise UserError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
-    if job.shards is not None and not METRICS[metric].shardable:
+    if job.ranks.sharded and not METRICS[metric].shardable:
         raise UserError(f"metric {metric} does not run on sharded weights (--shard); use one of "
                         f"{', '.join(shardable_metrics())}")
-    if job.data_parallel is not None and METRICS[metric].uses_data:
-        job.data_parallel.announce(job, metric)  # rank 0: the other ranks score the same job
     was_training = job.model.training
     job.model.eval()
     try:
@@ -123,10 +120,10 @@ def grad_x_weight(job: ScoringJob) -> MetricOutput:
         mean_grad[name].add_(grad)
 
     with gradients_only_on(job.model, job.params), fold_gradients(job.params, fold):
-        for index, input_ids, attention_mask in indexed_batches(job, "grad_x_weight"):
-            scale = gradient_scale(job, index) / total_tokens
-            (loss_sum(job.model, input_ids, attention_mask) * scale).backward()
-    all_reduce_sum_(job, mean_grad.values())
+        for batch in batches(job, "grad_x_weight"):
+            loss = loss_sum(job.model, batch.input_ids, batch.attention_mask)
+            (loss * (batch.loss_factor / total_tokens)).backward()
+    job.ranks.sum_gradients_(mean_grad.values())
     # in place: the float32 mean gradient becomes the score (no second full-size buffer)
     return MetricOutput({n: mean_grad[n].mul_(local(p).detach()).abs_()
                          for n, p in job.params.items()})
@@ -157,7 +154,7 @@ def grad_squared(job: ScoringJob) -> MetricOutput:
                 f.zero_()
     if not done:
         _per_sequence_squared_grads(job, fisher)
-    all_reduce_sum_(job, fisher.values())
+    job.ranks.sum_gradients_(fisher.values())  # sharded: each rank has its rows' whole sums
     n_sequences = max(len(job.blocks), 1)
     return MetricOutput({n: f.div_(n_sequences) for n, f in fisher.items()})
 
@@ -183,10 +180,10 @@ def _per_sequence_squared_grads(job: ScoringJob, fisher: Scores) -> None:
 
     # sharded: every rank runs the same sequences, so FSDP's mean over ranks is the gradient
     with gradients_only_on(job.model, job.params), fold_gradients(job.params, fold):
-        for input_ids, attention_mask in batches(job, "grad_squared", split=False):
-            for row in range(input_ids.shape[0]):  # one backward per sequence
-                _sequence_mean_loss_sum(job.model, input_ids[row:row + 1],
-                                        attention_mask[row:row + 1]).backward()
+        for batch in batches(job, "grad_squared", squares=True):
+            for row in range(batch.input_ids.shape[0]):  # one backward per sequence
+                _sequence_mean_loss_sum(job.model, batch.input_ids[row:row + 1],
+                                        batch.attention_mask[row:row + 1]).backward()
 
 
 def _single_use_linear_owners(model, params) -> dict | None:
@@ -258,10 +255,11 @@ def _per_sample_squared_grads(job: ScoringJob, owners: dict, fisher: Scores) -> 
         handles.append(module.register_forward_hook(after))
     try:
         with gradients_only_on(job.model, {}):
-            for input_ids, attention_mask in batches(job, "grad_squared", split=False):
+            for batch in batches(job, "grad_squared", squares=True):
                 pending.clear()
-                batch_rows["n"] = input_ids.shape[0]
-                _sequence_mean_loss_sum(job.model, input_ids, attention_mask).backward()
+                batch_rows["n"] = batch.input_ids.shape[0]
+                _sequence_mean_loss_sum(job.model, batch.input_ids,
+                                        batch.attention_mask).backward()
     finally:
         pending.clear()
         for handle in handles:
@@ -302,16 +300,16 @@ def act_mag(job: ScoringJob) -> MetricOutput:
             _input_norm_hook(sumsq[name], kind, current_mask)))
     padded = not bool(job.blocks.attention_mask.all())  # checked once, on the host
     try:
-        with without_grad(job.shards is not None):
-            for index, input_ids, attention_mask in indexed_batches(job, "act_mag"):
+        with without_grad(job.ranks.sharded):
+            for batch in batches(job, "act_mag"):
                 current_mask.clear()
-                current_mask["mask"] = attention_mask if padded else None
-                current_mask["skip"] = index is None  # a --shard padding step
-                job.model(input_ids=input_ids, attention_mask=attention_mask)
+                current_mask["mask"] = batch.attention_mask if padded else None
+                current_mask["skip"] = not batch.counted
+                job.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     finally:
         for handle in handles:
             handle.remove()
-    all_reduce_sum_(job, sumsq.values(), gradients=False)
+    job.ranks.sum_(sumsq.values())
     scores = {}
     for name, p in job.params.items():
         norm = sumsq[name].sqrt()

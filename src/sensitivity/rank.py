@@ -134,7 +134,7 @@ def _union_over_ranks(candidates: dict, layout, k: int) -> dict:
     by lower index, as one process does."""
     mine = {name: (index.cpu() + layout.offset[name], keys.cpu())
             for name, (index, keys) in candidates.items()}
-    gathered = layout.group.all_gather_objects(mine)
+    gathered = layout.ranks.all_gather_objects(mine)
     merged = {}
     for name in candidates:
         index = torch.cat([part[name][0] for part in gathered])

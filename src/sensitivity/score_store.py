@@ -24,6 +24,7 @@ from src.errors import UserError
 from src.sensitivity.metrics import METRICS
 from src.sensitivity.scoring import MetricOutput
 from src.distributed import sharding
+from src.distributed.ranks import Ranks
 from src.utils.io import file_sha256, write_safetensors, write_safetensors_streamed
 
 FILE_NAME = "scores.safetensors"
@@ -49,9 +50,9 @@ def model_fingerprint(model) -> str:
         count = min(SAMPLE_VALUES, p.numel())
         # integer spacing: float positions round past the end of large tensors
         positions[name] = torch.arange(count) * (p.numel() - 1) // max(count - 1, 1)
-    shards = sharding.group_of(model)
-    if shards is not None:
-        layout = sharding.Layout.of(named, shards)
+    ranks = sharding.ranks_of(model)
+    if ranks is not None:
+        layout = sharding.Layout.of(named, ranks)
         samples = layout.values_at({n: (sharding.local(p), positions[n])
                                     for n, p in named.items()})
     else:
@@ -103,19 +104,20 @@ def calibration_differences(meta: dict, calibration: dict) -> dict[str, tuple]:
     return differing or {"sha256": (stored["sha256"], calibration["sha256"])}
 
 
-def save(path: Path, scored: MetricOutput, meta: dict, layout=None) -> Path | None:
-    """Write the scores (and standard errors). ``layout`` (sharding.Layout) when they are this
-    rank's shards: a collective; rank 0 writes the whole tensors, gathered one at a time, and
-    the others write nothing (None)."""
+def save(path: Path, scored: MetricOutput, meta: dict, ranks: Ranks = Ranks(),
+         layout=None) -> Path | None:
+    """Write the scores (and standard errors) on rank 0; the other ranks write nothing (None).
+    ``layout`` (sharding.Layout) when they are this rank's shards: a collective, rank 0 writes
+    the whole tensors, gathered one at a time."""
     tensors = dict(scored.scores)
     tensors.update({f"{n}{STDERR_SUFFIX}": s for n, s in scored.extra.get("stderr", {}).items()})
     metadata = {"cwa": json.dumps(meta), "metric": meta["metric"]}
     if layout is None:
-        return write_safetensors(path, tensors, metadata)
+        return write_safetensors(path, tensors, metadata) if ranks.is_main else None
     shapes = {name: _whole_shape(name, t, layout) for name, t in tensors.items()}
-    whole = ((name, sharding.whole_on_main(t, shapes[name], layout.group))
+    whole = ((name, sharding.whole_on_main(t, shapes[name], layout.ranks))
              for name, t in tensors.items())
-    if not layout.group.is_main:
+    if not layout.ranks.is_main:
         for _ in whole:  # take part in every gather
             pass
         return None

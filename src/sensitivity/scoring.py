@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from src.data.loading import TokenBlocks
 from src.eval.perplexity import masked_nll_sum
 from src.models.properties import input_device
+from src.distributed.ranks import Ranks
 from src.distributed.sharding import local
 from src.utils import progress
 
@@ -36,8 +37,7 @@ class ScoringJob:
     hutchinson_samples: int = 8
     hutchinson_block: bool = False
     progress: str = "off"  # src.utils.progress mode: bars, lines or off
-    data_parallel: object = None  # src.sensitivity.data_parallel.DataParallel under torchrun
-    shards: object = None  # src.distributed.sharding.ShardGroup under torchrun --shard
+    ranks: Ranks = field(default_factory=Ranks)  # the processes the batches are split over
 
 
 @dataclass
@@ -85,52 +85,36 @@ def zeros_like_fp32(params) -> Scores:
             for name, p in params.items()}
 
 
-def batches(job: ScoringJob, desc: str, split: bool = True):
-    """(input_ids, attention_mask) of this process's calibration batches, on the input device.
-    ``split=False``: under --shard every rank takes every batch."""
-    for _, input_ids, attention_mask in indexed_batches(job, desc, split):
-        yield input_ids, attention_mask
+@dataclass
+class Batch:
+    """One calibration batch of this process, on the model's input device."""
+    index: int  # its index among the single-process batches (keys per-batch draws)
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_factor: float  # multiply the batch's loss by this before a backward
+    counted: bool  # False: a pass made only to keep sharded ranks in step; sums skip it
 
 
-def indexed_batches(job: ScoringJob, desc: str, split: bool = True):
-    """(global batch index, input_ids, attention_mask): every batch in one process; under
-    torchrun only this rank's batches, with the indices they have in the single-process run.
-    Under --shard a rank short of batches gets padding steps: index None, batch 0's tokens,
-    whose contribution the metric discards (FSDP needs equal passes on every rank)."""
+def batches(job: ScoringJob, desc: str, squares: bool = False):
+    """This process's calibration batches (every batch in one process; under torchrun this
+    rank's share, which a metric adds up with ``job.ranks.sum_``). ``squares``: the metric sums
+    squares of per-sequence gradients, which partial gradients cannot give: with sharded
+    weights every rank takes every batch and computes its own rows."""
     n_batches = math.ceil(len(job.blocks) / job.batch_size)
-    if job.shards is not None and not split:
-        mine = range(n_batches)
-    elif job.shards is not None:
-        mine = job.shards.my_batches(n_batches)
-    elif job.data_parallel is not None:
-        mine = job.data_parallel.my_batches(n_batches)
-    else:
-        mine = range(n_batches)
+    split = not (squares and job.ranks.sharded)
+    mine = job.ranks.my_batches(n_batches, split)
+    factor = job.ranks.gradient_factor if split else 1.0  # unsplit: the ranks' mean is the sum
     device = input_device(job.model)
     start = time.perf_counter()
     for index in tqdm(mine, desc=desc, disable=job.progress != "bars", leave=False):
-        yield (index, *job.blocks.batch(0 if index is None else index, job.batch_size, device))
+        counted = index is not None
+        input_ids, attention_mask = job.blocks.batch(index if counted else 0, job.batch_size,
+                                                     device)
+        yield Batch(index if counted else 0, input_ids, attention_mask,
+                    factor if counted else 0.0, counted)
     if job.progress == "lines":
         progress.line(f"{desc}: scoring pass over {len(mine)} batches of {job.batch_size} "
                       f"blocks done in {time.perf_counter() - start:.1f} s")
-
-
-def gradient_scale(job: ScoringJob, index) -> float:
-    """Loss multiplier: 0 for a padding step; under --shard N, because FSDP's reduce-scatter
-    averages the ranks' gradients (the sum is wanted); else 1."""
-    if index is None:
-        return 0.0
-    return float(job.shards.world_size) if job.shards is not None else 1.0
-
-
-def all_reduce_sum_(job: ScoringJob, tensors, gradients: bool = True) -> None:
-    """Sum accumulators over processes, in place: under torchrun data parallelism every one;
-    under --shard only sums of activations (FSDP's backward has already reduced gradients).
-    No-op in one process."""
-    if job.data_parallel is not None:
-        job.data_parallel.all_reduce_sum_(list(tensors))
-    elif job.shards is not None and not gradients:
-        job.shards.all_reduce_sum_(list(tensors))
 
 
 def loss_sum(model, input_ids, attention_mask) -> torch.Tensor:

@@ -175,7 +175,7 @@ def stability_check(job: ScoringJob, metric: str, k: int, mode: str, seeds: list
     n_blocks = len(job.blocks)
     keep = _sets_fit_in_memory(job.params, len(seeds) + n_batches)
     if layout is not None:  # rescoring later is a collective: every rank must choose alike
-        keep = layout.group.all_true(keep)
+        keep = layout.ranks.all_true(keep)
     seed_scores, seed_selections = [], []
     for seed in seeds:
         index = seed_subset(n_blocks, fraction, seed)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from src.distributed.sharding import reduced
+
 
 QUANTILE_SAMPLE = 1 << 15
 QUANTILES = {"p50": 0.5, "p90": 0.9, "p95": 0.95, "p99": 0.99, "p99_9": 0.999}
@@ -83,20 +83,20 @@ def _sharded_statistics(tensors, layout, absolute: bool, seed: int, tail: bool) 
     values read from the ranks that hold them."""
     if tail and not absolute:
         raise ValueError("sharded tail statistics are computed for |values| only")
-    group, names = layout.group, list(tensors)
+    ranks, names = layout.ranks, list(tensors)
     held = [_flat(tensors[name], absolute) for name in names]
     n = torch.tensor([float(layout.numel[name]) for name in names], dtype=torch.float64)
-    mean = reduced(group, [v.sum() for v in held]) / n
-    second = reduced(group, [(v - float(m)).square().sum() for v, m in zip(held, mean)])
-    extremes = reduced(group, [_max_and_negated_min(v) for v in held], op="max")
+    mean = ranks.reduced([v.sum() for v in held]) / n
+    second = ranks.reduced([(v - float(m)).square().sum() for v, m in zip(held, mean)])
+    extremes = ranks.reduced([_max_and_negated_min(v) for v in held], op="max")
     std = torch.where(n > 1, (second / (n - 1).clamp(min=1)).sqrt(), torch.zeros_like(n))
     columns = {"mean": mean, "std": std, "min": -extremes[:, 1], "max": extremes[:, 0]}
     if tail:
         total = mean * n
         for key, fraction in TOP_SHARES.items():
             counts = [max(1, math.ceil(fraction * layout.numel[name])) for name in names]
-            columns[key] = _top_sums(held, counts, group) / total
-        fourth = reduced(group, [(v - float(m)).square().square().sum()
+            columns[key] = _top_sums(held, counts, ranks) / total
+        fourth = ranks.reduced([(v - float(m)).square().square().sum()
                                   for v, m in zip(held, mean)])
         columns["kurtosis"] = (fourth / n) / (second / n).square()
     generator = torch.Generator().manual_seed(seed)
@@ -121,7 +121,7 @@ def _max_and_negated_min(values: torch.Tensor) -> torch.Tensor:
     return torch.stack([high, -low])
 
 
-def _top_sums(held: list[torch.Tensor], counts: list[int], group) -> torch.Tensor:
+def _top_sums(held: list[torch.Tensor], counts: list[int], ranks) -> torch.Tensor:
     """Sum of the ``counts[i]`` largest values of each whole (non-negative) tensor, exactly,
     without gathering them: the m-th largest value v is the largest float t with at least m
     values >= t (counted over the ranks), found by bisection on the float32 bit patterns (which
@@ -132,13 +132,13 @@ def _top_sums(held: list[torch.Tensor], counts: list[int], group) -> torch.Tenso
     high = torch.full((len(held),), 0x7F800001, dtype=torch.int64)  # above +inf: none
     while bool((high - low > 1).any()):
         middle = (low + high) // 2
-        at_or_above = reduced(group, [(b >= int(c)).sum() for b, c in zip(bits, middle)])
+        at_or_above = ranks.reduced([(b >= int(c)).sum() for b, c in zip(bits, middle)])
         enough = at_or_above >= wanted
         low, high = torch.where(enough, middle, low), torch.where(enough, high, middle)
     threshold = low.to(torch.int32).view(torch.float32).double()
     above = [v > float(t) for v, t in zip(held, threshold)]
-    sums = reduced(group, [torch.where(a, v, 0.0).sum() for v, a in zip(held, above)])
-    n_above = reduced(group, [a.sum() for a in above])
+    sums = ranks.reduced([torch.where(a, v, 0.0).sum() for v, a in zip(held, above)])
+    n_above = ranks.reduced([a.sum() for a in above])
     return sums + (wanted - n_above) * threshold
 
 

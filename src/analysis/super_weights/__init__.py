@@ -106,12 +106,12 @@ def analyze(model, calibration: TokenBlocks, evaluation: TokenBlocks, batch_size
     runs its share of the batches and zeroes the candidates it holds."""
     targets = mlp_down_targets(model)
     params = {t.param_name: t.param for t in targets}
-    shards = sharding.group_of(model)
-    layout = sharding.Layout.of(params, shards) if shards is not None else None
+    ranks = sharding.ranks_of(model)
+    layout = sharding.Layout.of(params, ranks) if ranks is not None else None
     reference = fingerprint(params)
 
     def evaluate_model() -> EvalResult:
-        return evaluate(model, evaluation, batch_size, shards=shards)
+        return evaluate(model, evaluation, batch_size)
 
     baseline = baseline or evaluate_model()
     candidates, passes = find_candidates(model, targets, calibration, batch_size, threshold,
@@ -122,8 +122,8 @@ def analyze(model, calibration: TokenBlocks, evaluation: TokenBlocks, batch_size
         c["metric_rank"] = metric_rank(scores, c["parameter"], c["flat_index"],
                                        score_layout) if scores else None
     restored = zeroing.restored and fingerprint(params) == reference
-    if shards is not None:
-        restored = shards.all_true(restored)
+    if ranks is not None:
+        restored = ranks.all_true(restored)
     return {
         "method": {"hooked": "MLP output projection (component mlp_down) of every block",
                    "detection_blocks": len(calibration), "evaluation_blocks": len(evaluation),

@@ -13,7 +13,7 @@ from src.sensitivity.experiment import Condition
 from src.sensitivity.perturb import PerturbOptions
 from src.sensitivity.rank import Selection, random_k, top_k
 from src.utils.seeds import stable_seed
-from src.distributed.sharding import local, reduced
+from src.distributed.sharding import local
 
 CONFIRM_MARGIN = 0.10     # ratio_alone must exceed the worst control ratio by this much
 
@@ -135,7 +135,7 @@ def metric_rank(scores: dict[str, torch.Tensor], name: str, flat_index: int,
     key = score.abs()
     above = [(s.detach().abs() > key.to(s.device)).sum() for s in scores.values()]
     above = torch.stack([a.cpu() for a in above]) if layout is None else \
-        reduced(layout.group, above).long()
+        layout.ranks.reduced(above).long()
     numel = {n: layout.numel[n] if layout else s.numel() for n, s in scores.items()}
     in_tensor = int(above[list(scores).index(name)])
     return {"score": float(score), "rank_in_tensor": in_tensor + 1,

@@ -15,7 +15,8 @@ from src.models.components import (ParamMeta, component_of, describe_parameters,
 from src.models.properties import input_device
 from src.sensitivity.perturb import perturbed
 from src.sensitivity.rank import Selection
-from src.distributed.sharding import local, my_share, without_grad
+from src.distributed.ranks import Ranks
+from src.distributed.sharding import local, without_grad
 
 SPIKE_THRESHOLD = 100.0   # output_ratio at or above which a layer spikes
 MAX_WEIGHTS = 5           # default number of candidates searched for
@@ -98,22 +99,22 @@ def detect(model, targets: list[Target], blocks: TokenBlocks, batch_size: int,
     """One forward pass over ``blocks``; per hooked layer the activation peaks (module docstring).
     ``layout`` (sharding.Layout of the targets' weights) under --shard: each rank runs its share
     of the batches and the peaks are merged over the ranks."""
-    shards = layout.group if layout is not None else None
+    ranks = layout.ranks if layout is not None else Ranks()
     batch_state: dict = {}
     recorders = [_PeakRecorder(batch_state) for _ in targets]
     handles = [t.module.register_forward_hook(r) for t, r in zip(targets, recorders)]
     device = input_device(model)
     try:
-        with without_grad(shards is not None):
-            for index in my_share(math.ceil(len(blocks) / batch_size), shards):
+        with without_grad(ranks.sharded):
+            for index in ranks.my_batches(math.ceil(len(blocks) / batch_size)):
                 input_ids, attention_mask = blocks.batch(index or 0, batch_size, device)
                 batch_state["mask"], batch_state["index"] = attention_mask, index
                 model(input_ids=input_ids, attention_mask=attention_mask)
     finally:
         for handle in handles:
             handle.remove()
-    if shards is not None:
-        _merge_over_ranks(recorders, targets, shards)
+    if ranks.distributed:
+        _merge_over_ranks(recorders, targets, ranks)
     coordinates = [(int(r.spike_row), int(r.x_peak.argmax())) for r in recorders]
     flat = [from_out_in(t.meta, row, col) for t, (row, col) in zip(targets, coordinates)]
     weights = _weights_at(targets, flat, layout)
@@ -127,20 +128,20 @@ def detect(model, targets: list[Target], blocks: TokenBlocks, batch_size: int,
     return layers
 
 
-def _merge_over_ranks(recorders: list[_PeakRecorder], targets: list[Target], shards) -> None:
+def _merge_over_ranks(recorders: list[_PeakRecorder], targets: list[Target], ranks) -> None:
     """Every rank's recorders become the merge of all ranks': peaks by maximum, the spike from
     the rank with the largest, ties to the earliest batch (the rank holding the lowest index)."""
     for recorder, target in zip(recorders, targets):
         if recorder.x_peak is None:  # this rank ran padding steps only
             n_out, n_in = target.meta.shape_out_in
-            recorder.x_peak = torch.zeros(n_in, device=shards.device)
-            recorder.y_peak = torch.zeros(n_out, device=shards.device)
-    peaks = [torch.cat([r.x_peak, r.y_peak]).to(shards.device) for r in recorders]
-    shards.all_reduce_max_(peaks)
+            recorder.x_peak = torch.zeros(n_in, device=ranks.device)
+            recorder.y_peak = torch.zeros(n_out, device=ranks.device)
+    peaks = [torch.cat([r.x_peak, r.y_peak]).to(ranks.device) for r in recorders]
+    ranks.max_(peaks)
     mine = [None if r.spike_value is None else
             (float(r.spike_value), -int(r.spike_batch), int(r.spike_row), float(r.spike_y),
              r.spike_x.cpu()) for r in recorders]
-    every = shards.all_gather_objects(mine)
+    every = ranks.all_gather_objects(mine)
     for i, (recorder, peak) in enumerate(zip(recorders, peaks)):
         n_in = recorder.x_peak.numel()
         recorder.x_peak, recorder.y_peak = peak[:n_in], peak[n_in:]
