@@ -56,6 +56,16 @@ class RunState:
                         shards=self.job.shards)
 
 
+def scoring_job(config: RunConfig, model, params, blocks, **distribution) -> ScoringJob:
+    """The run's ScoringJob on ``blocks``: batch size, first seed, progress mode and every
+    metric's settings from ``config``; ``distribution``: how torchrun processes share it."""
+    settings = {metric.settings: config.settings(metric.settings) for metric in METRICS.values()
+                if metric.settings is not None}
+    return ScoringJob(model=model, params=params, blocks=blocks, batch_size=config.batch_size,
+                      seed=config.seeds[0], settings=settings,
+                      progress=progress.mode(config.quiet, config.verbose), **distribution)
+
+
 def score_outputs(state: RunState):
     """sensitivity_stats.json and top_weights.csv (the scores themselves are saved as soon as
     they are computed: src/sensitivity/score_store.py)."""
