@@ -2,8 +2,9 @@
 2 bad input, 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP. Everything printed is redacted
 (src/utils/secrets.py).
 
-The parser is built from the fields of RunConfig and of every analysis' settings (each field is
-its own flag, src/options.py); this module only parses and turns errors into exit codes. The
+The parser is built from the fields of RunConfig and of every analysis', metric's and
+perturbation's settings (each field is its own flag, src/options.py); this module only parses
+and turns errors into exit codes. The
 output folder is checked first, before torch and the model load, so a wrong --out-dir costs
 well under a second.
 """
@@ -14,7 +15,7 @@ import sys
 import traceback
 
 from src.errors import UserError
-from src.options import flag_of, options_of, shown_default
+from src.options import flag_of, options_of, placed_options, shown_default
 from src.utils import output, secrets, signals
 
 
@@ -24,8 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from src.analysis import registry
-    from src.config import GROUP_HELP, RunConfig
+    from src.config import GROUP_HELP, RunConfig, settings_classes
 
     parser = _Parser(
         prog="phase1_runner_enhanced.py",
@@ -33,16 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "critical ones, perturb them against random-K and bottom-K controls, and "
                     "write tables, statistics and a manifest to --out-dir.")
     help_by_group = dict(GROUP_HELP)
-    for settings_class in registry.settings_classes():
+    for settings_class in settings_classes():
         if getattr(settings_class, "GROUP_HELP", None):
             help_by_group[options_of(settings_class)[0][1].group] = settings_class.GROUP_HELP
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for cls in (RunConfig, *registry.settings_classes()):
-        for field, meta in options_of(cls):
-            if meta.group not in groups:
-                groups[meta.group] = parser.add_argument_group(meta.group,
-                                                               help_by_group.get(meta.group))
-            _add(groups[meta.group], field, meta)
+    for _, field, meta in placed_options(RunConfig, settings_classes()):
+        if meta.group not in groups:
+            groups[meta.group] = parser.add_argument_group(meta.group,
+                                                           help_by_group.get(meta.group))
+        _add(groups[meta.group], field, meta)
     return parser
 
 
@@ -73,10 +72,12 @@ def check_output_first(argv: list[str] | None) -> None:
 
 
 def config_from_argv(argv: list[str] | None = None):
-    """The validated RunConfig of a command line (UserError when anything is wrong)."""
+    """The validated RunConfig of a command line (UserError when anything is wrong): parsed
+    (no file read), completed with the defaults read from files, then validated."""
     from src.config import RunConfig
 
-    config = RunConfig.from_flags(vars(build_parser().parse_args(argv)))
+    given = vars(build_parser().parse_args(argv))
+    config = RunConfig.from_flags(given).with_file_defaults(metric_given="metric" in given)
     config.validate()
     return config
 

@@ -1,8 +1,9 @@
 """RunConfig: every setting of a run, each default stated once, and validate().
 
-The fields below are the run's core flags (src/cli.py builds argparse from them); each analysis
-adds its own flags through its ``Settings`` (src/analysis/registry.py), kept in
-``RunConfig.analyses``. ``validate()`` checks every value and every combination that can be
+The fields below are the run's core flags (src/cli.py builds argparse from them); each analysis,
+metric and perturbation adds its own flags through its ``Settings`` dataclass, declared next to it
+and named in its registration (``settings_classes()``), kept in ``RunConfig.settings_by_class``.
+Parsing reads no file: ``with_file_defaults`` then takes --metric from --scores-from. ``validate()`` checks every value and every combination that can be
 checked without the model; src/loaded_checks.py checks the rest (K against the eligible weights,
 the model's context, ...) in the pipeline, before the output folder is touched.
 """
@@ -21,12 +22,12 @@ from src.models.components import COMPONENTS
 from src.models.builtin import BUILTIN_NAME
 from src.models.device_map import resolve_device_map
 from src.options import (choice, folder, free_names, int_list, integer, integer_or_word,
-                         name_list, number, option, parse_given, text, text_file,
-                         unused_settings)
+                         name_list, number, option, parse_given, placed_options, text, text_file,
+                         unused_options, unused_settings)
 from src.sensitivity.eligibility import parse_layers, unscorable
 from src.sensitivity.experiment import CONTROL_ALIASES
 from src.sensitivity.metrics import METRICS, shardable_metrics
-from src.sensitivity.perturb import PERTURBATIONS, resolve_bit
+from src.sensitivity.perturb import PERTURBATIONS, PerturbOptions, resolve_bit
 from src.sensitivity import score_store
 from src.sensitivity.rank import MODES
 from src.utils import output
@@ -65,10 +66,6 @@ def _task_data(value: str, flag: str) -> tuple[tuple[str, str], ...]:
                             f"of {', '.join(TASKS)}")
         pairs.append((task, source))
     return tuple(pairs)
-
-
-def _uses_hutchinson(c: RunConfig) -> bool:
-    return "hutchinson_diag" in (c.metric, *c.value("compare_metrics"))
 
 
 def _perturbs(c: RunConfig) -> bool:
@@ -148,13 +145,6 @@ class RunConfig:
     save_scores: bool = option(False, "keep scores.safetensors (every score tensor, written "
                                "right after scoring for --resume) after the run succeeds",
                                group="scoring and ranking")
-    hutchinson_samples: int = option(8, "Rademacher probes per calibration batch "
-                                     "(hutchinson_diag)", group="scoring and ranking",
-                                     parse=integer(1),
-                                     used_when=("hutchinson_diag", _uses_hutchinson))
-    hutchinson_block: bool = option(False, "hutchinson_diag one transformer block at a time "
-                                    "(less memory)", group="scoring and ranking",
-                                    used_when=("hutchinson_diag", _uses_hutchinson))
     # perturbation
     perturb: str | None = option(None, f"perturb the top-K and controls: "
                                  f"{', '.join(PERTURBATIONS)}", group="perturbation",
@@ -168,17 +158,6 @@ class RunConfig:
         parse=name_list(lambda: ("random_k", "bottom_k"), CONTROL_ALIASES, none_word="none"),
         used_when=("--perturb, --quantize or --advanced-perturbations clustered/targeted",
                    _controls_used))
-    perturb_scale: float = option(0.1, "gauss_noise: noise sd relative to |w|",
-                                  group="perturbation", parse=number(0.0),
-                                  used_when=("--perturb gauss_noise",
-                                             lambda c: c.perturb == "gauss_noise"))
-    bit_position: str = option("exponent-msb", "bit_flip: sign, exponent-msb, mantissa-msb or a "
-                               "bit number", group="perturbation", parse=text,
-                               used_when=("--perturb bit_flip", lambda c: c.perturb == "bit_flip"))
-    perturb_prob: float = option(1.0, "bit_flip: probability of flipping each selected weight",
-                                 group="perturbation", parse=number(0.0, 1.0),
-                                 used_when=("--perturb bit_flip",
-                                            lambda c: c.perturb == "bit_flip"))
     seeds: tuple[int, ...] = option((0, 1, 2), "comma-separated distinct seeds in [0, 2^32): "
                                     "random-K draws, noise, stability subsets",
                                     group="perturbation",
@@ -267,49 +246,62 @@ class RunConfig:
     quiet: bool = option(False, "no progress output: by default a terminal shows bars and a log "
                          "(stderr not a terminal) gets one line per finished scoring pass and "
                          "per finished condition", group="output")
-    # each analysis' Settings instance, by settings class (src/analysis/registry.py)
-    analyses: dict = field(default_factory=dict, compare=False)
+    # each analysis', metric's and perturbation's Settings instance, by settings class
+    settings_by_class: dict = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_flags(cls, given: dict) -> RunConfig:
-        """A config from the flags given (argparse dest -> string, or True for a switch)."""
-        analyses = {settings: settings(**parse_given(settings, given))
-                    for settings in registry.settings_classes()}
-        values = parse_given(cls, given)
-        if values.get("scores_from") and "metric" not in values:  # the stored scores' metric
-            values["metric"] = score_store.read_meta(score_store.locate(values["scores_from"]))[
-                "metric"]
-        config = cls(**values, analyses=analyses)
+        """A config from the flags given (argparse dest -> string, or True for a switch), the
+        analyses' flags parsed first. Reads no file: ``with_file_defaults`` comes next."""
+        placed = sorted(placed_options(cls, settings_classes()),
+                        key=lambda entry: entry[0] is cls or entry[0].AFTER is not None)
+        values = parse_given(placed, given)
+        settings = {owner: owner(**values[owner]) for owner in settings_classes()}
+        return cls(**values[cls], settings_by_class=settings)
+
+    def with_file_defaults(self, metric_given: bool) -> RunConfig:
+        """The defaults that parsing leaves, which read a file or the clock: without --metric,
+        the metric of the --scores-from scores (UserError when the file holds none); without
+        --out-dir, results/<model>_<metric>_k<K>_<time>."""
+        config = self
+        if config.scores_from and not metric_given:
+            meta = score_store.read_meta(score_store.locate(config.scores_from))
+            config = replace(config, metric=meta["metric"])
         if not config.out_dir:
             config = replace(config, out_dir=output.default_out_dir(config.model, config.metric,
-                                                              config.topk))
+                                                                    config.topk))
         return config
 
     def settings(self, settings_class):
-        """The given analysis settings (their defaults when this config was built without)."""
-        if settings_class not in self.analyses:
+        """The given settings of an analysis, metric or perturbation (their defaults when this
+        config was built without)."""
+        if settings_class not in self.settings_by_class:
             return settings_class()
-        return self.analyses[settings_class]
+        return self.settings_by_class[settings_class]
 
     def analysis_enabled(self, key: str) -> bool:
         analysis = registry.load()[key]
         return analysis.enabled(registry.settings_for(analysis, self))
 
     def value(self, name: str):
-        """A setting by field name, core or of any analysis."""
+        """A setting by field name, core or of any settings class."""
         if name in {f.name for f in fields(self)}:
             return getattr(self, name)
-        for settings_class in registry.settings_classes():
+        for settings_class in settings_classes():
             if name in {f.name for f in fields(settings_class)}:
                 return getattr(self.settings(settings_class), name)
         raise KeyError(name)
 
+    def _placed(self) -> list:
+        """(holder, field, option) of every flag in --help and config.json order; the holder is
+        this config or one of its settings."""
+        return [(self if owner is type(self) else self.settings(owner), field, meta)
+                for owner, field, meta in placed_options(type(self), settings_classes())]
+
     def to_dict(self) -> dict:
-        """Flat: the core fields, then every analysis' fields (config.json)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "analyses"}
-        for settings_class in registry.settings_classes():
-            values.update(vars(self.settings(settings_class)))
-        return values
+        """Flat (config.json): the core fields, the metrics' and perturbations' among them where
+        they were core fields once, then every analysis' fields."""
+        return {field.name: getattr(holder, field.name) for holder, field, _ in self._placed()}
 
     def validate(self) -> None:
         """Every check that needs no model; raises UserError with the first problem."""
@@ -317,10 +309,12 @@ class RunConfig:
             raise UserError(problem)
 
     def problems(self):
-        yield from unused_settings(self, self)
-        for settings_class in registry.settings_classes():
+        yield from unused_options([(holder, field, meta) for holder, field, meta in self._placed()
+                                   if holder is self or holder.AFTER is not None], self)
+        for settings_class in settings_classes():
             settings = self.settings(settings_class)
-            yield from unused_settings(settings, self)
+            if settings_class.AFTER is None:
+                yield from unused_settings(settings, self)
             yield from settings.problems(self)
         yield from self._combination_problems()
 
@@ -336,7 +330,7 @@ class RunConfig:
                     (" (add --include-embeddings)" if "embeddings" in reason else "")
         if self.perturb == "bit_flip":
             try:
-                resolve_bit(self.bit_position, _float32())
+                resolve_bit(self.settings(PerturbOptions).bit_position, _float32())
             except UserError as error:
                 yield f"bad --bit-position: {error}"
         if self.stability_batches > self.max_samples and subsets_used(self):
@@ -385,6 +379,14 @@ class RunConfig:
             problem = resume.refusal(self.out_dir, self.to_dict(), type(self)().to_dict())
             if problem:
                 yield problem
+
+
+def settings_classes() -> list[type]:
+    """Every settings class, each once: the metrics' and the perturbations' (registry order),
+    then the analyses' (src/analysis/registry.py)."""
+    declared = [entry.settings for entry in (*METRICS.values(), *PERTURBATIONS.values())]
+    return list(dict.fromkeys([cls for cls in declared if cls is not None] +
+                              registry.settings_classes()))
 
 
 def _float32():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from src.config import RunConfig, subsets_used
 from src.errors import UserError
-from src.sensitivity.perturb import resolve_bit
+from src.sensitivity.perturb import PerturbOptions, resolve_bit
 from src.sensitivity.rank import max_k
 
 CALIBRATION_NAMES = {"source": "the calibration data", "max_length": "--max-length",
@@ -30,7 +30,7 @@ def check_model(config: RunConfig, *, context: int | None, sizes: dict[str, int]
     if config.perturb == "bit_flip":
         for dtype in set(dtypes):
             try:
-                resolve_bit(config.bit_position, dtype)
+                resolve_bit(config.settings(PerturbOptions).bit_position, dtype)
             except UserError as error:
                 raise UserError(f"bad --bit-position: {error}") from None
     if subsets_used(config) and config.stability_batches > n_calibration:

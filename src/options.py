@@ -1,7 +1,8 @@
 """A command-line setting declared once: default, flag, help text and parser on one dataclass field.
 
-``RunConfig`` (src/config.py) and the ``Settings`` of every analysis (src/analysis/*) declare their
-fields with ``option(...)``. src/cli.py builds argparse from these fields (every flag absent from
+``RunConfig`` (src/config.py) and the ``Settings`` of every analysis (src/analysis/*), metric
+(src/sensitivity/metrics.py) and perturbation (src/sensitivity/perturb.py) declare their fields
+with ``option(...)``. src/cli.py builds argparse from these fields (every flag absent from
 the namespace unless given) and ``parse_given`` turns the given strings into values with each
 field's parser, so each default is written in exactly one place: the field.
 
@@ -16,7 +17,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from src.errors import UserError
 
@@ -64,27 +65,52 @@ def shown_default(field: dataclasses.Field) -> str | None:
     return str(value)
 
 
-def parse_given(cls, given: dict) -> dict:
-    """Field values of ``cls`` from the flags given: switches are True, the rest parsed."""
-    values = {}
-    for field, meta in options_of(cls):
+def placed_options(core, classes) -> list[tuple[type, dataclasses.Field, Option]]:
+    """(owner class, field, option) of ``core`` and of every settings class in ``classes``, in
+    the order of --help and config.json: the core fields, each class whose ``AFTER`` names a
+    core field right after that field, then the other classes in the order given."""
+    after: dict[str | None, list[type]] = {}
+    for cls in classes:
+        after.setdefault(getattr(cls, "AFTER", None), []).append(cls)
+    placed = []
+    for field, meta in options_of(core):
+        placed.append((core, field, meta))
+        for cls in after.pop(field.name, ()):
+            placed += [(cls, f, m) for f, m in options_of(cls)]
+    for cls in after.pop(None, ()):
+        placed += [(cls, f, m) for f, m in options_of(cls)]
+    if after:
+        raise ValueError(f"AFTER names no field of {core.__name__}: {', '.join(after)}")
+    return placed
+
+
+def parse_given(placed, given: dict) -> dict[type, dict]:
+    """owner class -> its field values from the flags given (switches True, the rest parsed),
+    for the (owner, field, option) entries of ``placed``, parsed in that order."""
+    values: dict[type, dict] = {owner: {} for owner, _, _ in placed}
+    for owner, field, meta in placed:
         if field.name not in given:
             continue
         raw = given[field.name]
         if meta.parse is None:
-            values[field.name] = bool(raw)
+            values[owner][field.name] = bool(raw)
         elif meta.many:
-            values[field.name] = tuple(meta.parse(text, flag_of(field)) for text in raw)
+            values[owner][field.name] = tuple(meta.parse(text, flag_of(field)) for text in raw)
         else:
-            values[field.name] = meta.parse(raw, flag_of(field))
+            values[owner][field.name] = meta.parse(raw, flag_of(field))
     return values
 
 
 def unused_settings(settings, config) -> list[str]:
     """Flags of ``settings`` set away from their default although ``used_when`` says they do
     nothing in this ``config``: one message each."""
+    return unused_options(((settings, f, m) for f, m in options_of(type(settings))), config)
+
+
+def unused_options(entries, config) -> list[str]:
+    """``unused_settings`` over (settings instance, field, option) entries, in their order."""
     problems = []
-    for field, meta in options_of(type(settings)):
+    for settings, field, meta in entries:
         if meta.used_when is None or getattr(settings, field.name) == field.default:
             continue
         requirement, used = meta.used_when
@@ -242,8 +268,12 @@ def name_list(allowed: Callable[[], dict | tuple], aliases: dict[str, str] | Non
 
 
 class Settings:
-    """Base of an analysis' settings dataclass: ``problems(config)`` yields one message per
-    invalid combination that per-flag parsing cannot see (default: none)."""
+    """Base of a settings dataclass (of an analysis, a metric or a perturbation, declared next
+    to it): ``problems(config)`` yields one message per invalid combination that per-flag
+    parsing cannot see (default: none). ``AFTER``: the RunConfig field after which its flags
+    come in --help and config.json (settings that moved out of RunConfig keep their place,
+    and config.json, which --resume compares, its key order); None: after the core fields."""
+    AFTER: ClassVar[str | None] = None
 
     def problems(self, config):
         return ()

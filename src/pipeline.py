@@ -37,7 +37,7 @@ from src.sensitivity.perturb import PerturbOptions
 from src.sensitivity.rank import top_k
 from src.sensitivity.scoring import ScoringJob
 from src import loaded_checks, resume, steps
-from src.utils import manifest, output, progress, report_console, signals
+from src.utils import manifest, output, report_console, signals
 from src.utils.io import update_json, write_json
 
 DEFAULT_METHOD = "zero"  # perturbation of the analyses' experiments when --perturb is not given
@@ -173,11 +173,7 @@ def preflight(config: RunConfig, ranks, model, tokenizer, model_info: dict, data
     checked = Preflight(model, tokenizer, params, data)
     analyses = [(analysis, settings, analysis.prepare(settings, checked) if analysis.prepare
                  else None) for analysis, settings in registry.enabled(config)]
-    job = ScoringJob(model=model, params=params, blocks=data.calibration, ranks=ranks,
-                     batch_size=config.batch_size,
-                     seed=config.seeds[0], hutchinson_samples=config.hutchinson_samples,
-                     hutchinson_block=config.hutchinson_block,
-                     progress=progress.mode(config.quiet, config.verbose))
+    job = steps.scoring_job(config, model, params, data.calibration, ranks=ranks)
     plan = Plan(model, tokenizer, model_info, data, params, task_items, harness_tasks, analyses,
                 job, previous=previous,
                 layout=sharding.Layout.of(params, ranks) if ranks.sharded else None)
@@ -248,9 +244,7 @@ def run_steps(config: RunConfig, plan: Plan, out_dir: Path, timer) -> dict:
         selection = top_k(scored.scores, config.topk, config.mode, layout=plan.layout)
     state = steps.RunState(
         config, out_dir, model, params, describe_parameters(model, params), data, baseline, job,
-        scored, selection, downstream, PerturbOptions(scale=config.perturb_scale,
-                                                      bit=config.bit_position,
-                                                      prob=config.perturb_prob),
+        scored, selection, downstream, config.settings(PerturbOptions),
         previous=plan.previous, kept=plan.state_kept, layout=plan.layout)
     with timer.step("write_scores"):
         table = steps.score_outputs(state)

@@ -15,6 +15,7 @@ import torch
 
 from src.config import RunConfig
 from src.data.loading import DataSplit
+from src.distributed.ranks import Ranks
 from src.eval.perplexity import EvalResult, evaluate
 from src.sensitivity import compression, experiment, quantize, stability
 from src.sensitivity.eligibility import tied_parameter_names
@@ -54,6 +55,16 @@ class RunState:
     def evaluate(self) -> EvalResult:
         return evaluate(self.model, self.data.evaluation, self.config.batch_size,
                         ranks=self.job.ranks)
+
+
+def scoring_job(config: RunConfig, model, params, blocks, ranks: Ranks) -> ScoringJob:
+    """The run's ScoringJob on ``blocks``: batch size, first seed, progress mode and every
+    metric's settings from ``config``; ``ranks``: the processes that share its batches."""
+    settings = {metric.settings: config.settings(metric.settings) for metric in METRICS.values()
+                if metric.settings is not None}
+    return ScoringJob(model=model, params=params, blocks=blocks, batch_size=config.batch_size,
+                      seed=config.seeds[0], settings=settings,
+                      progress=progress.mode(config.quiet, config.verbose), ranks=ranks)
 
 
 def score_outputs(state: RunState):

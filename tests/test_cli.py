@@ -222,3 +222,29 @@ def test_data_file_run_prints_finite_baseline(tmp_path):
     line = next(l for l in proc.stdout.splitlines() if "baseline perplexity" in l)
     value = float(line.split("baseline perplexity")[1].split()[0])
     assert 1.0 < value < 1000.0
+
+
+def test_parsing_reads_no_file_and_a_missing_scores_from_is_refused_after_it(tmp_path, capsys,
+                                                                             monkeypatch):
+    """from_flags reads no file (a --scores-from that does not exist parses); the stored
+    scores' metric (--metric's default) is read after parsing, and validation checks it."""
+    from src.cli import build_parser
+    from src.config import RunConfig
+    from src.errors import UserError
+    from src.sensitivity import score_store
+
+    missing = str(tmp_path / "nowhere")
+    given = vars(build_parser().parse_args(["--scores-from", missing]))
+    with monkeypatch.context() as patched:
+        patched.setattr(score_store, "read_meta", lambda path: pytest.fail("parsing read a file"))
+        config = RunConfig.from_flags(given)
+    assert (config.scores_from, config.metric, config.out_dir) == (missing, "grad_x_weight", "")
+    with pytest.raises(UserError, match="not a readable scores.safetensors"):
+        config.with_file_defaults(metric_given=False)
+    completed = config.with_file_defaults(metric_given=True)
+    assert "grad_x_weight" in completed.out_dir
+    with pytest.raises(UserError, match="not a readable scores.safetensors"):
+        completed.validate()
+    for extra in ([], ["--metric", "magnitude"]):
+        assert main(["--scores-from", missing, *extra, "--out-dir", str(tmp_path / "run")]) == 2
+        assert "not a readable scores.safetensors" in capsys.readouterr().err

@@ -27,7 +27,7 @@ def test_each_perturbation_says_which_weights_it_changes():
             [False, False, True, True]
         changed = PERTURBATIONS[method].fn(values.clone(), torch.Generator(), PerturbOptions())
         assert (changed != values).tolist() == [False, False, True, True]  # what it says is so
-    sign = PerturbOptions(bit="sign")
+    sign = PerturbOptions(bit_position="sign")
     assert PERTURBATIONS["bit_flip"].changes(values, sign).tolist() == [False, False, True, True]
     assert PERTURBATIONS["bit_flip"].changes(values, PerturbOptions()).all()
 

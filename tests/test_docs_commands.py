@@ -70,11 +70,10 @@ DEFAULT_OUT_DIR = re.compile(r"results/[\w.-]+_[a-z_]+_k\d+_\d{8}_\d{6}")
 def given_values(argv: list[str]) -> dict:
     """Setting name -> the value each flag of ``argv`` means on its own (its own parser; a
     switch is True): what the parsed configuration must hold for every flag given."""
-    from src.analysis import registry
-    from src.config import RunConfig
+    from src.config import RunConfig, settings_classes
     from src.options import flag_of, options_of
 
-    by_flag = {flag_of(f): (f, meta) for cls in (RunConfig, *registry.settings_classes())
+    by_flag = {flag_of(f): (f, meta) for cls in (RunConfig, *settings_classes())
                for f, meta in options_of(cls)}
     values = {}
     for position, arg in enumerate(argv):

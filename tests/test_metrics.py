@@ -7,6 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from src.data.loading import TokenBlocks
 from src.sensitivity import hutchinson
+from src.sensitivity.hutchinson import HutchinsonSettings
 from src.sensitivity.eligibility import eligible_parameters
 from src.sensitivity.metrics import METRICS, compute_scores
 from src.sensitivity.scoring import ScoringJob
@@ -52,6 +53,12 @@ def job_for(model, data, **kwargs):
     return ScoringJob(model=model, params=params, blocks=data, **kwargs)
 
 
+def probes(samples: int, block: bool = False) -> dict:
+    """ScoringJob settings: hutchinson_diag with ``samples`` probes per batch."""
+    return {HutchinsonSettings: HutchinsonSettings(hutchinson_samples=samples,
+                                                   hutchinson_block=block)}
+
+
 def test_each_metric_does_what_its_registry_entry_declares():
     """uses_data: the scores change with the calibration blocks exactly for the metrics that
     declare it; signed: only a signed metric gives negative scores."""
@@ -59,7 +66,7 @@ def test_each_metric_does_what_its_registry_entry_declares():
                             "act_mag", "random"}
     model = micro_llama()
     for name, metric in METRICS.items():
-        first, second = (compute_scores(job_for(model, blocks(seed=seed), hutchinson_samples=2),
+        first, second = (compute_scores(job_for(model, blocks(seed=seed), settings=probes(2)),
                                         name).scores for seed in (1, 2))
         changed = any(not torch.equal(first[n], second[n]) for n in first)
         assert changed == metric.uses_data, name
@@ -188,10 +195,10 @@ def test_hutchinson_converges_to_exact_diagonal(hessian_case):
     model, data, names, exact = hessian_case
     params = {n: dict(model.named_parameters())[n] for n in names}
     errors = {}
-    for probes in (64, 4096):
+    for n_probes in (64, 4096):
         job = ScoringJob(model=model, params=params, blocks=data, batch_size=2,
-                         hutchinson_samples=probes, seed=0)
-        errors[probes] = relative_error(compute_scores(job, "hutchinson_diag").scores, exact)
+                         settings=probes(n_probes), seed=0)
+        errors[n_probes] = relative_error(compute_scores(job, "hutchinson_diag").scores, exact)
     assert errors[4096] < 0.35 * errors[64], errors
     assert errors[4096] < 0.15, errors
 
@@ -216,7 +223,7 @@ def test_hutchinson_block_mode_matches_whole_model(hessian_case):
     results = {}
     for block in (False, True):
         job = ScoringJob(model=model, params=params, blocks=data, batch_size=2,
-                         hutchinson_samples=1500, hutchinson_block=block, seed=7)
+                         settings=probes(1500, block), seed=7)
         results[block] = compute_scores(job, "hutchinson_diag").scores
     # same probes per weight; only cross-block terms (zero in expectation) differ
     assert relative_error(results[True], results[False]) < 0.2
@@ -225,7 +232,7 @@ def test_hutchinson_block_mode_matches_whole_model(hessian_case):
 def test_hutchinson_restores_attention_and_reports_stderr():
     model, data = micro_llama(), blocks(n=4)
     assert model.config._attn_implementation == "sdpa"
-    out = compute_scores(job_for(model, data, hutchinson_samples=4, batch_size=2),
+    out = compute_scores(job_for(model, data, settings=probes(4), batch_size=2),
                          "hutchinson_diag")
     assert model.config._attn_implementation == "sdpa"
     name = "model.layers.0.mlp.up_proj.weight"

@@ -16,7 +16,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def flip(value: float, dtype, bit) -> float:
     p = {"w": torch.nn.Parameter(torch.tensor([value, 5.0], dtype=dtype), requires_grad=False)}
-    with perturbed(p, {"w": torch.tensor([0])}, "bit_flip", PerturbOptions(bit=bit)):
+    with perturbed(p, {"w": torch.tensor([0])}, "bit_flip", PerturbOptions(bit_position=bit)):
         result = float(p["w"][0])
     return result
 
@@ -63,7 +63,7 @@ def test_restore_is_bit_exact_also_on_error(method, dtype):
     params = {"w": torch.nn.Parameter(values, requires_grad=False)}
     before = bits(params["w"].data)
     selection = {"w": torch.tensor([0, 1, 5, 77, 1199])}
-    with perturbed(params, selection, method, PerturbOptions(scale=0.5), seed=3):
+    with perturbed(params, selection, method, PerturbOptions(perturb_scale=0.5), seed=3):
         changed = bits(params["w"].data)
     assert torch.equal(bits(params["w"].data), before)
     untouched = torch.ones(1200, dtype=torch.bool)
@@ -80,7 +80,7 @@ def test_restore_is_bit_exact_also_on_error(method, dtype):
 def test_bit_flip_probability_is_seeded():
     params = {"w": torch.nn.Parameter(torch.ones(1000), requires_grad=False)}
     selection = {"w": torch.arange(1000)}
-    options = PerturbOptions(prob=0.3)
+    options = PerturbOptions(perturb_prob=0.3)
     flipped = []
     for seed in (1, 1, 2):
         with perturbed(params, selection, "bit_flip", options, seed=seed):
@@ -91,7 +91,8 @@ def test_bit_flip_probability_is_seeded():
 
 def test_gauss_noise_is_relative():
     params = {"w": torch.nn.Parameter(torch.full((20000,), 2.0), requires_grad=False)}
-    with perturbed(params, {"w": torch.arange(20000)}, "gauss_noise", PerturbOptions(scale=0.1)):
+    with perturbed(params, {"w": torch.arange(20000)}, "gauss_noise",
+                   PerturbOptions(perturb_scale=0.1)):
         noise = params["w"].data - 2.0
     assert abs(float(noise.std()) - 0.2) < 0.01 and abs(float(noise.mean())) < 0.01
 

@@ -6,6 +6,7 @@ import ast
 import dataclasses
 from types import SimpleNamespace
 
+from src.distributed.ranks import Ranks
 from src.analysis import registry
 from src.options import options_of
 from tests.conftest import ROOT
@@ -126,3 +127,42 @@ def test_every_analysis_is_one_complete_registry_entry():
     assert not flags & core, "an analysis flag shadows a core flag"
     assert sum(len(a.plots) for a in analyses.values()) == 6
     assert sum(a.findings is not None for a in analyses.values()) == 8  # targeting: none
+
+
+def test_metric_and_perturbation_settings_are_flags_config_keys_and_job_settings(tmp_path):
+    """A metric's or perturbation's options are one settings dataclass declared next to it and
+    named in its registration: flags, RunConfig values, config.json keys (where config.json has
+    always had them), the ScoringJob's settings and the stored scores' options."""
+    from src import steps
+    from src.cli import build_parser, config_from_argv
+    from src.config import RunConfig, settings_classes
+    from src.sensitivity import score_store
+    from src.sensitivity.hutchinson import HutchinsonSettings
+    from src.sensitivity.metrics import METRICS
+    from src.sensitivity.perturb import PERTURBATIONS, PerturbOptions
+
+    assert METRICS["hutchinson_diag"].settings is HutchinsonSettings
+    assert PERTURBATIONS["bit_flip"].settings is PERTURBATIONS["gauss_noise"].settings is \
+        PerturbOptions
+    assert {HutchinsonSettings, PerturbOptions} <= set(settings_classes())
+    config = config_from_argv(["--metric", "hutchinson_diag", "--hutchinson-samples", "3",
+                               "--perturb", "bit_flip", "--bit-position", "sign",
+                               "--out-dir", str(tmp_path / "run")])
+    moved = ["hutchinson_samples", "hutchinson_block", "perturb_scale", "bit_position",
+             "perturb_prob"]
+    core = {f.name for f in dataclasses.fields(RunConfig)}
+    help_text = build_parser().format_help()
+    for name in moved:
+        assert name not in core and f"--{name.replace('_', '-')}" in help_text
+    keys = list(config.to_dict())
+    assert keys[keys.index("save_scores"):keys.index("seeds") + 1] == [
+        "save_scores", *moved[:2], "perturb", "controls", *moved[2:], "seeds"]
+    assert config.value("bit_position") == "sign"
+    job = steps.scoring_job(config, model=None, params={}, blocks=None, ranks=Ranks())
+    assert job.settings[HutchinsonSettings] == HutchinsonSettings(hutchinson_samples=3)
+    meta = score_store.describe("hutchinson_diag", job, "model", {"sha256": "data"}, 0.0)
+    assert meta["options"] == {"seed": 0, "batch_size": 4, "hutchinson_samples": 3,
+                               "hutchinson_block": False}
+    default = dataclasses.replace(job, settings={})
+    assert score_store.mismatch(meta, "hutchinson_diag", default, "model") == \
+        "they were scored with hutchinson_samples=3, this run has 8"

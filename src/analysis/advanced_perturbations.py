@@ -87,7 +87,7 @@ def touched(selection: Selection, metas) -> dict:
 
 def _header(ctx: AnalysisContext) -> dict:
     return {"method": ctx.method, "method_from": "--perturb" if ctx.settings.perturb else
-            "default (no --perturb given)", "options": vars(ctx.options),
+            "default (no --perturb given)", "options": ctx.options.recorded(),
             "seeds": list(ctx.seeds), "baseline": ctx.baseline.summary()}
 
 

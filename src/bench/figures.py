@@ -15,6 +15,7 @@ from src.bench.reference import gradient_step, scored_gradients_kept
 from src.eval.perplexity import evaluate
 from src.models.components import describe_parameters
 from src.models.properties import input_device
+from src.sensitivity.hutchinson import HutchinsonSettings
 from src.sensitivity.metrics import METRICS, compute_scores
 from src.sensitivity.perturb import perturbed
 from src.sensitivity.quantize import QuantSpec, quantize_stored
@@ -181,9 +182,10 @@ class Bench:
 
     def scoring_job(self, data, batch_size: int) -> ScoringJob:
         """A scoring job on ``data`` (Hutchinson: one probe per batch)."""
+        hutchinson = HutchinsonSettings(hutchinson_samples=1,
+                                        hutchinson_block=self.hutchinson_block)
         return ScoringJob(self.model, self.params, data, batch_size=batch_size, seed=0,
-                          hutchinson_samples=1, hutchinson_block=self.hutchinson_block,
-                          ranks=self.ranks)
+                          settings={HutchinsonSettings: hutchinson}, ranks=self.ranks)
 
     def ranking_and_perturbation(self):
         """Top-K and perturbation of scores of ``--rank-metric`` on the warm-up batch

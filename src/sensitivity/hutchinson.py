@@ -25,12 +25,31 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from src.models.components import layer_index
-from src.sensitivity.scoring import batches, gradients_only_on, loss_sum
+from src.options import Settings, integer, option
+from src.sensitivity.scoring import batches, gradients_only_on, loss_sum, settings_of
 from src.utils.seeds import generator_for
+
+
+def _scores_hutchinson(c) -> bool:
+    return "hutchinson_diag" in (c.metric, *c.value("compare_metrics"))
+
+
+@dataclass(frozen=True)
+class HutchinsonSettings(Settings):
+    """The flags of the hutchinson_diag metric (src/sensitivity/metrics.py registers it)."""
+    AFTER = "save_scores"
+    hutchinson_samples: int = option(8, "Rademacher probes per calibration batch "
+                                     "(hutchinson_diag)", group="scoring and ranking",
+                                     parse=integer(1),
+                                     used_when=("hutchinson_diag", _scores_hutchinson))
+    hutchinson_block: bool = option(False, "hutchinson_diag one transformer block at a time "
+                                    "(less memory)", group="scoring and ranking",
+                                    used_when=("hutchinson_diag", _scores_hutchinson))
 
 
 @contextmanager
@@ -132,11 +151,12 @@ def probe_batch(loss, names, tensors, stats: dict, *, seed: int, batch_index: in
 
 def hutchinson_diagonal(job):
     """(signed diagonal estimate, standard error), both Scores."""
-    model = job.model
+    model, settings = job.model, settings_of(job, HutchinsonSettings)
+    n_probes, block_mode = settings.hutchinson_samples, settings.hutchinson_block
     total_tokens = job.blocks.n_predicted_tokens()
     stats = {}
     with double_backward_attention(model):
-        for group in parameter_groups(job.params, job.hutchinson_block):
+        for group in parameter_groups(job.params, block_mode):
             names, tensors = list(group), list(group.values())
             for name, p in group.items():
                 stats[name] = WeightedWelford(p.shape, p.device)
@@ -146,11 +166,11 @@ def hutchinson_diagonal(job):
                     n_tokens = int((mask[:, 1:] * mask[:, :-1]).sum())
                     loss = loss_sum(model, batch.input_ids, mask) / n_tokens
                     probe_batch(loss, names, tensors, stats, seed=job.seed,
-                                batch_index=batch.index, n_probes=job.hutchinson_samples,
-                                weight=n_tokens / total_tokens / job.hutchinson_samples)
+                                batch_index=batch.index, n_probes=n_probes,
+                                weight=n_tokens / total_tokens / n_probes)
             if job.ranks.distributed:
                 merge_across_ranks([stats[name] for name in names], job.ranks)
-            if job.hutchinson_block:
+            if block_mode:
                 offload_to_cpu([stats[name] for name in names])
     mean = {name: s.mean for name, s in stats.items()}
     stderr = {name: s.standard_error() for name, s in stats.items()}

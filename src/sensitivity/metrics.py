@@ -13,6 +13,10 @@ tokens; scoring runs in eval mode (no dropout) with gradients only on the scored
 * ``act_mag``        |W_ij| · ‖X_j‖₂ (Wanda): X_j = input channel j of the weight's layer over all
                      real calibration tokens. For an embedding, ‖X_j‖₂ = sqrt(count of index j).
 * ``random``         seeded uniform [0, 1): a null metric.
+
+A metric's own flags: a ``Settings`` dataclass (src/options.py) named in ``register(...,
+settings=)``, read with ``settings_of(job, ItsSettings)``; ``options`` (job or settings fields
+that change the scores) are recorded with stored scores (README: adding a metric).
 """
 from __future__ import annotations
 
@@ -23,9 +27,9 @@ import torch
 
 from src.errors import UserError
 from src.eval.perplexity import token_nll
-from src.sensitivity.hutchinson import hutchinson_diagonal
+from src.sensitivity.hutchinson import HutchinsonSettings, hutchinson_diagonal
 from src.sensitivity.scoring import (MetricOutput, Scores, ScoringJob, batches, fold_gradients,
-                                     gradients_only_on, loss_sum, zeros_like_fp32)
+                                     gradients_only_on, loss_sum, settings_of, zeros_like_fp32)
 from src.utils.seeds import generator_for
 from src.distributed.sharding import local, local_rows, without_grad
 
@@ -36,9 +40,10 @@ class Metric:
     uses_data: bool
     signed: bool
     description: str
-    options: tuple[str, ...] = ()  # ScoringJob fields that change the scores (model, data aside)
+    options: tuple[str, ...] = ()  # job or settings fields that change the scores
     shardable: bool = False  # runs on FSDP-sharded weights (torchrun --shard)
     unshardable_because: str = ""  # why not, when it is a limit of FSDP and not of this tool
+    settings: type | None = None  # its flags: a src.options.Settings dataclass
 
 
 METRICS: dict[str, Metric] = {}
@@ -46,12 +51,20 @@ METRICS: dict[str, Metric] = {}
 
 def register(name: str, *, uses_data: bool, signed: bool = False, description: str = "",
              options: tuple[str, ...] = (), shardable: bool = False,
-             unshardable_because: str = ""):
+             unshardable_because: str = "", settings: type | None = None):
     def wrap(fn):
         METRICS[name] = Metric(fn, uses_data, signed, description, options, shardable,
-                               unshardable_because)
+                               unshardable_because, settings)
         return fn
     return wrap
+
+
+def option_value(metric: str, job: ScoringJob, key: str):
+    """One of ``metric``'s options in ``job``: a field of the metric's settings, else the job's."""
+    settings_class = METRICS[metric].settings
+    if settings_class is not None and key in settings_class.__dataclass_fields__:
+        return getattr(settings_of(job, settings_class), key)
+    return getattr(job, key)
 
 
 def compute_scores(job: ScoringJob, metric: str) -> MetricOutput:
@@ -377,7 +390,8 @@ def _column_sumsq(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
           description="Hutchinson estimate of the Hessian diagonal (signed)",
           options=("seed", "batch_size", "hutchinson_samples", "hutchinson_block"),
           unshardable_because="a Hessian-vector product is a double backward, and FSDP2 "
-                              "gathers weights and reduces gradients outside autograd")
+                              "gathers weights and reduces gradients outside autograd",
+          settings=HutchinsonSettings)
 def hutchinson_diag(job: ScoringJob) -> MetricOutput:
     mean, stderr = hutchinson_diagonal(job)
     return MetricOutput(mean, {"stderr": stderr})

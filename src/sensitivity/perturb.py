@@ -5,11 +5,14 @@ Registry ``PERTURBATIONS``: name -> function(values, generator, options) -> new 
 
 * ``zero``        w -> 0
 * ``sign_flip``   w -> -w
-* ``gauss_noise`` w -> w + ε, ε ~ N(0, (s·|w|)²), s = ``scale`` (relative noise)
+* ``gauss_noise`` w -> w + ε, ε ~ N(0, (s·|w|)²), s = ``perturb_scale`` (relative noise)
 * ``bit_flip``    XOR of one IEEE-754 bit on the integer view of the dtype (fp32 / bf16 / fp16),
-                  each selected weight flipped with probability ``prob``. ``bit`` is a number
-                  (0 = least significant mantissa bit) or ``sign`` / ``exponent-msb`` /
-                  ``mantissa-msb``; default ``exponent-msb``.
+                  each selected weight flipped with probability ``perturb_prob``.
+                  ``bit_position`` is a number (0 = least significant mantissa bit) or ``sign`` /
+                  ``exponent-msb`` / ``mantissa-msb``; default ``exponent-msb``.
+
+``options`` is a ``PerturbOptions``: the perturbations' flags (src/options.py), named in their
+``register(..., settings=PerturbOptions)``; a new option is a field of it.
 
 Each entry also says which weights it can change in value (``changes(values, options)`` -> bool
 mask): every nonzero weight for ``zero``, ``sign_flip`` and ``gauss_noise`` (0, -0 and 0 + 0·ε are
@@ -31,6 +34,7 @@ from typing import Callable
 import torch
 
 from src.errors import UserError
+from src.options import Settings, number, option, text
 from src.sensitivity.rank import Selection
 from src.utils.seeds import generator_for
 from src.distributed.sharding import local
@@ -46,10 +50,29 @@ BIT_NAMES = ("sign", "exponent-msb", "mantissa-msb")
 
 
 @dataclass(frozen=True)
-class PerturbOptions:
-    scale: float = 0.1          # gauss_noise: relative noise s
-    bit: str | int = "exponent-msb"
-    prob: float = 1.0           # bit_flip: probability that each selected weight is flipped
+class PerturbOptions(Settings):
+    """The perturbations' flags (--perturb itself is a RunConfig field)."""
+    AFTER = "controls"
+    perturb_scale: float = option(0.1, "gauss_noise: noise sd relative to |w|",
+                                  group="perturbation", parse=number(0.0),
+                                  used_when=("--perturb gauss_noise",
+                                             lambda c: c.perturb == "gauss_noise"))
+    bit_position: str | int = option("exponent-msb", "bit_flip: sign, exponent-msb, mantissa-msb "
+                                     "or a bit number", group="perturbation", parse=text,
+                                     used_when=("--perturb bit_flip",
+                                                lambda c: c.perturb == "bit_flip"))
+    perturb_prob: float = option(1.0, "bit_flip: probability of flipping each selected weight",
+                                 group="perturbation", parse=number(0.0, 1.0),
+                                 used_when=("--perturb bit_flip",
+                                            lambda c: c.perturb == "bit_flip"))
+
+    def recorded(self) -> dict:
+        """The options as enhanced_analysis.json names them (its names from before they were
+        flags: scale, bit, prob)."""
+        return {RECORDED_NAMES.get(name, name): value for name, value in vars(self).items()}
+
+
+RECORDED_NAMES = {"perturb_scale": "scale", "bit_position": "bit", "perturb_prob": "prob"}
 
 
 def _nonzero(values: torch.Tensor, options: PerturbOptions) -> torch.Tensor:
@@ -62,14 +85,16 @@ class Perturbation:
     description: str
     stochastic: Callable[[PerturbOptions], bool]
     changes: Callable[[torch.Tensor, PerturbOptions], torch.Tensor] = _nonzero
+    settings: type | None = None  # the settings class whose fields it reads: PerturbOptions
 
 
 PERTURBATIONS: dict[str, Perturbation] = {}
 
 
-def register(name, description, stochastic=lambda options: False, changes=_nonzero):
+def register(name, description, stochastic=lambda options: False, changes=_nonzero,
+             settings=None):
     def wrap(fn):
-        PERTURBATIONS[name] = Perturbation(fn, description, stochastic, changes)
+        PERTURBATIONS[name] = Perturbation(fn, description, stochastic, changes, settings)
         return fn
     return wrap
 
@@ -84,28 +109,30 @@ def _sign_flip(values, generator, options):
     return -values
 
 
-@register("gauss_noise", "add N(0, (scale*|w|)^2) noise", stochastic=lambda o: True)
+@register("gauss_noise", "add N(0, (scale*|w|)^2) noise", stochastic=lambda o: True,
+          settings=PerturbOptions)
 def _gauss_noise(values, generator, options):
     noise = torch.randn(values.shape, generator=generator, device=values.device)
-    return (values.float() + noise * options.scale * values.float().abs()).to(values.dtype)
+    return (values.float() + noise * options.perturb_scale * values.float().abs()).to(values.dtype)
 
 
 def _bit_flip_changes(values: torch.Tensor, options: PerturbOptions) -> torch.Tensor:
     """A flipped sign leaves 0 equal to 0; any other bit changes every value."""
-    if resolve_bit(options.bit, values.dtype) == FLOAT_LAYOUT[values.dtype][1]:
+    if resolve_bit(options.bit_position, values.dtype) == FLOAT_LAYOUT[values.dtype][1]:
         return values != 0
     return torch.ones_like(values, dtype=torch.bool)
 
 
-@register("bit_flip", "flip one IEEE-754 bit", stochastic=lambda o: o.prob < 1.0,
-          changes=_bit_flip_changes)
+@register("bit_flip", "flip one IEEE-754 bit", stochastic=lambda o: o.perturb_prob < 1.0,
+          changes=_bit_flip_changes, settings=PerturbOptions)
 def _bit_flip(values, generator, options):
     int_dtype, *_ = FLOAT_LAYOUT[_check_float(values.dtype)]
-    bit = resolve_bit(options.bit, values.dtype)
+    bit = resolve_bit(options.bit_position, values.dtype)
     as_int = values.view(int_dtype)
     mask = torch.full_like(as_int, _int_mask(bit, int_dtype))
-    if options.prob < 1.0:
-        chosen = torch.rand(values.shape, generator=generator, device=values.device) < options.prob
+    if options.perturb_prob < 1.0:
+        chosen = torch.rand(values.shape, generator=generator, device=values.device) < \
+            options.perturb_prob
         mask = torch.where(chosen, mask, torch.zeros_like(mask))
     return (as_int ^ mask).view(values.dtype)
 

@@ -21,7 +21,7 @@ import torch
 
 from src.data.loading import DataSplit
 from src.errors import UserError
-from src.sensitivity.metrics import METRICS
+from src.sensitivity.metrics import METRICS, option_value
 from src.sensitivity.scoring import MetricOutput
 from src.distributed import sharding
 from src.distributed.ranks import Ranks
@@ -68,7 +68,7 @@ def model_fingerprint(model) -> str:
 def describe(metric: str, job, model_fingerprint_: str, calibration: dict,
              seconds: float) -> dict:
     """The metadata of scores computed now (``calibration``: ``calibration_of`` the run)."""
-    options = {key: getattr(job, key) for key in METRICS[metric].options}
+    options = {key: option_value(metric, job, key) for key in METRICS[metric].options}
     return {"metric": metric, "options": options, "model_fingerprint": model_fingerprint_,
             "parameters": list(job.params), "calibration_sha256": calibration["sha256"],
             "calibration": calibration, "scoring_seconds": round(seconds, 3),
@@ -183,6 +183,7 @@ def mismatch(meta: dict, metric: str, job, fingerprint: str) -> str | None:
         return ("they score another set of weights (other --layers, --target-*, "
                 "--include-embeddings)")
     for key, value in meta.get("options", {}).items():
-        if getattr(job, key) != value:
-            return f"they were scored with {key}={value}, this run has {getattr(job, key)}"
+        if option_value(metric, job, key) != value:
+            return (f"they were scored with {key}={value}, this run has "
+                    f"{option_value(metric, job, key)}")
     return None

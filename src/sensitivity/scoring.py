@@ -34,8 +34,7 @@ class ScoringJob:
     blocks: TokenBlocks
     batch_size: int = 4
     seed: int = 0
-    hutchinson_samples: int = 8
-    hutchinson_block: bool = False
+    settings: dict = field(default_factory=dict)  # the metrics' settings, by settings class
     progress: str = "off"  # src.utils.progress mode: bars, lines or off
     ranks: Ranks = field(default_factory=Ranks)  # the processes the batches are split over
 
@@ -44,6 +43,11 @@ class ScoringJob:
 class MetricOutput:
     scores: Scores
     extra: dict[str, Scores] = field(default_factory=dict)  # e.g. {"stderr": ...}
+
+
+def settings_of(job: ScoringJob, settings_class):
+    """A metric's settings in ``job`` (``settings_class``'s defaults when it was given none)."""
+    return job.settings[settings_class] if settings_class in job.settings else settings_class()
 
 
 @contextmanager
