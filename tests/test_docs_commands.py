@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 
@@ -127,3 +129,45 @@ def test_suite_commands_name_real_phases():
     for guide, line in lines:
         argv = _argv(line, SUITE)
         assert len(argv) <= 1 and (not argv or argv[0] in phases), f"{guide}: {line}"
+
+
+ADDED_METRIC_CHECK = r"""
+import sys, pathlib, torch
+import src.sensitivity
+src.sensitivity.__path__.append(sys.argv[1])  # the README's power.py, as if it were in src/
+import src.sensitivity.power
+from src.cli import config_from_argv
+from src.errors import UserError
+from src.models.loader import load_model
+from src.distributed.ranks import Ranks
+from src.sensitivity.eligibility import eligible_parameters
+from src.sensitivity.metrics import compute_scores
+from src import steps
+config = config_from_argv(["--model", "random:tiny-gpt2", "--metric", "power",
+                           "--power-exponent", "3", "--out-dir", sys.argv[1] + "/out"])
+assert config.to_dict()["power_exponent"] == 3.0
+try:
+    config_from_argv(["--power-exponent", "3", "--out-dir", sys.argv[1] + "/other"])
+    raise SystemExit("--power-exponent without --metric power was accepted")
+except UserError as error:
+    assert "power-exponent" in str(error)
+model = load_model("random:tiny-gpt2", dtype="float32", device="cpu")[0]
+params = eligible_parameters(model)
+job = steps.scoring_job(config, model, params, None, Ranks())
+scores = compute_scores(job, "power").scores
+for name, p in params.items():
+    torch.testing.assert_close(scores[name], p.detach().abs() ** 3)
+print("ok")
+"""
+
+
+def test_readme_metric_example_is_one_working_file(tmp_path):
+    """The developer notes' example metric, saved as the one file it says it is, gives a flag,
+    a config.json key, a refusal without its metric, and its scores."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    notes = readme[readme.index("### Developer notes: adding a metric"):]
+    code = re.search(r"^```python\n(.*?)^```", notes, re.M | re.S).group(1)
+    (tmp_path / "power.py").write_text(code, encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-c", ADDED_METRIC_CHECK, str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -31,7 +31,9 @@ import torch
 
 from src.models.components import layer_index
 from src.options import Settings, integer, option
-from src.sensitivity.scoring import batches, gradients_only_on, loss_sum, settings_of
+from src.sensitivity.metrics import register
+from src.sensitivity.scoring import (MetricOutput, batches, gradients_only_on, loss_sum,
+                                     settings_of)
 from src.utils.seeds import generator_for
 
 
@@ -175,3 +177,14 @@ def hutchinson_diagonal(job):
     mean = {name: s.mean for name, s in stats.items()}
     stderr = {name: s.standard_error() for name, s in stats.items()}
     return mean, stderr
+
+
+@register("hutchinson_diag", uses_data=True, signed=True,
+          description="Hutchinson estimate of the Hessian diagonal (signed)",
+          options=("seed", "batch_size", "hutchinson_samples", "hutchinson_block"),
+          unshardable_because="a Hessian-vector product is a double backward, and FSDP2 "
+                              "gathers weights and reduces gradients outside autograd",
+          settings=HutchinsonSettings)
+def hutchinson_diag(job) -> MetricOutput:
+    mean, stderr = hutchinson_diagonal(job)
+    return MetricOutput(mean, {"stderr": stderr})

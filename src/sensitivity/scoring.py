@@ -125,3 +125,22 @@ def loss_sum(model, input_ids, attention_mask) -> torch.Tensor:
     """Next-token NLL summed over the batch's valid positions (nats)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     return masked_nll_sum(logits, input_ids, attention_mask)
+
+
+def owner_layers(model, params) -> dict[str, list[tuple[torch.nn.Module, str | None]]]:
+    """name -> every (layer, kind) holding that scored weight as its ``weight``, in model order;
+    kind is linear, conv1d, embedding, or None for a layer type no metric knows."""
+    wanted = {id(p): name for name, p in params.items()}
+    owners: dict[str, list] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or id(weight) not in wanted:
+            continue
+        kind = LAYER_KINDS.get(type(module).__name__)
+        if kind is None and isinstance(module, torch.nn.Linear):
+            kind = "linear"
+        owners.setdefault(wanted[id(weight)], []).append((module, kind))
+    return owners
+
+
+LAYER_KINDS = {"Linear": "linear", "Conv1D": "conv1d", "Embedding": "embedding"}
