@@ -138,6 +138,13 @@ def local_rows(param) -> range:
     return row_range(param, mesh.get_local_rank(), mesh.size())
 
 
+def held_rows(whole: torch.Tensor, param) -> torch.Tensor:
+    """The rows held here of ``whole``, a tensor shaped like ``param`` (e.g. a draw for the whole
+    tensor, which a sharded run then shares with one process)."""
+    rows = local_rows(param)
+    return whole if len(rows) == param.shape[0] else whole[rows.start:rows.stop].clone()
+
+
 def flat_offset(param) -> int:
     """Flat index (into the full tensor) of the first value held here."""
     rows = local_rows(param)

@@ -61,7 +61,7 @@ def _per_sequence_squared_grads(job: ScoringJob, fisher: Scores) -> None:
 
     # sharded: every rank runs the same sequences, so FSDP's mean over ranks is the gradient
     with gradients_only_on(job.model, job.params), fold_gradients(job.params, fold):
-        for batch in batches(job, "grad_squared", squares=True):
+        for batch in batches(job, "grad_squared", own_gradients=True):
             for row in range(batch.input_ids.shape[0]):  # one backward per sequence
                 _sequence_mean_loss_sum(job.model, batch.input_ids[row:row + 1],
                                         batch.attention_mask[row:row + 1]).backward()
@@ -117,7 +117,7 @@ def _per_sample_squared_grads(job: ScoringJob, owners: dict, fisher: Scores) -> 
         handles.append(module.register_forward_hook(after))
     try:
         with gradients_only_on(job.model, {}):
-            for batch in batches(job, "grad_squared", squares=True):
+            for batch in batches(job, "grad_squared", own_gradients=True):
                 pending.clear()
                 batch_rows["n"] = batch.input_ids.shape[0]
                 _sequence_mean_loss_sum(job.model, batch.input_ids,

@@ -99,13 +99,14 @@ class Batch:
     counted: bool  # False: a pass made only to keep sharded ranks in step; sums skip it
 
 
-def batches(job: ScoringJob, desc: str, squares: bool = False):
+def batches(job: ScoringJob, desc: str, own_gradients: bool = False):
     """This process's calibration batches (every batch in one process; under torchrun this
-    rank's share, which a metric adds up with ``job.ranks.sum_``). ``squares``: the metric sums
-    squares of per-sequence gradients, which partial gradients cannot give: with sharded
-    weights every rank takes every batch and computes its own rows."""
+    rank's share, which a metric adds up with ``job.ranks.sum_``). ``own_gradients``: the metric
+    needs each batch's gradient on its own (squares of per-sequence gradients, a difference of
+    two gradients at one probe), which gradients summed over ranks that ran other batches
+    cannot give: with sharded weights every rank takes every batch and computes its own rows."""
     n_batches = math.ceil(len(job.blocks) / job.batch_size)
-    split = not (squares and job.ranks.sharded)
+    split = not (own_gradients and job.ranks.sharded)
     mine = job.ranks.my_batches(n_batches, split)
     factor = job.ranks.gradient_factor if split else 1.0  # unsplit: the ranks' mean is the sum
     device = input_device(job.model)

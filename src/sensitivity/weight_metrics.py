@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from src.distributed.sharding import local, local_rows
+from src.distributed.sharding import held_rows, local
 from src.sensitivity.metrics import register
 from src.sensitivity.scoring import (MetricOutput, ScoringJob, batches, fold_gradients,
                                      gradients_only_on, loss_sum, zeros_like_fp32)
@@ -24,9 +24,7 @@ def random_scores(job: ScoringJob) -> MetricOutput:
     for name, p in job.params.items():
         device = local(p).device
         generator = generator_for(device, job.seed, name)
-        drawn = torch.rand(p.shape, generator=generator, device=device)
-        rows = local_rows(p)
-        scores[name] = drawn if len(rows) == p.shape[0] else drawn[rows.start:rows.stop].clone()
+        scores[name] = held_rows(torch.rand(p.shape, generator=generator, device=device), p)
     return MetricOutput(scores)
 
 
