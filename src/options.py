@@ -277,3 +277,8 @@ class Settings:
 
     def problems(self, config):
         return ()
+
+    def for_job(self, job):
+        """These settings as a scoring job runs them (a metric's "auto" decided from the job;
+        ``settings_of`` reads them so): as given unless a class decides something."""
+        return self

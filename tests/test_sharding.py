@@ -86,14 +86,19 @@ def test_shard_refuses_what_does_not_run_sharded(monkeypatch):
     ranks.leave()
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")  # no folder checks: rank 0 alone writes the folder
-    for extra, flag in ((["--metric", "hutchinson_diag"], "is a double backward"),
-                        (["--compare-metrics", "grad_x_weight,hutchinson_diag"],
-                         "--compare-metrics: hutchinson_diag does not run under --shard"),
+    for extra, flag in ((["--metric", "hutchinson_diag", "--hutchinson-hvp", "double_backward"],
+                         "by double backward does not run under --shard"),
+                        (["--compare-metrics", "grad_x_weight,hutchinson_diag",
+                          "--hutchinson-hvp", "double_backward"],
+                         "--hutchinson-hvp double_backward: a Hessian-vector product"),
                         (["--device-map", "auto"], "--device-map cannot be combined")):
         with pytest.raises(UserError, match="under --shard|torchrun") as error:
             config_from_argv(["--shard", "--device", "cpu", *extra])
         assert flag in str(error.value)
     config_from_argv(["--shard", "--device", "cpu", "--metric", "act_mag", "--perturb", "zero"])
+    config_from_argv(["--shard", "--device", "cpu", "--metric", "hutchinson_diag"])  # auto
+    config_from_argv(["--shard", "--device", "cpu", "--compare-metrics", "grad_x_weight,"
+                      "hutchinson_diag", "--hutchinson-hvp", "finite_difference"])
 
 
 def test_padded_batches_and_row_ranges():

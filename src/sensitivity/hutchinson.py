@@ -18,23 +18,36 @@ Memory: the running moments take 8 bytes per weight (float32 mean and M2). In bl
 only the current block's moments stay there: each finished block's are merged across torchrun
 ranks and moved to the CPU (its scores come back on the CPU), so an 8B model fits in 80 GB.
 
-Fused SDPA / flash attention kernels have no double backward: the model is switched to the
-"eager" attention implementation while probing and switched back afterwards.
+Two Hessian-vector products (``hutchinson_hvp``): ``double_backward`` (autograd's exact H z,
+the default in one process) and ``finite_difference`` (central differences of two plain
+gradients, src/sensitivity/hvp.py; what runs under --shard). The double backward keeps the
+first-order graph of every scored tensor, and fused SDPA / flash attention kernels have none: the
+model is switched to the "eager" attention implementation while probing and switched back
+afterwards. FSDP2 gathers weights and reduces gradients outside autograd, so --shard refuses it.
+Under --shard the finite differences run every batch on every rank (each rank its own rows, the
+single-process probes and step sizes) and each rank keeps the moments of its rows.
 """
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
 
 import torch
 
+from src.distributed.sharding import local
+from src.errors import UserError
 from src.models.components import layer_index
-from src.options import Settings, integer, option
+from src.options import Settings, choice, integer, option
+from src.sensitivity.hvp import finite_difference_group, rademacher_like
 from src.sensitivity.metrics import register
 from src.sensitivity.scoring import (MetricOutput, batches, gradients_only_on, loss_sum,
                                      settings_of)
-from src.utils.seeds import generator_for
+
+HVPS = ("auto", "double_backward", "finite_difference")
+NOT_SHARDED = ("a Hessian-vector product by double backward does not run under --shard (FSDP2 "
+               "gathers weights and reduces gradients outside autograd); use --hutchinson-hvp "
+               "finite_difference or auto")
 
 
 def _scores_hutchinson(c) -> bool:
@@ -52,6 +65,27 @@ class HutchinsonSettings(Settings):
     hutchinson_block: bool = option(False, "hutchinson_diag one transformer block at a time "
                                     "(less memory)", group="scoring and ranking",
                                     used_when=("hutchinson_diag", _scores_hutchinson))
+    hutchinson_hvp: str = option("auto", "Hessian-vector product of hutchinson_diag: "
+                                 "double_backward (exact, eager attention, keeps the first-order "
+                                 "graph), finite_difference (central differences of two plain "
+                                 "gradients: less memory, fused attention, runs under --shard), "
+                                 "auto (double_backward in one process or torchrun data "
+                                 "parallelism, finite_difference under --shard)",
+                                 group="scoring and ranking", parse=choice(HVPS),
+                                 used_when=("hutchinson_diag", _scores_hutchinson))
+
+    def problems(self, config):
+        if config.shard and self.hutchinson_hvp == "double_backward" and \
+                _scores_hutchinson(config):
+            yield f"--hutchinson-hvp double_backward: {NOT_SHARDED}"
+
+    def for_job(self, job) -> "HutchinsonSettings":
+        """``auto`` decided: finite_difference on sharded weights, else double_backward (what
+        stored scores record)."""
+        if self.hutchinson_hvp != "auto":
+            return self
+        return replace(self, hutchinson_hvp="finite_difference" if job.ranks.sharded
+                       else "double_backward")
 
 
 @contextmanager
@@ -66,14 +100,6 @@ def double_backward_attention(model):
     finally:
         if switch:
             model.set_attn_implementation(original)
-
-
-def rademacher_like(param: torch.Tensor, seed: int, name: str, batch_index: int,
-                    probe_index: int) -> torch.Tensor:
-    generator = generator_for(param.device, seed, name, batch_index, probe_index)
-    signs = torch.randint(0, 2, param.shape, generator=generator, device=param.device,
-                          dtype=torch.int8)
-    return (signs * 2 - 1).to(param.dtype)
 
 
 class WeightedWelford:
@@ -151,29 +177,41 @@ def probe_batch(loss, names, tensors, stats: dict, *, seed: int, batch_index: in
             stats[name].update(z.float() * hz.float(), weight)
 
 
+def double_backward_group(job, group: dict, stats: dict, n_probes: int,
+                          total_tokens: int) -> None:
+    """Fold every batch's probes of ``group`` into ``stats``, H z by double backward."""
+    names, tensors = list(group), list(group.values())
+    for batch in batches(job, "hutchinson"):
+        n_tokens = batch.n_predicted_tokens()
+        loss = loss_sum(job.model, batch.input_ids, batch.attention_mask) / n_tokens
+        probe_batch(loss, names, tensors, stats, seed=job.seed, batch_index=batch.index,
+                    n_probes=n_probes, weight=n_tokens / total_tokens / n_probes)
+
+
 def hutchinson_diagonal(job):
-    """(signed diagonal estimate, standard error), both Scores."""
+    """(signed diagonal estimate, standard error), both Scores (the rows held here)."""
     model, settings = job.model, settings_of(job, HutchinsonSettings)
     n_probes, block_mode = settings.hutchinson_samples, settings.hutchinson_block
+    exact = settings.hutchinson_hvp == "double_backward"
+    if exact and job.ranks.sharded:
+        raise UserError(f"hutchinson_diag: {NOT_SHARDED}")
     total_tokens = job.blocks.n_predicted_tokens()
     stats = {}
-    with double_backward_attention(model):
+    with double_backward_attention(model) if exact else nullcontext():
         for group in parameter_groups(job.params, block_mode):
-            names, tensors = list(group), list(group.values())
             for name, p in group.items():
-                stats[name] = WeightedWelford(p.shape, p.device)
+                stats[name] = WeightedWelford(local(p).shape, local(p).device)
             with gradients_only_on(model, group):
-                for batch in batches(job, "hutchinson"):
-                    mask = batch.attention_mask
-                    n_tokens = int((mask[:, 1:] * mask[:, :-1]).sum())
-                    loss = loss_sum(model, batch.input_ids, mask) / n_tokens
-                    probe_batch(loss, names, tensors, stats, seed=job.seed,
-                                batch_index=batch.index, n_probes=n_probes,
-                                weight=n_tokens / total_tokens / n_probes)
-            if job.ranks.distributed:
-                merge_across_ranks([stats[name] for name in names], job.ranks)
+                if exact:
+                    double_backward_group(job, group, stats, n_probes, total_tokens)
+                else:
+                    finite_difference_group(job, group, stats, n_probes, total_tokens,
+                                            batches(job, "hutchinson", own_gradients=True))
+            finished = [stats[name] for name in group]
+            if job.ranks.distributed and not job.ranks.sharded:  # sharded: every batch here
+                merge_across_ranks(finished, job.ranks)
             if block_mode:
-                offload_to_cpu([stats[name] for name in names])
+                offload_to_cpu(finished)
     mean = {name: s.mean for name, s in stats.items()}
     stderr = {name: s.standard_error() for name, s in stats.items()}
     return mean, stderr
@@ -181,10 +219,9 @@ def hutchinson_diagonal(job):
 
 @register("hutchinson_diag", uses_data=True, signed=True,
           description="Hutchinson estimate of the Hessian diagonal (signed)",
-          options=("seed", "batch_size", "hutchinson_samples", "hutchinson_block"),
-          unshardable_because="a Hessian-vector product is a double backward, and FSDP2 "
-                              "gathers weights and reduces gradients outside autograd",
-          settings=HutchinsonSettings)
+          options=("seed", "batch_size", "hutchinson_samples", "hutchinson_block",
+                   "hutchinson_hvp"),
+          shardable=True, settings=HutchinsonSettings)
 def hutchinson_diag(job) -> MetricOutput:
     mean, stderr = hutchinson_diagonal(job)
     return MetricOutput(mean, {"stderr": stderr})

@@ -46,8 +46,10 @@ class MetricOutput:
 
 
 def settings_of(job: ScoringJob, settings_class):
-    """A metric's settings in ``job`` (``settings_class``'s defaults when it was given none)."""
-    return job.settings[settings_class] if settings_class in job.settings else settings_class()
+    """A metric's settings as ``job`` runs them (``settings_class``'s defaults when it was given
+    none; ``for_job`` decides any "auto")."""
+    given = job.settings[settings_class] if settings_class in job.settings else settings_class()
+    return given.for_job(job)
 
 
 @contextmanager
@@ -97,6 +99,9 @@ class Batch:
     attention_mask: torch.Tensor
     loss_factor: float  # multiply the batch's loss by this before a backward
     counted: bool  # False: a pass made only to keep sharded ranks in step; sums skip it
+
+    def n_predicted_tokens(self) -> int:
+        return TokenBlocks(self.input_ids, self.attention_mask).n_predicted_tokens()
 
 
 def batches(job: ScoringJob, desc: str, own_gradients: bool = False):
