@@ -74,7 +74,7 @@ def score_outputs(state: RunState):
     scores, selection, params, model = scored.scores, state.selection, state.params, state.model
     table = selection_table(selection, scores, params, metas, config.mode, state.layout)
     if "stderr" in scored.extra:
-        table["score_stderr"] = _gather_table(scored.extra["stderr"], table)
+        table["score_stderr"] = _gather_table(scored.extra["stderr"], table, state.layout)
     write_json(out_dir / "sensitivity_stats.json",
                sensitivity_stats(scores, metas, config.metric, tied_parameter_names(model),
                                  state.layout))
@@ -291,11 +291,19 @@ def sensitivity_stats(scores, metas, metric: str, tied: dict, layout=None) -> di
             "tied_parameters": tied, "parameters": per_param}
 
 
-def _gather_table(extra_scores, table):
-    """One value per table row from per-parameter tensors (e.g. Hutchinson standard errors)."""
+def _gather_table(extra_scores, table, layout):
+    """One value per table row from per-parameter tensors (e.g. Hutchinson standard errors);
+    ``layout``: the tensors are sharded (a collective: every rank has the same table)."""
+    groups = list(table.groupby("parameter", sort=False))
+    requests = {name: (extra_scores[name], torch.tensor(group["flat_index"].to_numpy(),
+                                                        dtype=torch.long))
+                for name, group in groups}
+    if layout is not None:
+        values = layout.values_at(requests)
+    else:
+        values = {name: tensor.reshape(-1)[idx.to(tensor.device)].cpu()
+                  for name, (tensor, idx) in requests.items()}
     column = np.empty(len(table))
-    for name, group in table.groupby("parameter", sort=False):
-        idx = torch.tensor(group["flat_index"].to_numpy(), dtype=torch.long)
-        tensor = extra_scores[name].reshape(-1)
-        column[group.index] = tensor[idx.to(tensor.device)].cpu().numpy()
+    for name, group in groups:
+        column[group.index] = values[name].double().numpy()
     return column

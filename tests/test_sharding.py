@@ -443,3 +443,21 @@ def test_sharded_load_of_a_corrupt_weights_file_stops_every_rank_with_its_line(t
     assert proc.stderr.count(f"weights file '{bad_file}' is corrupt or truncated") == 2
     assert not re.search(r'File ".*/src/', proc.stderr)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_sharded_finite_difference_hutchinson_equals_one_process(tmp_path):
+    """Same probes and step sizes on both; every batch on every rank: diagonal and standard error
+    equal up to float rounding of the gradients (FSDP averages two equal reduce-scatter terms)."""
+    from safetensors.torch import load_file
+    args = ["--device", "cpu", "--max-length", "32", "--max-samples", "3", "--batch-size", "2",
+            "--model", "random:tiny-llama", "--metric", "hutchinson_diag", "--hutchinson-hvp",
+            "finite_difference", "--hutchinson-samples", "2", "--save-scores", "--topk", "5"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert_ok(run_cli(*args, "--out-dir", one))
+    assert_ok(torchrun(*args, "--shard", "--out-dir", two))
+    expected, got = load_file(one / "scores.safetensors"), load_file(two / "scores.safetensors")
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4,
+                                   atol=1e-4 * float(tensor.abs().max()), msg=name)
