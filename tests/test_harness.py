@@ -97,7 +97,7 @@ def test_unknown_and_offline_tasks_fail_before_the_run(tmp_path, capsys, monkeyp
 def test_builtin_scorer_in_lockstep_with_the_harness(builtin):
     """The bundled items through both paths on the built-in model: equal acc and acc_norm,
     LAMBADA perplexity to 1e-4 relative."""
-    n = 24
+    n = 12
     tasks = harness.load_tasks(list(PAIRS), BUNDLED, None, n, 4, False)
     theirs = harness.evaluate(builtin.model, builtin.tokenizer, tasks)
     items = {ours: task_items.load_task_items(ours)[:n] for ours in PAIRS.values()}
@@ -118,7 +118,7 @@ def test_cli_under_perturbation_equals_the_harness_command_line(tmp_path):
     args = ["--max-length", "64", "--max-samples", "4", "--topk", "10", "--mode", "global",
             "--perturb", "zero", "--controls", "random_k,bottom_k", "--seeds", "0",
             "--lm-eval-tasks", "cwa_hellaswag,cwa_lambada", "--lm-eval-include", BUNDLED,
-            "--lm-eval-limit", "8", "--batch-size", "4", "--out-dir", out]
+            "--lm-eval-limit", "4", "--batch-size", "4", "--out-dir", out]
     assert main([str(a) for a in args]) == 0
     results = json.loads((out / "downstream_results.json").read_text())
     assert results["complete"] and results["lm_eval"]["tasks"]["cwa_lambada"]["config_sha256"]
@@ -132,7 +132,7 @@ def test_cli_under_perturbation_equals_the_harness_command_line(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
          f"pretrained={model},dtype=float32", "--tasks", "cwa_hellaswag,cwa_lambada",
-         "--include_path", BUNDLED, "--device", "cpu", "--batch_size", "4", "--limit", "8",
+         "--include_path", BUNDLED, "--device", "cpu", "--batch_size", "4", "--limit", "4",
          "--output_path", str(cli_out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "DISABLE_MULTIPROC": "1"})

@@ -33,15 +33,14 @@ RUN = ["--device", "cpu", "--max-length", "32", "--max-samples", "5", "--batch-s
 CALIBRATION_TOKENS = 5 * 32  # terms summed into each score of a RUN (tests/tolerance.py)
 SELECTION = ["rank", "parameter", "layer", "component", "row", "col", "flat_index", "value"]
 STABILITY = ("--stability-check", "--stability-batches", "2")
-CASES = [  # model, metric, mode, perturbation, extra: every shardable metric in both modes
+CASES = [  # model, metric, mode, perturbation, extra: every shardable metric (the data-driven
+    # ones on both layer kinds: Linear rows are outputs, GPT-2's Conv1D rows inputs), both modes
     ("tiny-llama", "grad_x_weight", "per_tensor", "sign_flip", STABILITY),
     ("tiny-gpt2", "grad_x_weight", "global", "zero", ()),
     ("tiny-llama", "act_mag", "global", "zero", STABILITY),
     ("tiny-gpt2", "act_mag", "per_tensor", "sign_flip", ()),
     ("tiny-gpt2", "magnitude", "global", "gauss_noise", ()),
-    ("tiny-llama", "magnitude", "per_tensor", "zero", ()),
     ("tiny-llama", "random", "global", "bit_flip", ()),
-    ("tiny-gpt2", "random", "per_tensor", "zero", ()),
     ("tiny-llama", "grad_squared", "global", "zero", ()),
     ("tiny-gpt2", "grad_squared", "per_tensor", "sign_flip", STABILITY),  # Conv1D: rows are inputs
 ]
@@ -317,8 +316,8 @@ def test_sharded_downstream_and_harness_tasks_equal_one_process(tmp_path):
 
     one, two = sharded_and_single(
         tmp_path, *RUN, "--model", "random:tiny-llama", "--seeds", "0", "--perturb", "zero",
-        "--downstream-tasks", "hellaswag,lambada", "--task-samples", "6", "--lm-eval-tasks",
-        "cwa_hellaswag,cwa_lambada", "--lm-eval-include", BUNDLED, "--lm-eval-limit", "6")
+        "--downstream-tasks", "hellaswag,lambada", "--task-samples", "4", "--lm-eval-tasks",
+        "cwa_hellaswag,cwa_lambada", "--lm-eval-include", BUNDLED, "--lm-eval-limit", "4")
     results_one = read(one, "downstream_results.json")
     assert set(results_one["baseline"]) == {"hellaswag", "lambada", "cwa_hellaswag", "cwa_lambada"}
     assert results_one["conditions"] and read(two, "downstream_results.json") == results_one
@@ -330,12 +329,12 @@ def test_sharded_checkpoint_and_super_weights_equal_one_process(tmp_path):
     super weights: the same candidates (activation peaks merged over the processes' batches),
     the same causal check and metric ranks, every weight restored on both ranks."""
     one, two = sharded_and_single(
-        tmp_path, "--device", "cpu", "--max-length", "64", "--max-samples", "4", "--batch-size",
+        tmp_path, "--device", "cpu", "--max-length", "32", "--max-samples", "3", "--batch-size",
         "2", "--topk", "5", "--seeds", "0", "--metric", "grad_x_weight", "--mode", "per_tensor",
         "--perturb", "sign_flip", "--controls", "random_k", "--super-weights",
-        "--super-weight-max", "2")
+        "--super-weight-max", "1")
     top_one, top_two = pd.read_csv(one / "top_weights.csv"), pd.read_csv(two / "top_weights.csv")
-    assert_same_selection(top_two, top_one, 4 * 64, per_tensor=True)
+    assert_same_selection(top_two, top_one, 3 * 32, per_tensor=True)
     assert_close_tree(read(two, "perturbation_results.json")["conditions"],
                       read(one, "perturbation_results.json")["conditions"])
     section_one = read(one, "enhanced_analysis.json")["super_weights"]
