@@ -68,7 +68,9 @@ class HutchinsonSettings(Settings):
     hutchinson_hvp: str = option("auto", "Hessian-vector product of hutchinson_diag: "
                                  "double_backward (exact, eager attention, keeps the first-order "
                                  "graph), finite_difference (central differences of two plain "
-                                 "gradients: less memory, fused attention, runs under --shard), "
+                                 "gradients: fused attention, no graph kept, runs under --shard; its "
+                                 "whole-model buffers are larger, so use it with "
+                                 "--hutchinson-block at scale), "
                                  "auto (double_backward in one process or torchrun data "
                                  "parallelism, finite_difference under --shard)",
                                  group="scoring and ranking", parse=choice(HVPS),
