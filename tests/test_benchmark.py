@@ -124,3 +124,52 @@ def test_reference_step_differentiates_only_the_scored_weights_into_kept_buffers
                 assert p.grad is None and not p.requires_grad, name
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
+
+
+ESTIMATED = ("forward", "forward_backward", "score_grad_x_weight", "score_hutchinson_diag",
+             "score_hutchinson_diag_finite_difference")
+
+
+def test_memory_estimate_matches_the_same_passes_tracked_on_real_tensors():
+    """The fake model's estimate of each pass against the same tracker on the real float32
+    model running real CPU kernels (within 5%), and above what must be alive at its peak."""
+    from types import SimpleNamespace
+    from src.bench import estimate
+
+    args = SimpleNamespace(batch_size=2, max_length=32, hutchinson_batch_size=1,
+                           hutchinson_hvp="auto", hutchinson_mode="whole")
+    metrics = ["grad_x_weight", "hutchinson_diag"]
+    fake, mode = estimate.fake_model("random:tiny-llama", torch.float32)
+    real = load("random:tiny-llama").model.eval()
+    estimated = {name: estimate.peak_bytes(fake, run, mode)[0]
+                 for name, (run, _, _) in estimate.passes(fake, args, metrics).items()}
+    measured = {name: estimate.peak_bytes(real, run)[0]
+                for name, (run, _, _) in estimate.passes(real, args, metrics).items()}
+    params = sum(p.numel() * 4 for p in real.parameters())
+    scored = sum(p.numel() * 4 for p in eligible_parameters(real).values())
+    logits = 2 * 32 * real.config.vocab_size * 4
+    for name in ESTIMATED:
+        assert estimated[name] == pytest.approx(measured[name], rel=0.05), name
+    assert estimated["forward"] >= params + logits
+    assert estimated["forward_backward"] >= params + scored + logits  # kept .grad buffers
+    assert estimated["score_hutchinson_diag"] >= params + 2 * scored  # mean and M2 moments
+
+
+def test_estimate_memory_cli_writes_every_figure_with_the_estimate_kind(tmp_path):
+    from src.bench.cli import main
+
+    path = tmp_path / "estimate.json"
+    assert main(["--model", "random:tiny-llama", "--dtype", "float32", "--batch-size", "2",
+                 "--max-length", "16", "--metrics", "magnitude,grad_x_weight,hutchinson_diag",
+                 "--estimate-memory", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["peak_memory_kind"] == ("estimate (FakeTensorMode + MemTracker, float32, "
+                                          "attention sdpa)")
+    figures = report["figures"]
+    assert list(figures) == ["forward", "forward_backward", "score_magnitude",
+                             "score_grad_x_weight", *ESTIMATED[3:], "evaluate"]
+    params = report["model"]["n_parameters"] * 4
+    assert all(f["peak_memory_bytes"] > params for f in figures.values())
+    assert figures["forward"]["peak_memory_bytes"] < figures["forward_backward"]["peak_memory_bytes"]
+    assert report["peak_memory_bytes"] == max(f["peak_memory_bytes"] for f in figures.values())
+    assert "seconds" not in figures["forward"]  # nothing timed

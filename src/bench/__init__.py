@@ -32,6 +32,9 @@ figure's tokens/s / the ceiling's tokens/s (1.0 = no overhead over the bare mode
 seconds in those rounds. Peak memory per figure: CUDA max allocated (largest over visible GPUs), else the
 process's peak RSS (reset per figure where Linux allows it, else the running peak).
 
+``--estimate-memory``: no timing; each figure's device peak memory estimated from the same passes
+on a fake model, without a GPU (src/bench/estimate.py).
+
 Example: python scripts/benchmark.py --model random:llama-3.1-8b --dtype bfloat16 \\
              --batch-size 8 --max-length 512 --json results/bench.json
 """

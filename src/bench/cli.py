@@ -17,6 +17,7 @@ from src.errors import UserError  # noqa: E402
 from src.models.loader import load_model  # noqa: E402
 from src.sensitivity.eligibility import eligible_parameters  # noqa: E402
 from src.distributed import ranks as distributed  # noqa: E402
+from src.sensitivity.hutchinson import HVPS  # noqa: E402
 from src.sensitivity.metrics import METRICS  # noqa: E402
 
 
@@ -52,6 +53,15 @@ def parse_args(argv=None):
                         help="Hutchinson over the whole model at once, one transformer block at a "
                              "time (less memory, one pass per block), or whole and block mode "
                              "only if that runs out of GPU memory")
+    parser.add_argument("--hutchinson-hvp", choices=HVPS, default="auto",
+                        help="Hessian-vector product of the Hutchinson figure (as "
+                             "phase1_runner_enhanced.py --hutchinson-hvp); --estimate-memory with "
+                             "auto estimates both")
+    parser.add_argument("--estimate-memory", action="store_true",
+                        help="no timing and no kernels: estimate each figure's device peak memory "
+                             "(forward, forward+backward, every metric's scoring pass, evaluation) "
+                             "with fake tensors (random:<preset> models; --dtype auto = bfloat16; "
+                             "src/bench/estimate.py)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall time, or process CPU time (for a CPU run on a shared, busy "
@@ -62,6 +72,9 @@ def parse_args(argv=None):
                              "shardable metrics and evaluation); tokens/s are all ranks' together")
     parser.add_argument("--json", help="write every figure to this JSON file")
     args = parser.parse_args(argv)
+    if args.estimate_memory and (args.shard or args.device_map):
+        parser.error("--estimate-memory estimates one process on one device: no --shard or "
+                     "--device-map")
     unknown = [m for m in args.metrics.split(",") if m and m not in METRICS]
     if unknown:
         parser.error(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
@@ -124,6 +137,8 @@ def say(ranks, line: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.estimate_memory:
+        return main_estimate(args)
     try:
         report = run(args)
     except UserError as error:
@@ -151,5 +166,30 @@ def main(argv=None) -> int:
     failed = [n for n, f in report["figures"].items() if "error" in f]
     if failed:
         print(f"[bench] figures that failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main_estimate(args) -> int:
+    """--estimate-memory: the estimated peak of every figure, printed and in --json."""
+    from src.bench import estimate
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        report = estimate.run(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"\n{args.model}  batch {args.batch_size} x {args.max_length} "
+          f"(hutchinson_diag: batch {report['hutchinson_batch_size']}), "
+          f"{report['peak_memory_kind']}, estimated in {report['wall_seconds']:.0f} s")
+    print(estimate.table(report["figures"]))
+    if args.json:
+        from src.utils.io import write_json
+        write_json(args.json, report)
+        print(f"[bench] wrote {args.json}")
+    failed = [n for n, f in report["figures"].items() if "error" in f]
+    if failed:
+        print(f"[bench] figures not estimated: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0

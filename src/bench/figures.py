@@ -183,7 +183,8 @@ class Bench:
     def scoring_job(self, data, batch_size: int) -> ScoringJob:
         """A scoring job on ``data`` (Hutchinson: one probe per batch)."""
         hutchinson = HutchinsonSettings(hutchinson_samples=1,
-                                        hutchinson_block=self.hutchinson_block)
+                                        hutchinson_block=self.hutchinson_block,
+                                        hutchinson_hvp=self.args.hutchinson_hvp)
         return ScoringJob(self.model, self.params, data, batch_size=batch_size, seed=0,
                           settings={HutchinsonSettings: hutchinson}, ranks=self.ranks)
 

@@ -271,10 +271,24 @@ def _hub_error_line(model_id: str, error: Exception) -> str:
 
 def _build_random(preset_or_path: str, cache: Path, torch_dtype, target: torch.device,
                   shard_over=None):
+    config, tokenizer = random_config(preset_or_path, cache)
+    try:
+        model = _skeleton(config, torch_dtype, target, shard_over)
+        random_init.initialize_(model)
+        model.config.pad_token_id = tokenizer.pad_token_id \
+            if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    except (ValueError, TypeError, RuntimeError, ArithmeticError, AttributeError) as error:
+        raise UserError(f"random:{preset_or_path}: this config does not build a causal LM "
+                        f"({type(error).__name__}: {first_line(error)})") from None
+    return model, tokenizer
+
+
+def random_config(preset_or_path: str, cache: Path | None = None):
+    """(transformers config, tokenizer) of ``random:<preset_or_path>``."""
     from transformers import AutoConfig
 
     config_dict = _random_config_dict(preset_or_path)
-    tokenizer = builtin_tokenizer(cache) or local_bpe_tokenizer()
+    tokenizer = builtin_tokenizer(cache or default_cache_dir()) or local_bpe_tokenizer()
     if config_dict.get("vocab_size") is None:
         config_dict["vocab_size"] = len(tokenizer)
     if config_dict["vocab_size"] < len(tokenizer):
@@ -285,20 +299,16 @@ def _build_random(preset_or_path: str, cache: Path, torch_dtype, target: torch.d
     model_type = config_dict.pop("model_type")
     try:
         config = AutoConfig.for_model(model_type, **config_dict)
-        # Built without a padding index, so the pad token's embedding row is random like every
-        # other row (as a trained model's is), not zero. The pad token is also the document
-        # separator: a block starting with a zero embedding keeps an exactly zero state at that
-        # position through every layer, where each RMSNorm multiplies the gradient by
-        # 1/sqrt(eps) ~ 316; in bfloat16 it overflowed to NaN halfway down llama-3.1-8b.
-        config.pad_token_id = None
-        model = _skeleton(config, torch_dtype, target, shard_over)
-        random_init.initialize_(model)
-        model.config.pad_token_id = tokenizer.pad_token_id \
-            if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     except (ValueError, TypeError, RuntimeError, ArithmeticError, AttributeError) as error:
         raise UserError(f"random:{preset_or_path}: this config does not build a causal LM "
                         f"({type(error).__name__}: {first_line(error)})") from None
-    return model, tokenizer
+    # Built without a padding index, so the pad token's embedding row is random like every
+    # other row (as a trained model's is), not zero. The pad token is also the document
+    # separator: a block starting with a zero embedding keeps an exactly zero state at that
+    # position through every layer, where each RMSNorm multiplies the gradient by
+    # 1/sqrt(eps) ~ 316; in bfloat16 it overflowed to NaN halfway down llama-3.1-8b.
+    config.pad_token_id = None
+    return config, tokenizer
 
 
 def _skeleton(config, torch_dtype, target: torch.device, shard_over=None, trust_remote_code=False):
