@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -175,8 +176,20 @@ def truncated_safetensors(folder: Path) -> Path:
 
 def random_bytes_bin(folder: Path) -> Path:
     weights = as_pytorch_bin(folder)
-    weights.write_bytes(os.urandom(100_000))
+    weights.write_bytes(random.Random(0).randbytes(100_000))
     return weights
+
+
+def test_any_garbage_pytorch_bin_is_a_one_line_error(tmp_path):
+    """Random bytes reach the unpickler in many ways (bad opcodes, its asserts, lookups): each
+    is the file's one-line error, never a traceback (os.urandom once found an uncaught one)."""
+    from src.models.checkpoint import _check_readable
+
+    weights = tmp_path / "pytorch_model.bin"
+    for seed in range(200):
+        weights.write_bytes(random.Random(seed).randbytes(2_000))
+        with pytest.raises(UserError, match="cannot be read by torch.load"):
+            _check_readable(weights)
 
 
 def truncated_bin(folder: Path) -> Path:

@@ -77,9 +77,9 @@ def _check_readable(weights: Path) -> None:
     except pickle.UnpicklingError:
         raise UserError(f"weights file '{weights}' cannot be read by torch.load: corrupt, or "
                         f"holding objects other than tensors") from None
-    except (EOFError, RuntimeError, OSError) as error:
+    except Exception as error:  # garbage bytes reach the unpickler's asserts, lookups, ...
         raise UserError(f"weights file '{weights}' cannot be read by torch.load: corrupt or "
-                        f"truncated ({first_line(error)})") from None
+                        f"truncated ({type(error).__name__}: {first_line(error)})") from None
 
 
 def check_shapes_match(path_or_id, mismatched_keys) -> None:
