@@ -96,7 +96,7 @@ def perturbation(state: RunState) -> dict:
     def save(rows: list[dict], complete: bool) -> dict:
         perturbation = {"baseline": baseline.summary(), "method": config.perturb,
                         "k": config.topk, "mode": config.mode, "metric": config.metric,
-                        "options": vars(options), "complete": complete,
+                        "options": options.recorded(), "complete": complete,
                         "n_conditions": len(conditions), "conditions": rows,
                         "summary": experiment.summarize(rows, baseline.perplexity, resolution),
                         "bootstrap": {**experiment.BOOTSTRAP,

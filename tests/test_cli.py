@@ -51,6 +51,8 @@ def test_full_run_writes_the_output_contract(full_runs):
     results = read(out / "perturbation_results.json")
     assert set(results["baseline"]) == {"perplexity", "nll", "token_accuracy", "n_tokens"}
     assert results["restore_verified"] is True
+    # the names the file has always had (the report's findings read them), not the flags'
+    assert results["options"] == {"scale": 0.1, "bit": "exponent-msb", "prob": 1.0}
     selections = [c["selection"] for c in results["conditions"]]
     assert selections == ["top_k", "random_k", "random_k", "bottom_k"]
     for condition in results["conditions"]:

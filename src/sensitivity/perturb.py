@@ -67,8 +67,8 @@ class PerturbOptions(Settings):
                                             lambda c: c.perturb == "bit_flip"))
 
     def recorded(self) -> dict:
-        """The options as enhanced_analysis.json names them (its names from before they were
-        flags: scale, bit, prob)."""
+        """The options as the results files name them (perturbation_results.json,
+        enhanced_analysis.json: the names from before they were flags, scale, bit, prob)."""
         return {RECORDED_NAMES.get(name, name): value for name, value in vars(self).items()}
 
 
