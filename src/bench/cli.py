@@ -159,15 +159,7 @@ def main(argv=None) -> int:
               f"rank's, tokens/s all ranks' together (per rank: divide by "
               f"{report['world_size']}); peak memory is rank 0's")
     print(f"peak memory ({report['peak_memory_kind']}): {report['peak_memory_bytes'] / 2**20:.0f} MiB")
-    if args.json:
-        from src.utils.io import write_json
-        write_json(args.json, report)
-        print(f"[bench] wrote {args.json}")
-    failed = [n for n, f in report["figures"].items() if "error" in f]
-    if failed:
-        print(f"[bench] figures that failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return write_and_exit_status(report, args.json, "figures that failed")
 
 
 def main_estimate(args) -> int:
@@ -184,12 +176,17 @@ def main_estimate(args) -> int:
           f"(hutchinson_diag: batch {report['hutchinson_batch_size']}), "
           f"{report['peak_memory_kind']}, estimated in {report['wall_seconds']:.0f} s")
     print(estimate.table(report["figures"]))
-    if args.json:
+    return write_and_exit_status(report, args.json, "figures not estimated")
+
+
+def write_and_exit_status(report: dict, json_path, failed_label: str) -> int:
+    """Write ``report`` to --json if given; 1 when a figure has an error (named), else 0."""
+    if json_path:
         from src.utils.io import write_json
-        write_json(args.json, report)
-        print(f"[bench] wrote {args.json}")
+        write_json(json_path, report)
+        print(f"[bench] wrote {json_path}")
     failed = [n for n, f in report["figures"].items() if "error" in f]
     if failed:
-        print(f"[bench] figures not estimated: {', '.join(failed)}", file=sys.stderr)
+        print(f"[bench] {failed_label}: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
