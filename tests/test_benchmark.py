@@ -137,7 +137,8 @@ def test_memory_estimate_matches_the_same_passes_tracked_on_real_tensors():
     from src.bench import estimate
 
     args = SimpleNamespace(batch_size=2, max_length=32, hutchinson_batch_size=1,
-                           hutchinson_hvp="auto", hutchinson_mode="whole")
+                           hutchinson_hvp="auto", hutchinson_mode="whole",
+                           hutchinson_moments="device", estimate_gpu_gb=80.0)
     metrics = ["grad_x_weight", "hutchinson_diag"]
     fake, mode = estimate.fake_model("random:tiny-llama", torch.float32)
     real = load("random:tiny-llama").model.eval()
@@ -153,6 +154,12 @@ def test_memory_estimate_matches_the_same_passes_tracked_on_real_tensors():
     assert estimated["forward"] >= params + logits
     assert estimated["forward_backward"] >= params + scored + logits  # kept .grad buffers
     assert estimated["score_hutchinson_diag"] >= params + 2 * scored  # mean and M2 moments
+    host_args = SimpleNamespace(**{**vars(args), "hutchinson_moments": "host"})
+    for name, (run, _, _) in estimate.passes(fake, host_args, ["hutchinson_diag"]).items():
+        if name.startswith("score_hutchinson_diag"):
+            device, _, host = estimate.peak_bytes(fake, run, mode)
+            assert host >= 2 * scored, name  # the moments, counted in host memory
+            assert device <= estimated[name] - scored, name  # and not on the device
 
 
 def test_estimate_memory_cli_writes_every_figure_with_the_estimate_kind(tmp_path):

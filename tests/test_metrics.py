@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -210,10 +211,27 @@ def test_hutchinson_is_exact_on_a_separable_quadratic():
     curvature = torch.rand(5, 7) * 3
     stats = {"w": hutchinson.WeightedWelford(weight.shape, weight.device)}
     loss = (curvature * weight ** 2).sum()
-    hutchinson.probe_batch(loss, ["w"], [weight], stats, seed=0, batch_index=0, n_probes=3,
+    hutchinson.probe_batch(loss, {"w": weight}, stats, seed=0, batch_index=0, n_probes=3,
                            weight=1 / 3)
     torch.testing.assert_close(stats["w"].mean, 2 * curvature)
-    assert torch.all(stats["w"].standard_error() < 1e-5)
+    assert torch.all(stats["w"].take_standard_error() < 1e-5)
+
+
+def test_weighted_welford_matches_the_weighted_formulas():
+    """Mean Σwx/Σw and standard error sqrt(s² / n_eff), s² = Σw(x - mean)² / (V1 - V2/V1) the
+    unbiased (reliability-weighted) variance, n_eff = V1²/V2, computed directly in float64."""
+    generator = np.random.default_rng(4)
+    samples = generator.normal(size=(9, 3, 4)) * generator.uniform(0.1, 5, size=(1, 3, 4))
+    weights = generator.uniform(0.05, 1.0, size=9)
+    stats = hutchinson.WeightedWelford((3, 4), torch.device("cpu"))
+    for sample, weight in zip(samples, weights):
+        stats.update(torch.tensor(sample, dtype=torch.float32), float(weight))
+    v1, v2 = weights.sum(), (weights ** 2).sum()
+    mean = np.tensordot(weights, samples, axes=1) / v1
+    variance = np.tensordot(weights, (samples - mean) ** 2, axes=1) / (v1 - v2 / v1)
+    np.testing.assert_allclose(stats.mean.numpy(), mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats.take_standard_error().numpy(),
+                               np.sqrt(variance / (v1 ** 2 / v2)), rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -261,18 +279,21 @@ def test_finite_difference_hvp_matches_exact_hvp(hessian_case):
     originals = {n: p.detach().clone() for n, p in group.items()}
     epsilon = hvp.step_sizes(group, Ranks())
     probes = {n: hvp.rademacher_like(p, 0, n, 0, 0) for n, p in group.items()}
+    central = hvp.CentralDifference(group, originals, epsilon, probes.__getitem__)
+    step = {n: central.shifted(n, 1).double() - central.shifted(n, -1).double() for n in names}
+    samples = {}
     with gradients_only_on(model, group):
-        difference, step = hvp.central_difference(
-            group, originals, epsilon, probes, lambda: direct_mean_loss(model, data))
+        central.forward_pass(lambda: direct_mean_loss(model, data))
+        central.backward_pass(lambda: direct_mean_loss(model, data), samples.__setitem__)
+    hvp.restore(group, originals)
+    difference = {n: samples[n].double() * step[n] for n in names}  # Δg = (Δg / Δw) · Δw
     for n in names:
-        assert torch.equal(group[n], originals[n])
-        torch.testing.assert_close(step[n], 2 * epsilon[n] * probes[n], rtol=1e-4, atol=0)
+        torch.testing.assert_close(step[n], 2 * epsilon[n] * probes[n].double(), rtol=1e-4, atol=0)
     tensors = [dict(wide.named_parameters())[n] for n in names]
     with hutchinson.double_backward_attention(wide):
         grads = torch.autograd.grad(direct_mean_loss(wide, data), tensors, create_graph=True)
-        exact = torch.autograd.grad(grads, tensors, grad_outputs=[step[n].double() for n in names])
-    assert relative_error({n: difference[n].double() for n in names},
-                          dict(zip(names, exact))) <= 1e-3
+        exact = torch.autograd.grad(grads, tensors, grad_outputs=[step[n] for n in names])
+    assert relative_error(difference, dict(zip(names, exact))) <= 1e-3
 
 
 def test_finite_difference_estimate_equals_double_backward_with_the_same_probes():

@@ -156,7 +156,8 @@ def test_metric_and_perturbation_settings_are_flags_config_keys_and_job_settings
         assert name not in core and f"--{name.replace('_', '-')}" in help_text
     keys = list(config.to_dict())
     assert keys[keys.index("save_scores"):keys.index("seeds") + 1] == [
-        "save_scores", *moved[:2], "hutchinson_hvp", "perturb", "controls", *moved[2:],
+        "save_scores", *moved[:2], "hutchinson_hvp", "hutchinson_moments", "perturb",
+        "controls", *moved[2:],
         "seeds"]
     assert config.value("bit_position") == "sign"
     job = steps.scoring_job(config, model=None, params={}, blocks=None, ranks=Ranks())

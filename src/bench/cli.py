@@ -57,11 +57,18 @@ def parse_args(argv=None):
                         help="Hessian-vector product of the Hutchinson figure (as "
                              "phase1_runner_enhanced.py --hutchinson-hvp); --estimate-memory with "
                              "auto estimates both")
+    parser.add_argument("--hutchinson-moments", choices=["auto", "device", "host"], default="auto",
+                        help="where the Hutchinson figure keeps its running moments (as "
+                             "phase1_runner_enhanced.py --hutchinson-moments); --estimate-memory "
+                             "decides auto as on a GPU of --estimate-gpu-gb")
     parser.add_argument("--estimate-memory", action="store_true",
                         help="no timing and no kernels: estimate each figure's device peak memory "
                              "(forward, forward+backward, every metric's scoring pass, evaluation) "
                              "with fake tensors (random:<preset> models; --dtype auto = bfloat16; "
                              "src/bench/estimate.py)")
+    parser.add_argument("--estimate-gpu-gb", type=float, default=80.0,
+                        help="--estimate-memory: the GPU memory (GB) that --hutchinson-moments "
+                             "auto decides for")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall time, or process CPU time (for a CPU run on a shared, busy "

@@ -7,13 +7,15 @@ tensors carry shapes and dtypes, no storage), and each figure runs the tool's ow
 ``MemTracker``, which adds up every storage alive at each op: the figure's peak is the tracker's
 peak, the model's weights and buffers included (as CUDA max allocated counts them).
 
-Two adaptations, both outside the tool's code:
+Three adaptations, all outside the tool's code:
 
 * A scalar read of a fake tensor (``.item()``, ``int()``, ``bool()``, ``.tolist()``) has no value
   to read: it reads True for a boolean, 1 for an integer, 1.0 for a float. Such values only
-  scale results or pick a branch (a token count, a step size, "is the mask all ones", "did
-  rounding leave a weight unchanged"); True takes the branch that allocates more where it
-  matters (``hvp.perturbed``'s one-ulp fix-up) and the all-ones masks of the benchmark's data.
+  scale results or pick a branch (a token count, a step size, "is the mask all ones"); True
+  takes the all-ones masks of the benchmark's data.
+* Hutchinson's host-memory moments are put on the meta device (``hutchinson.HOST``), so that the
+  tracker counts them apart from the fake model's device (the CPU device): each figure reports
+  its device peak and its host peak (``peak_host_memory_bytes``).
 * The tracker's per-module attribution is off (its hooks refuse a second forward of the model in
   one tracked pass, which the finite-difference HVP makes, and gradient hooks on frozen weights):
   only the total is read.
@@ -29,7 +31,7 @@ quantization (they work on stored scores, not in a forward or backward pass).
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -41,7 +43,8 @@ from src.bench.reference import gradient_step, scored_gradients_kept
 from src.errors import UserError
 from src.eval.perplexity import evaluate
 from src.sensitivity.eligibility import eligible_parameters
-from src.sensitivity.hutchinson import HutchinsonSettings
+from src.sensitivity import hutchinson
+from src.sensitivity.hutchinson import HutchinsonSettings, moments_belong_on_host, parameter_groups
 from src.sensitivity.metrics import METRICS, compute_scores
 from src.sensitivity.scoring import ScoringJob
 
@@ -101,17 +104,35 @@ def fake_model(spec: str, dtype: torch.dtype, attention: str = ATTENTION):
     return model, mode
 
 
-def peak_bytes(model, run, mode=None) -> tuple[int, dict]:
-    """(peak bytes, bytes by kind at the peak) of ``run()`` on ``model``, its weights and buffers
-    included: ``mode`` the fake mode of a fake model (None: a real model, real kernels)."""
+@contextmanager
+def _host_counted_apart(mode):
+    """Under a fake mode, host-memory moments (hutchinson.HOST) go to the meta device: the fake
+    model lives on the CPU device, so host memory would otherwise count as device memory."""
+    if mode is None:
+        yield
+        return
+    saved, hutchinson.HOST = hutchinson.HOST, torch.device("meta")
+    try:
+        yield
+    finally:
+        hutchinson.HOST = saved
+
+
+def peak_bytes(model, run, mode=None) -> tuple[int, dict, int]:
+    """(peak bytes, bytes by kind at the peak, peak host bytes) of ``run()`` on ``model``'s
+    device, its weights and buffers included: ``mode`` the fake mode of a fake model (None: a
+    real model, real kernels). Host bytes: Hutchinson's host-memory moments (fake runs only)."""
     tracker = _PeakTracker()
+    device = next(model.parameters()).device
     with mode or nullcontext():
         tracker.track_external(model)
-        with tracker, _ConstantScalars() if mode else nullcontext():
+        with tracker, _ConstantScalars() if mode else nullcontext(), _host_counted_apart(mode):
             run()
-    snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    peaks = tracker.get_tracker_snapshot("peak")
+    snapshot = peaks[device]
+    host = peaks.get(torch.device("meta"), {}).get("Total", 0)
     breakdown = {str(getattr(k, "value", k)): v for k, v in snapshot.items() if v}
-    return snapshot["Total"], breakdown
+    return snapshot["Total"], breakdown, host
 
 
 def passes(model, args, metrics: list[str]) -> dict:
@@ -139,7 +160,8 @@ def passes(model, args, metrics: list[str]) -> dict:
             job = _job(model, params, data, size, args, hvp)
             note = f"compute_scores({metric})" + (
                 f", 1 probe per batch, {hvp}, "
-                f"{'block mode' if args.hutchinson_mode == 'block' else 'whole model'}" if hvp else "")
+                f"{'block mode' if args.hutchinson_mode == 'block' else 'whole model'}, "
+                f"moments on {_moments(args, params)}" if hvp else "")
             figures[name] = (lambda job=job, metric=metric: compute_scores(job, metric),
                              size if METRICS[metric].uses_data else None, note)
     figures["evaluate"] = (lambda: evaluate(model, blocks, args.batch_size), args.batch_size,
@@ -157,12 +179,22 @@ def _variants(metric: str, args) -> list[tuple[str, str | None]]:
             ("score_hutchinson_diag_finite_difference", "finite_difference")]
 
 
+def _moments(args, params) -> str:
+    """Where the Hutchinson figure's moments are estimated to live: ``auto`` decided by the
+    tool's rule for a GPU of --estimate-gpu-gb (the fake model's device has no memory size)."""
+    if args.hutchinson_moments != "auto":
+        return args.hutchinson_moments
+    groups = parameter_groups(params, args.hutchinson_mode == "block")
+    largest = max(sum(p.numel() for p in group.values()) for group in groups)
+    return "host" if moments_belong_on_host(8 * largest, args.estimate_gpu_gb * 1e9) else "device"
+
+
 def _job(model, params, data, batch_size: int, args, hvp: str | None) -> ScoringJob:
     settings = {}
     if hvp:
         settings[HutchinsonSettings] = HutchinsonSettings(
             hutchinson_samples=1, hutchinson_block=args.hutchinson_mode == "block",
-            hutchinson_hvp=hvp)
+            hutchinson_hvp=hvp, hutchinson_moments=_moments(args, params))
     return ScoringJob(model, params, data, batch_size=batch_size, seed=0, settings=settings)
 
 
@@ -170,11 +202,12 @@ def estimate_figure(model, mode, run, batch_size: int, max_length: int, note: st
     """One figure: its estimated peak, or the error that stopped the fake pass."""
     started = time.perf_counter()
     try:
-        peak, breakdown = peak_bytes(model, run, mode)
+        peak, breakdown, host = peak_bytes(model, run, mode)
     except Exception as error:  # a pass fake tensors cannot run: reported, never guessed
         return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}",
                 "peak_memory_bytes": None, "note": note}
     return {"peak_memory_bytes": peak, "peak_memory_breakdown": breakdown,
+            "peak_host_memory_bytes": host,
             "batch_size": batch_size, "tokens": batch_size and batch_size * max_length, "note": note,
             "estimate_seconds": time.perf_counter() - started}
 
@@ -212,10 +245,12 @@ def _gb(figure: dict) -> str:
 
 
 def table(figures: dict) -> str:
-    lines = [f"{'figure':<40}{'batch':>6}{'est. peak GB':>14}  note"]
+    lines = [f"{'figure':<40}{'batch':>6}{'est. peak GB':>14}{'host GB':>9}  note"]
     for name, figure in figures.items():
         peak = figure["peak_memory_bytes"]
         size = figure.get("batch_size") or "-"
         shown = f"{peak / 1e9:.2f}" if peak else "ERROR"
-        lines.append(f"{name:<40}{size:>6}{shown:>14}  {figure.get('error') or figure['note']}")
+        host = figure.get("peak_host_memory_bytes")
+        lines.append(f"{name:<40}{size:>6}{shown:>14}{host / 1e9 if host else 0:>9.2f}  "
+                     f"{figure.get('error') or figure['note']}")
     return "\n".join(lines)

@@ -184,7 +184,8 @@ class Bench:
         """A scoring job on ``data`` (Hutchinson: one probe per batch)."""
         hutchinson = HutchinsonSettings(hutchinson_samples=1,
                                         hutchinson_block=self.hutchinson_block,
-                                        hutchinson_hvp=self.args.hutchinson_hvp)
+                                        hutchinson_hvp=self.args.hutchinson_hvp,
+                                        hutchinson_moments=self.args.hutchinson_moments)
         return ScoringJob(self.model, self.params, data, batch_size=batch_size, seed=0,
                           settings={HutchinsonSettings: hutchinson}, ranks=self.ranks)
 

@@ -14,9 +14,14 @@ block mode (``hutchinson_block``: only one transformer block's weights require g
 draws the same z per weight as whole-model mode; the two differ only through the cross-block
 terms z_B ⊙ H_BA z_A, which vanish in expectation.
 
-Memory: the running moments take 8 bytes per weight (float32 mean and M2). In block mode on a GPU
-only the current block's moments stay there: each finished block's are merged across torchrun
-ranks and moved to the CPU (its scores come back on the CPU), so an 8B model fits in 80 GB.
+Memory: the running moments take 8 bytes per weight (float32 mean and M2): 64 GB for an 8B
+model, more than the rest of the pass. ``hutchinson_moments`` keeps them on the device or in
+(pinned) host memory, where each tensor's moments are fetched for its update and written back as
+soon as its sample is ready; auto picks host memory when they would take over a fifth of the GPU.
+Samples are folded tensor by tensor as each H z (or g₋) is produced, so no second set of
+HVP outputs is held. In block mode on a GPU with device moments only the current block's moments
+stay there: each finished block's are merged across torchrun ranks and moved to the CPU (its
+scores come back on the CPU). The standard error is computed in M2's memory at the end.
 
 Two Hessian-vector products (``hutchinson_hvp``): ``double_backward`` (autograd's exact H z,
 the default in one process) and ``finite_difference`` (central differences of two plain
@@ -41,8 +46,8 @@ from src.models.components import layer_index
 from src.options import Settings, choice, integer, option
 from src.sensitivity.hvp import finite_difference_group, rademacher_like
 from src.sensitivity.metrics import register
-from src.sensitivity.scoring import (MetricOutput, batches, gradients_only_on, loss_sum,
-                                     settings_of)
+from src.sensitivity.scoring import (MetricOutput, batches, fold_gradients, gradients_only_on,
+                                     loss_sum, settings_of)
 
 HVPS = ("auto", "double_backward", "finite_difference")
 NOT_SHARDED = ("a Hessian-vector product by double backward does not run under --shard (FSDP2 "
@@ -75,6 +80,15 @@ class HutchinsonSettings(Settings):
                                  "parallelism, finite_difference under --shard)",
                                  group="scoring and ranking", parse=choice(HVPS),
                                  used_when=("hutchinson_diag", _scores_hutchinson))
+    hutchinson_moments: str = option("auto", "where hutchinson_diag's running mean and variance "
+                                     "(8 bytes per scored weight) live: device, host (CPU "
+                                     "memory, pinned on a GPU; each tensor's moments travel to "
+                                     "the GPU for its update and back), auto (host when they "
+                                     "would take over a fifth of the GPU's memory, e.g. a "
+                                     "whole 8B model; else the device)",
+                                     group="scoring and ranking",
+                                     parse=choice(("auto", "device", "host")),
+                                     used_when=("hutchinson_diag", _scores_hutchinson))
 
     def problems(self, config):
         if config.shard and self.hutchinson_hvp == "double_backward" and \
@@ -105,28 +119,74 @@ def double_backward_attention(model):
 
 
 class WeightedWelford:
-    """Running weighted mean and variance per element (float32)."""
+    """Running weighted mean and variance per element (float32), kept on ``storage``: the
+    sample's device, or host memory (``HOST``), in which case each update fetches the tensor's
+    moments to the sample's device, updates them there and writes them back, all queued on the
+    device's stream (pinned host memory on a GPU: the copies do not block the host)."""
 
-    def __init__(self, shape, device):
-        self.mean = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.m2 = torch.zeros(shape, dtype=torch.float32, device=device)
+    def __init__(self, shape, device, storage=None):
+        storage = torch.device(storage if storage is not None else device)
+        pin = storage.type == "cpu" and torch.device(device).type == "cuda" and \
+            torch.cuda.is_available()
+        self.mean = torch.zeros(shape, dtype=torch.float32, device=storage, pin_memory=pin)
+        self.m2 = torch.zeros(shape, dtype=torch.float32, device=storage, pin_memory=pin)
         self.weight_sum = 0.0
         self.weight_sq_sum = 0.0
 
     def update(self, sample: torch.Tensor, weight: float) -> None:
         self.weight_sum += weight
         self.weight_sq_sum += weight * weight
-        delta = sample - self.mean
-        self.mean.add_(delta, alpha=weight / self.weight_sum)
-        self.m2.addcmul_(delta, sample - self.mean, value=weight)
+        if sample.device == self.mean.device:
+            self._step(self.mean, self.m2, sample, weight)
+            return
+        mean = self.mean.to(sample.device, non_blocking=True)
+        m2 = self.m2.to(sample.device, non_blocking=True)
+        self._step(mean, m2, sample, weight)
+        self.mean.copy_(mean, non_blocking=True)
+        self.m2.copy_(m2, non_blocking=True)
 
-    def standard_error(self) -> torch.Tensor:
-        """sqrt(unbiased weighted variance / effective sample size); NaN with one sample."""
+    def _step(self, mean, m2, sample, weight: float) -> None:
+        delta = sample - mean
+        mean.add_(delta, alpha=weight / self.weight_sum)
+        m2.addcmul_(delta, sample - mean, value=weight)
+
+    def take_standard_error(self) -> torch.Tensor:
+        """sqrt(unbiased weighted variance / effective sample size), NaN with one sample,
+        computed in M2's memory (no second buffer as large as the model's scores): the moments
+        take no further updates."""
         n_eff = self.weight_sum ** 2 / self.weight_sq_sum if self.weight_sq_sum else 0.0
+        stderr, self.m2 = self.m2, None
         if n_eff <= 1.0:
-            return torch.full_like(self.mean, math.nan)
-        variance = self.m2 / self.weight_sum * (n_eff / (n_eff - 1.0))
-        return (variance / n_eff).sqrt()
+            return stderr.fill_(math.nan)
+        return stderr.div_(self.weight_sum * (n_eff - 1.0)).sqrt_()
+
+
+HOST = torch.device("cpu")  # where host-memory moments live (the memory estimate counts it apart)
+HOST_SHARE = 0.2  # auto: moments go to host memory above this share of the GPU's memory
+
+
+def moment_storage(setting: str, group: dict, device: torch.device) -> torch.device:
+    """Where ``group``'s running moments live: its weights' device, or host memory (``host``,
+    or ``auto`` on a GPU whose memory they would take too much of: ``moments_belong_on_host``)."""
+    if setting == "host":
+        return HOST
+    if setting == "device" or device.type != "cuda":
+        return device
+    moment_bytes = 8 * sum(local(p).numel() for p in group.values())
+    total = torch.cuda.get_device_properties(device).total_memory
+    return HOST if moments_belong_on_host(moment_bytes, total) else device
+
+
+def moments_belong_on_host(moment_bytes: int, device_memory_bytes: int) -> bool:
+    """``auto``'s rule: host memory when the moments would take over ``HOST_SHARE`` of the GPU."""
+    return moment_bytes > HOST_SHARE * device_memory_bytes
+
+
+def settle(stats) -> None:
+    """Wait for queued moment copies to host memory before the host reads them."""
+    if any(s.mean.device.type == "cpu" for s in stats) and torch.cuda.is_available() and \
+            torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def merge_across_ranks(stats, ranks) -> None:
@@ -165,28 +225,32 @@ def parameter_groups(params: dict, block_mode: bool) -> list[dict]:
     return [groups[key] for key in sorted(groups, key=lambda k: (k is None, k or 0))]
 
 
-def probe_batch(loss, names, tensors, stats: dict, *, seed: int, batch_index: int,
+def probe_batch(loss, group: dict, stats: dict, *, seed: int, batch_index: int,
                 n_probes: int, weight: float) -> None:
     """Fold ``n_probes`` samples z ⊙ (H z) of one batch's ``loss`` into ``stats`` (each with
-    ``weight``), reusing one first-order graph for all probes."""
+    ``weight``), reusing one first-order graph for all probes; each tensor's H z is folded and
+    freed as soon as the double backward has produced it."""
+    tensors = list(group.values())
     grads = torch.autograd.grad(loss, tensors, create_graph=True)
     for probe_index in range(n_probes):
-        probes = [rademacher_like(t, seed, n, batch_index, probe_index)
-                  for n, t in zip(names, tensors)]
-        hvps = torch.autograd.grad(grads, tensors, grad_outputs=probes,
-                                   retain_graph=probe_index < n_probes - 1)
-        for name, z, hz in zip(names, probes, hvps):
-            stats[name].update(z.float() * hz.float(), weight)
+        probes = {name: rademacher_like(t, seed, name, batch_index, probe_index)
+                  for name, t in group.items()}
+
+        def fold(name, hz):  # z ⊙ Hz is exact in the weight's dtype (z = ±1)
+            stats[name].update((probes.pop(name) * hz).float(), weight)
+
+        with fold_gradients(group, fold):
+            torch.autograd.backward(grads, grad_tensors=list(probes.values()), inputs=tensors,
+                                    retain_graph=probe_index < n_probes - 1)
 
 
 def double_backward_group(job, group: dict, stats: dict, n_probes: int,
                           total_tokens: int) -> None:
     """Fold every batch's probes of ``group`` into ``stats``, H z by double backward."""
-    names, tensors = list(group), list(group.values())
     for batch in batches(job, "hutchinson"):
         n_tokens = batch.n_predicted_tokens()
         loss = loss_sum(job.model, batch.input_ids, batch.attention_mask) / n_tokens
-        probe_batch(loss, names, tensors, stats, seed=job.seed, batch_index=batch.index,
+        probe_batch(loss, group, stats, seed=job.seed, batch_index=batch.index,
                     n_probes=n_probes, weight=n_tokens / total_tokens / n_probes)
 
 
@@ -201,8 +265,10 @@ def hutchinson_diagonal(job):
     stats = {}
     with double_backward_attention(model) if exact else nullcontext():
         for group in parameter_groups(job.params, block_mode):
+            device = local(next(iter(group.values()))).device
+            storage = moment_storage(settings.hutchinson_moments, group, device)
             for name, p in group.items():
-                stats[name] = WeightedWelford(local(p).shape, local(p).device)
+                stats[name] = WeightedWelford(local(p).shape, local(p).device, storage)
             with gradients_only_on(model, group):
                 if exact:
                     double_backward_group(job, group, stats, n_probes, total_tokens)
@@ -210,12 +276,13 @@ def hutchinson_diagonal(job):
                     finite_difference_group(job, group, stats, n_probes, total_tokens,
                                             batches(job, "hutchinson", own_gradients=True))
             finished = [stats[name] for name in group]
+            settle(finished)
             if job.ranks.distributed and not job.ranks.sharded:  # sharded: every batch here
                 merge_across_ranks(finished, job.ranks)
             if block_mode:
                 offload_to_cpu(finished)
     mean = {name: s.mean for name, s in stats.items()}
-    stderr = {name: s.standard_error() for name, s in stats.items()}
+    stderr = {name: s.take_standard_error() for name, s in stats.items()}
     return mean, stderr
 
 

@@ -23,8 +23,10 @@ in the weight's dtype); their sum is smallest at ε ∝ eps^(1/3) in the units o
 rms(w) is that unit (a scale-free choice: scaling a tensor scales its ε). Under --shard the rms
 is of the whole tensor (sums of squares added over ranks), so ε is the single-process ε.
 
-Memory per group: a copy of its weights, the current probe (weight dtype) and a gradient
-difference (float32), besides the moments; no autograd graph outlives a backward.
+Memory per group: a copy of its weights and the gradients g₊ of the current probe (in the
+weights' dtype), besides the moments; probes are drawn again per tensor where needed, each
+sample is formed and folded as soon as its g₋ is ready, and no autograd graph outlives a
+backward.
 """
 from __future__ import annotations
 
@@ -67,14 +69,12 @@ def step_sizes(group: dict, ranks) -> dict[str, float]:
 
 def perturbed(original: torch.Tensor, epsilon: float, direction: torch.Tensor) -> torch.Tensor:
     """original + ε·direction (direction ±1) rounded to original's dtype; an element that
-    rounding would leave unchanged moves one ulp towards the direction."""
+    rounding would leave unchanged moves one ulp towards the direction (decided per element on
+    the device: no host synchronisation)."""
     wide = original.to(accumulation_dtype(original.dtype))
     moved = wide.add(direction.to(wide.dtype), alpha=epsilon).to(original.dtype)
-    stuck = moved == original
-    if bool(stuck.any()):
-        towards = torch.full_like(original, torch.finfo(original.dtype).max) * direction
-        moved = torch.where(stuck, torch.nextafter(original, towards), moved)
-    return moved
+    towards = direction.to(original.dtype) * torch.finfo(original.dtype).max
+    return torch.where(moved == original, torch.nextafter(original, towards), moved)
 
 
 def restore(group: dict, originals: dict) -> None:
@@ -84,59 +84,74 @@ def restore(group: dict, originals: dict) -> None:
             local(p).copy_(originals[name])
 
 
-def gradient_at(group: dict, values: dict, loss_fn) -> dict:
-    """Gradient of ``loss_fn()`` (rows held here, accumulation dtype) with each weight of
-    ``group`` set to ``values[name]``."""
-    with torch.no_grad():
-        for name, p in group.items():
-            local(p).copy_(values[name])
-    grads = {}
+class CentralDifference:
+    """The samples Δg / Δw of one group at one probe, tensor by tensor (see the module
+    docstring): ``forward_pass`` sets every weight to w₊ and keeps each gradient g₊ as it is
+    produced (in its own dtype: no wider copy); ``backward_pass`` sets w₋ and, as each gradient
+    g₋ is produced, hands ``fold(name, sample)`` the tensor's sample and frees its g₊. The probe
+    of a tensor is drawn again where it is needed, never held for the whole group."""
 
-    def fold(name, grad):
-        grads[name] = grad.to(accumulation_dtype(grad.dtype), copy=True)
+    def __init__(self, group: dict, originals: dict, epsilon: dict, probe):
+        self.group, self.originals, self.epsilon, self.probe = group, originals, epsilon, probe
+        self.plus: dict[str, torch.Tensor] = {}
 
-    with fold_gradients(group, fold):
-        loss_fn().backward()
-    return grads
+    def shifted(self, name: str, sign: int) -> torch.Tensor:
+        return perturbed(self.originals[name], self.epsilon[name], self.probe(name) * sign)
 
+    def set_weights(self, sign: int) -> None:
+        with torch.no_grad():
+            for name, p in self.group.items():
+                local(p).copy_(self.shifted(name, sign))
 
-def central_difference(group: dict, originals: dict, epsilon: dict, probes: dict, loss_fn):
-    """(Δg, Δw) per tensor: Δg = g(w₊) - g(w₋) ≈ H Δw with w± = ``perturbed``(w, ε, ±z)."""
-    difference, step = {}, {}
-    try:
-        for sign in (1, -1):
-            values = {n: perturbed(originals[n], epsilon[n], probes[n] * sign) for n in group}
-            grads = gradient_at(group, values, loss_fn)
-            for name, value in values.items():
-                wide = value.to(accumulation_dtype(value.dtype))
-                if sign == 1:
-                    difference[name], step[name] = grads[name], wide
-                else:
-                    difference[name].sub_(grads[name])
-                    step[name].sub_(wide)
-    finally:
-        restore(group, originals)
-    return difference, step
+    def forward_pass(self, loss_fn) -> None:
+        self.set_weights(1)
+
+        def keep(name, grad):
+            self.plus[name] = grad
+
+        with fold_gradients(self.group, keep):
+            loss_fn().backward()
+
+    def backward_pass(self, loss_fn, fold) -> None:
+        self.set_weights(-1)
+        wide = accumulation_dtype
+
+        def sample(name, grad):
+            minus_weight = local(self.group[name]).detach()
+            step = self.shifted(name, 1).to(wide(grad.dtype)).sub_(minus_weight)
+            difference = self.plus.pop(name).to(wide(grad.dtype), copy=True).sub_(grad)
+            fold(name, difference.div_(step))
+
+        with fold_gradients(self.group, sample):
+            loss_fn().backward()
 
 
 def finite_difference_group(job, group: dict, stats: dict, n_probes: int,
                             total_tokens: int, batches) -> None:
     """Fold the samples Δg / Δw of every batch and probe into ``stats`` (one WeightedWelford per
-    weight of ``group``, rows held here), weighted by the batch's share of tokens."""
+    weight of ``group``, rows held here), weighted by the batch's share of tokens. The weights
+    are restored bit for bit afterwards, also after an error."""
     originals = {n: local(p).detach().clone() for n, p in group.items()}
     epsilon = step_sizes(group, job.ranks)
-    for batch in batches:
-        n_tokens = batch.n_predicted_tokens()
+    try:
+        for batch in batches:
+            n_tokens = batch.n_predicted_tokens()
+            weight = n_tokens / total_tokens / n_probes
 
-        def loss_fn(batch=batch, n_tokens=n_tokens):
-            return loss_sum(job.model, batch.input_ids, batch.attention_mask) * \
-                (batch.loss_factor / n_tokens)
+            def loss_fn(batch=batch, n_tokens=n_tokens):
+                return loss_sum(job.model, batch.input_ids, batch.attention_mask) * \
+                    (batch.loss_factor / n_tokens)
 
-        for probe_index in range(n_probes):
-            probes = {n: local_probe(p, job.seed, n, batch.index, probe_index)
-                      for n, p in group.items()}
-            difference, step = central_difference(group, originals, epsilon, probes, loss_fn)
-            if batch.counted:  # a padding pass only keeps sharded ranks in step
-                for name in group:
-                    stats[name].update(difference[name].div_(step[name]),
-                                       n_tokens / total_tokens / n_probes)
+            def fold(name, sample, counted=batch.counted, weight=weight):
+                if counted:  # a padding pass only keeps sharded ranks in step
+                    stats[name].update(sample, weight)
+
+            for probe_index in range(n_probes):
+                def probe(name, index=batch.index, probe_index=probe_index):
+                    return local_probe(group[name], job.seed, name, index, probe_index)
+
+                difference = CentralDifference(group, originals, epsilon, probe)
+                difference.forward_pass(loss_fn)
+                difference.backward_pass(loss_fn, fold)
+    finally:
+        restore(group, originals)
