@@ -240,6 +240,9 @@ def run_steps(config: RunConfig, plan: Plan, out_dir: Path, timer) -> dict:
                 plan.state_kept["downstream_baseline"] = True
     job = plan.job
     scored = score_or_load(config, plan, out_dir, timer)
+    if scored.facts:
+        plan.record["score_facts"] = {"metric": config.metric, **scored.facts}
+        report_console.score_facts(config.metric, scored.facts)
     with timer.step("rank"):
         selection = top_k(scored.scores, config.topk, config.mode, layout=plan.layout)
     state = steps.RunState(
@@ -309,7 +312,7 @@ def score_or_load(config: RunConfig, plan: Plan, out_dir: Path, timer):
     with timer.step("save_scores"):
         score_store.save(out_dir / score_store.FILE_NAME, scored, score_store.describe(
             config.metric, plan.job, score_store.model_fingerprint(plan.model),
-            calibration_of(config, plan.data), seconds), plan.job.ranks,
+            calibration_of(config, plan.data), seconds, scored.facts), plan.job.ranks,
             plan.layout)
     return scored
 

@@ -64,7 +64,8 @@ def scoring_job(config: RunConfig, model, params, blocks, ranks: Ranks) -> Scori
                 if metric.settings is not None}
     return ScoringJob(model=model, params=params, blocks=blocks, batch_size=config.batch_size,
                       seed=config.seeds[0], settings=settings,
-                      progress=progress.mode(config.quiet, config.verbose), ranks=ranks)
+                      progress=progress.mode(config.quiet, config.verbose), ranks=ranks,
+                      topk=config.topk)
 
 
 def score_outputs(state: RunState):

@@ -193,6 +193,12 @@ def test_error_cases_exit_2_with_one_line_and_keep_existing_outputs(tmp_path, ex
     (["--temporal-stability", "--drift-threshold=-inf"], "--drift-threshold must be a finite"),
     (["--perturb-scale", "0.2"], "--perturb-scale has no effect without --perturb gauss_noise"),
     (["--hutchinson-samples", "4"], "--hutchinson-samples has no effect without hutchinson_diag"),
+    (["--metric", "hutchinson_diag", "--hutchinson-rel-stderr", "0.2"],
+     "--hutchinson-rel-stderr has no effect without --hutchinson-samples auto"),
+    (["--metric", "hutchinson_diag", "--hutchinson-samples", "many"],
+     "--hutchinson-samples must be an integer (got 'many')"),
+    (["--metric", "hutchinson_diag", "--hutchinson-samples", "auto",
+      "--hutchinson-rel-stderr", "0"], "--hutchinson-rel-stderr must be > 0"),
 ])
 def test_bad_settings_exit_2_before_the_output_folder_is_touched(args, match, tmp_path,
                                                                   existing_run, capsys):
@@ -250,3 +256,28 @@ def test_parsing_reads_no_file_and_a_missing_scores_from_is_refused_after_it(tmp
     for extra in ([], ["--metric", "magnitude"]):
         assert main(["--scores-from", missing, *extra, "--out-dir", str(tmp_path / "run")]) == 2
         assert "not a readable scores.safetensors" in capsys.readouterr().err
+
+
+def test_hutchinson_auto_samples_are_stated_in_console_manifest_scores_and_report(tmp_path,
+                                                                                  capsys):
+    from src.report.build import run_section
+    from src.report.document import Doc
+    from src.report.run_folder import RunFolder
+    from src.sensitivity import score_store
+
+    out = tmp_path / "run"
+    assert main([*TINY, "--max-samples", "4", "--max-length", "32", "--metric",
+                 "hutchinson_diag", "--hutchinson-samples", "auto", "--hutchinson-max-samples",
+                 "8", "--hutchinson-rel-stderr", "1e-6", "--topk", "5", "--save-scores",
+                 "--out-dir", str(out)]) == 0
+    console = capsys.readouterr().out
+    facts = json.loads((out / "experiment_manifest.json").read_text())["score_facts"]
+    assert facts["metric"] == "hutchinson_diag" and facts["samples"] == "auto"
+    assert facts["probes_per_batch"] == 8 and facts["reached"] is False  # the cap stopped it
+    assert score_store.read_meta(out / score_store.FILE_NAME)["facts"] == \
+        {k: v for k, v in facts.items() if k != "metric"}
+    assert "hutchinson_diag: 8 probes per calibration batch" in console
+    assert "NOT reached: the cap stopped it" in console
+    doc = Doc()
+    run_section(doc, RunFolder.read(out))
+    assert any("8 probes per calibration batch" in str(block) for block in doc.blocks)

@@ -260,6 +260,54 @@ def test_hutchinson_restores_attention_and_reports_stderr():
     assert (out.scores[name] < 0).any(), "signed estimate keeps negative curvature"
 
 
+def auto_probes(target: float, cap: int, hvp_kind: str = "double_backward") -> dict:
+    return {HutchinsonSettings: HutchinsonSettings(
+        hutchinson_samples="auto", hutchinson_rel_stderr=target, hutchinson_max_samples=cap,
+        hutchinson_hvp=hvp_kind)}
+
+
+def median_top_k_relative_stderr(output, k: int) -> float:
+    """Directly from the scores and standard errors: the k largest |estimates| of all weights."""
+    scores = torch.cat([s.flatten() for s in output.scores.values()])
+    stderr = torch.cat([s.flatten() for s in output.extra["stderr"].values()])
+    top = torch.topk(scores.abs(), k).indices
+    return float((stderr[top] / scores[top].abs()).median())
+
+
+@pytest.mark.parametrize("hvp_kind", ["double_backward", "finite_difference"])
+def test_auto_samples_stop_at_the_first_round_that_reaches_the_target(hvp_kind):
+    """auto draws rounds of 4 probes per batch and stops at the first whose top-K median
+    relative standard error is at most the target: its estimate is the fixed-count estimate
+    with as many probes (the same probes), one round fewer misses the target."""
+    model, data = micro_llama(), blocks(n=4)
+    k, target = 20, 0.555  # measured: 0.564 after 8 probes per batch, 0.546 after 12
+
+    def scored(settings):
+        return compute_scores(job_for(model, data, batch_size=2, topk=k, settings=settings),
+                              "hutchinson_diag")
+
+    auto = scored(auto_probes(target, 64, hvp_kind))
+    n = auto.facts["probes_per_batch"]
+    assert n % hutchinson.AUTO_ROUND == 0 and 4 < n < 64, auto.facts
+    assert auto.facts["reached"] and auto.facts["top_k_median_relative_stderr"] <= target
+    fixed = scored(fd_probes(n, hvp_kind=hvp_kind))
+    assert relative_error(auto.scores, fixed.scores) < 1e-5
+    assert auto.facts["top_k_median_relative_stderr"] == pytest.approx(
+        median_top_k_relative_stderr(fixed, k), rel=1e-5)
+    fewer = scored(fd_probes(n - hutchinson.AUTO_ROUND, hvp_kind=hvp_kind))
+    assert median_top_k_relative_stderr(fewer, k) > target
+    assert fixed.facts["top_k_median_relative_stderr"] == pytest.approx(
+        auto.facts["top_k_median_relative_stderr"], rel=1e-5)
+
+
+def test_auto_samples_stop_at_the_cap_and_say_the_target_was_missed():
+    model, data = micro_llama(), blocks(n=4)
+    out = compute_scores(job_for(model, data, batch_size=2, topk=5,
+                                 settings=auto_probes(1e-6, 6)), "hutchinson_diag")
+    assert out.facts["probes_per_batch"] == 6 and out.facts["reached"] is False
+    assert out.facts["cap"] == 6 and out.facts["target"] == 1e-6
+
+
 # ------------------------------------------------- Hutchinson by finite differences (hvp.py)
 
 def fd_probes(samples: int, block: bool = False, hvp_kind: str = "finite_difference") -> dict:

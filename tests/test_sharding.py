@@ -447,11 +447,15 @@ def test_sharded_load_of_a_corrupt_weights_file_stops_every_rank_with_its_line(t
 @pytest.mark.slow
 def test_sharded_finite_difference_hutchinson_equals_one_process(tmp_path):
     """Same probes and step sizes on both; every batch on every rank: diagonal and standard error
-    equal up to float rounding of the gradients (FSDP averages two equal reduce-scatter terms)."""
+    equal up to float rounding of the gradients (FSDP averages two equal reduce-scatter terms).
+    --hutchinson-samples auto: the top-K precision is taken over both ranks' rows (its cap of 4
+    stops both: the target is unreachable), so both state the same probes and precision."""
     from safetensors.torch import load_file
+    from src.sensitivity.score_store import read_meta
     args = ["--device", "cpu", "--max-length", "32", "--max-samples", "3", "--batch-size", "2",
             "--model", "random:tiny-llama", "--metric", "hutchinson_diag", "--hutchinson-hvp",
-            "finite_difference", "--hutchinson-samples", "2", "--save-scores", "--topk", "5"]
+            "finite_difference", "--hutchinson-samples", "auto", "--hutchinson-max-samples", "4",
+            "--hutchinson-rel-stderr", "1e-6", "--save-scores", "--topk", "5"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert_ok(run_cli(*args, "--out-dir", one))
     assert_ok(torchrun(*args, "--shard", "--out-dir", two))
@@ -460,3 +464,7 @@ def test_sharded_finite_difference_hutchinson_equals_one_process(tmp_path):
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4,
                                    atol=1e-4 * float(tensor.abs().max()), msg=name)
+    facts = [read_meta(folder / "scores.safetensors")["facts"] for folder in (one, two)]
+    assert facts[0]["probes_per_batch"] == facts[1]["probes_per_batch"] == 4
+    assert facts[1]["top_k_median_relative_stderr"] == pytest.approx(
+        facts[0]["top_k_median_relative_stderr"], rel=1e-3)

@@ -156,16 +156,17 @@ def test_metric_and_perturbation_settings_are_flags_config_keys_and_job_settings
         assert name not in core and f"--{name.replace('_', '-')}" in help_text
     keys = list(config.to_dict())
     assert keys[keys.index("save_scores"):keys.index("seeds") + 1] == [
-        "save_scores", *moved[:2], "hutchinson_hvp", "hutchinson_moments", "perturb",
-        "controls", *moved[2:],
-        "seeds"]
+        "save_scores", moved[0], "hutchinson_rel_stderr", "hutchinson_max_samples", moved[1],
+        "hutchinson_hvp", "hutchinson_moments", "perturb", "controls", *moved[2:], "seeds"]
     assert config.value("bit_position") == "sign"
     job = steps.scoring_job(config, model=None, params={}, blocks=None, ranks=Ranks())
     assert job.settings[HutchinsonSettings] == HutchinsonSettings(hutchinson_samples=3)
     meta = score_store.describe("hutchinson_diag", job, "model", {"sha256": "data"}, 0.0)
     assert meta["options"] == {"seed": 0, "batch_size": 4, "hutchinson_samples": 3,
                                "hutchinson_block": False,
-                               "hutchinson_hvp": "double_backward"}  # auto, decided per job
+                               "hutchinson_hvp": "double_backward",  # auto, decided per job
+                               "hutchinson_rel_stderr": None,  # unused with a fixed number
+                               "hutchinson_max_samples": None}
     default = dataclasses.replace(job, settings={})
     assert score_store.mismatch(meta, "hutchinson_diag", default, "model") == \
         "they were scored with hutchinson_samples=3, this run has 8"

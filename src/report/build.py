@@ -22,6 +22,7 @@ from src.report.run_folder import RunFolder, read_runs
 from src.utils.format import ppl, sig
 from src.utils.io import write_text
 from src.utils.output import location_problem
+from src.utils.report_console import score_facts_text
 from src.utils.secrets import redacted_console
 
 REPORT_FORMATS = ("md", "html")
@@ -98,6 +99,9 @@ def run_section(doc: Doc, run: RunFolder) -> None:
                   f"blocks of {run.get('max_length')} tokens; {seconds:.0f} s in all.")
     if manifest.get("scores_source"):
         doc.paragraph(scores_source_text(manifest["scores_source"]))
+    facts = dict(manifest.get("score_facts") or {})
+    if facts:
+        doc.paragraph(score_facts_text(facts.pop("metric", run.get("metric")), facts) + ".")
     if run.enhanced:
         doc.paragraph("Optional analyses in enhanced_analysis.json: "
                       + ", ".join(f"`{key}`" for key in run.enhanced) + ".")

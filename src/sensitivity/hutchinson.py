@@ -43,7 +43,7 @@ import torch
 from src.distributed.sharding import local
 from src.errors import UserError
 from src.models.components import layer_index
-from src.options import Settings, choice, integer, option
+from src.options import Settings, choice, integer, number, option
 from src.sensitivity.hvp import finite_difference_group, rademacher_like
 from src.sensitivity.metrics import register
 from src.sensitivity.scoring import (MetricOutput, batches, fold_gradients, gradients_only_on,
@@ -55,18 +55,43 @@ NOT_SHARDED = ("a Hessian-vector product by double backward does not run under -
                "finite_difference or auto")
 
 
+AUTO_ROUND = 4  # probes per batch that --hutchinson-samples auto draws between two checks
+
+
 def _scores_hutchinson(c) -> bool:
     return "hutchinson_diag" in (c.metric, *c.value("compare_metrics"))
+
+
+def _auto(c) -> bool:
+    return _scores_hutchinson(c) and c.value("hutchinson_samples") == "auto"
+
+
+def integer_or_auto(value: str, flag: str) -> int | str:
+    return "auto" if value == "auto" else integer(1)(value, flag)
 
 
 @dataclass(frozen=True)
 class HutchinsonSettings(Settings):
     """The flags of the hutchinson_diag metric (src/sensitivity/metrics.py registers it)."""
     AFTER = "save_scores"
-    hutchinson_samples: int = option(8, "Rademacher probes per calibration batch "
-                                     "(hutchinson_diag)", group="scoring and ranking",
-                                     parse=integer(1),
-                                     used_when=("hutchinson_diag", _scores_hutchinson))
+    hutchinson_samples: int | str = option(8, "Rademacher probes per calibration batch "
+                                           "(hutchinson_diag), or auto: rounds of "
+                                           f"{AUTO_ROUND} more per batch until the median "
+                                           "relative standard error of the top-K estimates is "
+                                           "at most --hutchinson-rel-stderr (or "
+                                           "--hutchinson-max-samples is reached)",
+                                           group="scoring and ranking",
+                                           parse=integer_or_auto,
+                                           used_when=("hutchinson_diag", _scores_hutchinson))
+    hutchinson_rel_stderr: float = option(0.1, "--hutchinson-samples auto stops when the median "
+                                          "standard error / |estimate| of the top-K weights is "
+                                          "at most this", group="scoring and ranking",
+                                          parse=number(0, low_open=True),
+                                          used_when=("--hutchinson-samples auto", _auto))
+    hutchinson_max_samples: int = option(64, "--hutchinson-samples auto: at most this many "
+                                         "probes per calibration batch",
+                                         group="scoring and ranking", parse=integer(1),
+                                         used_when=("--hutchinson-samples auto", _auto))
     hutchinson_block: bool = option(False, "hutchinson_diag one transformer block at a time "
                                     "(less memory)", group="scoring and ranking",
                                     used_when=("hutchinson_diag", _scores_hutchinson))
@@ -96,12 +121,23 @@ class HutchinsonSettings(Settings):
             yield f"--hutchinson-hvp double_backward: {NOT_SHARDED}"
 
     def for_job(self, job) -> "HutchinsonSettings":
-        """``auto`` decided: finite_difference on sharded weights, else double_backward (what
-        stored scores record)."""
+        """``auto`` HVP decided: finite_difference on sharded weights, else double_backward;
+        the stopping rule's settings None with a fixed number of probes (what stored scores
+        record: a fixed-probe run's scores do not depend on them)."""
+        settings = self
+        if self.hutchinson_samples != "auto":
+            settings = replace(settings, hutchinson_rel_stderr=None, hutchinson_max_samples=None)
         if self.hutchinson_hvp != "auto":
-            return self
-        return replace(self, hutchinson_hvp="finite_difference" if job.ranks.sharded
+            return settings
+        return replace(settings, hutchinson_hvp="finite_difference" if job.ranks.sharded
                        else "double_backward")
+
+    def rounds(self) -> list[range]:
+        """The probe indices drawn per batch, round by round (one round when fixed)."""
+        if self.hutchinson_samples != "auto":
+            return [range(self.hutchinson_samples)]
+        cap = self.hutchinson_max_samples
+        return [range(start, min(start + AUTO_ROUND, cap)) for start in range(0, cap, AUTO_ROUND)]
 
 
 @contextmanager
@@ -226,13 +262,13 @@ def parameter_groups(params: dict, block_mode: bool) -> list[dict]:
 
 
 def probe_batch(loss, group: dict, stats: dict, *, seed: int, batch_index: int,
-                n_probes: int, weight: float) -> None:
-    """Fold ``n_probes`` samples z ⊙ (H z) of one batch's ``loss`` into ``stats`` (each with
-    ``weight``), reusing one first-order graph for all probes; each tensor's H z is folded and
-    freed as soon as the double backward has produced it."""
+                probe_indices: range, weight: float) -> None:
+    """Fold the samples z ⊙ (H z) of the probes ``probe_indices`` of one batch's ``loss`` into
+    ``stats`` (each with ``weight``), reusing one first-order graph for all of them; each
+    tensor's H z is folded and freed as soon as the double backward has produced it."""
     tensors = list(group.values())
     grads = torch.autograd.grad(loss, tensors, create_graph=True)
-    for probe_index in range(n_probes):
+    for probe_index in probe_indices:
         probes = {name: rademacher_like(t, seed, name, batch_index, probe_index)
                   for name, t in group.items()}
 
@@ -241,56 +277,111 @@ def probe_batch(loss, group: dict, stats: dict, *, seed: int, batch_index: int,
 
         with fold_gradients(group, fold):
             torch.autograd.backward(grads, grad_tensors=list(probes.values()), inputs=tensors,
-                                    retain_graph=probe_index < n_probes - 1)
+                                    retain_graph=probe_index < probe_indices[-1])
 
 
-def double_backward_group(job, group: dict, stats: dict, n_probes: int,
+def double_backward_group(job, group: dict, stats: dict, probe_indices: range,
                           total_tokens: int) -> None:
-    """Fold every batch's probes of ``group`` into ``stats``, H z by double backward."""
+    """Fold every batch's probes ``probe_indices`` of ``group`` into ``stats``, H z by double
+    backward. A sample's weight is its batch's share of tokens (the estimate and its standard
+    error do not change when every weight is scaled, so they need not know the probe count)."""
     for batch in batches(job, "hutchinson"):
         n_tokens = batch.n_predicted_tokens()
         loss = loss_sum(job.model, batch.input_ids, batch.attention_mask) / n_tokens
         probe_batch(loss, group, stats, seed=job.seed, batch_index=batch.index,
-                    n_probes=n_probes, weight=n_tokens / total_tokens / n_probes)
+                    probe_indices=probe_indices, weight=n_tokens / total_tokens)
 
 
 def hutchinson_diagonal(job):
-    """(signed diagonal estimate, standard error), both Scores (the rows held here)."""
+    """(signed diagonal estimate, standard error, facts): Scores of the rows held here, and
+    how many probes each group took and the precision they reached."""
     model, settings = job.model, settings_of(job, HutchinsonSettings)
-    n_probes, block_mode = settings.hutchinson_samples, settings.hutchinson_block
     exact = settings.hutchinson_hvp == "double_backward"
     if exact and job.ranks.sharded:
         raise UserError(f"hutchinson_diag: {NOT_SHARDED}")
+    if settings.hutchinson_samples == "auto" and job.ranks.distributed and not job.ranks.sharded:
+        raise UserError("--hutchinson-samples auto does not run under torchrun data "
+                        "parallelism yet (each rank holds part of every weight's samples): "
+                        "give a number of probes, or add --shard")
     total_tokens = job.blocks.n_predicted_tokens()
-    stats = {}
+    stats, groups = {}, []
     with double_backward_attention(model) if exact else nullcontext():
-        for group in parameter_groups(job.params, block_mode):
+        for group in parameter_groups(job.params, settings.hutchinson_block):
             device = local(next(iter(group.values()))).device
             storage = moment_storage(settings.hutchinson_moments, group, device)
             for name, p in group.items():
                 stats[name] = WeightedWelford(local(p).shape, local(p).device, storage)
-            with gradients_only_on(model, group):
-                if exact:
-                    double_backward_group(job, group, stats, n_probes, total_tokens)
-                else:
-                    finite_difference_group(job, group, stats, n_probes, total_tokens,
-                                            batches(job, "hutchinson", own_gradients=True))
             finished = [stats[name] for name in group]
-            settle(finished)
+            with gradients_only_on(model, group):
+                groups.append(probe_group(job, settings, group, finished, exact, total_tokens))
             if job.ranks.distributed and not job.ranks.sharded:  # sharded: every batch here
                 merge_across_ranks(finished, job.ranks)
-            if block_mode:
+            if settings.hutchinson_block:
                 offload_to_cpu(finished)
     mean = {name: s.mean for name, s in stats.items()}
     stderr = {name: s.take_standard_error() for name, s in stats.items()}
-    return mean, stderr
+    return mean, stderr, summary(settings, groups)
+
+
+def probe_group(job, settings, group: dict, finished: list, exact: bool,
+                total_tokens: int) -> dict:
+    """Draw ``settings.rounds()`` of probes for every batch into ``group``'s moments, stopping
+    early under auto once the target precision is reached; returns the probes drawn per batch
+    and the precision reached."""
+    stats = dict(zip(group, finished))
+    drawn, reached = 0, math.inf
+    for probe_indices in settings.rounds():
+        if exact:
+            double_backward_group(job, group, stats, probe_indices, total_tokens)
+        else:
+            finite_difference_group(job, group, stats, probe_indices, total_tokens,
+                                    batches(job, "hutchinson", own_gradients=True))
+        drawn += len(probe_indices)
+        settle(finished)
+        reached = top_k_relative_error(finished, job.topk, job.ranks)
+        if settings.hutchinson_samples == "auto" and reached <= settings.hutchinson_rel_stderr:
+            break
+    return {"probes_per_batch": drawn, "top_k_median_relative_stderr": reached}
+
+
+def top_k_relative_error(stats: list, k: int, ranks) -> float:
+    """Median of standard error / |estimate| over the ``k`` weights of ``stats`` with the
+    largest |estimate| (sharded: over all ranks' rows); inf before two samples."""
+    candidates = []  # (|estimate|, relative error) of this process's own top-k
+    for s in stats:
+        n_eff = s.weight_sum ** 2 / s.weight_sq_sum if s.weight_sq_sum else 0.0
+        if n_eff <= 1.0:
+            return math.inf
+        size = abs(s.mean.flatten())
+        top = torch.topk(size, min(k, size.numel()))
+        m2 = s.m2.flatten()[top.indices]
+        error = (m2 / (s.weight_sum * (n_eff - 1.0))).sqrt() / top.values
+        candidates.extend(zip(top.values.tolist(), error.tolist()))
+    every = [c for part in ranks.all_gather_objects(candidates) for c in part]
+    chosen = sorted(every, key=lambda c: c[0], reverse=True)[:k]
+    return float(torch.tensor([c[1] for c in chosen]).median()) if chosen else math.inf
+
+
+def summary(settings, groups: list[dict]) -> dict:
+    """The facts stored with the scores and shown in the manifest and report."""
+    probes = [g["probes_per_batch"] for g in groups]
+    errors = [g["top_k_median_relative_stderr"] for g in groups]
+    facts = {"probes_per_batch": max(probes) if probes else 0,
+             "top_k_median_relative_stderr": max(errors) if errors else None,
+             "samples": settings.hutchinson_samples}
+    if settings.hutchinson_samples == "auto":
+        facts.update(target=settings.hutchinson_rel_stderr, cap=settings.hutchinson_max_samples,
+                     reached=all(e <= settings.hutchinson_rel_stderr for e in errors))
+    if len(groups) > 1:
+        facts["per_block"] = groups
+    return facts
 
 
 @register("hutchinson_diag", uses_data=True, signed=True,
           description="Hutchinson estimate of the Hessian diagonal (signed)",
           options=("seed", "batch_size", "hutchinson_samples", "hutchinson_block",
-                   "hutchinson_hvp"),
+                   "hutchinson_hvp", "hutchinson_rel_stderr", "hutchinson_max_samples"),
           shardable=True, settings=HutchinsonSettings)
 def hutchinson_diag(job) -> MetricOutput:
-    mean, stderr = hutchinson_diagonal(job)
-    return MetricOutput(mean, {"stderr": stderr})
+    mean, stderr, facts = hutchinson_diagonal(job)
+    return MetricOutput(mean, {"stderr": stderr}, facts)

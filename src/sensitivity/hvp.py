@@ -126,17 +126,18 @@ class CentralDifference:
             loss_fn().backward()
 
 
-def finite_difference_group(job, group: dict, stats: dict, n_probes: int,
+def finite_difference_group(job, group: dict, stats: dict, probe_indices: range,
                             total_tokens: int, batches) -> None:
-    """Fold the samples Δg / Δw of every batch and probe into ``stats`` (one WeightedWelford per
-    weight of ``group``, rows held here), weighted by the batch's share of tokens. The weights
-    are restored bit for bit afterwards, also after an error."""
+    """Fold the samples Δg / Δw of every batch and of its probes ``probe_indices`` into
+    ``stats`` (one WeightedWelford per weight of ``group``, rows held here), weighted by the
+    batch's share of tokens. The weights are restored bit for bit afterwards, also after an
+    error."""
     originals = {n: local(p).detach().clone() for n, p in group.items()}
     epsilon = step_sizes(group, job.ranks)
     try:
         for batch in batches:
             n_tokens = batch.n_predicted_tokens()
-            weight = n_tokens / total_tokens / n_probes
+            weight = n_tokens / total_tokens
 
             def loss_fn(batch=batch, n_tokens=n_tokens):
                 return loss_sum(job.model, batch.input_ids, batch.attention_mask) * \
@@ -146,7 +147,7 @@ def finite_difference_group(job, group: dict, stats: dict, n_probes: int,
                 if counted:  # a padding pass only keeps sharded ranks in step
                     stats[name].update(sample, weight)
 
-            for probe_index in range(n_probes):
+            for probe_index in probe_indices:
                 def probe(name, index=batch.index, probe_index=probe_index):
                     return local_probe(group[name], job.seed, name, index, probe_index)
 

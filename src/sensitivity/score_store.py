@@ -4,7 +4,8 @@ score, so that a resumed run or a new experiment can use them instead of scoring
 Metadata (key ``cwa``, JSON): the metric and the options that change its scores, the model
 fingerprint (a hash over every parameter's name, shape, dtype and a fixed sample of its values),
 the scored parameter names, the calibration data (source, block length, blocks asked and got,
-the blocks' hash), and how long scoring took. ``mismatch`` says, in one line, why stored scores
+the blocks' hash), how long scoring took, and the metric's facts (how it computed them, e.g.
+Hutchinson's probes per batch and the precision reached). ``mismatch`` says, in one line, why stored scores
 cannot stand for a run's; ``calibration_differences`` what differs in the data they were
 computed on (scores of another model, weights, metric or option never fit; scores of other
 calibration data are the same kind of scores, of other text).
@@ -66,13 +67,14 @@ def model_fingerprint(model) -> str:
 
 
 def describe(metric: str, job, model_fingerprint_: str, calibration: dict,
-             seconds: float) -> dict:
-    """The metadata of scores computed now (``calibration``: ``calibration_of`` the run)."""
+             seconds: float, facts: dict | None = None) -> dict:
+    """The metadata of scores computed now (``calibration``: ``calibration_of`` the run;
+    ``facts``: the metric's ``MetricOutput.facts``)."""
     options = {key: option_value(metric, job, key) for key in METRICS[metric].options}
     return {"metric": metric, "options": options, "model_fingerprint": model_fingerprint_,
             "parameters": list(job.params), "calibration_sha256": calibration["sha256"],
             "calibration": calibration, "scoring_seconds": round(seconds, 3),
-            "convention": "stored parameter layout"}
+            "convention": "stored parameter layout", "facts": facts or {}}
 
 
 CALIBRATION_SETTINGS = ("source", "max_length", "max_samples")
@@ -169,7 +171,7 @@ def load(path: Path, params: dict[str, torch.nn.Parameter]) -> StoredScores:
         scores = {n: rows_of(n, p) for n, p in params.items()}
         stderr = {n: rows_of(f"{n}{STDERR_SUFFIX}", p) for n, p in params.items()
                   if f"{n}{STDERR_SUFFIX}" in stored}
-    output = MetricOutput(scores, {"stderr": stderr} if stderr else {})
+    output = MetricOutput(scores, {"stderr": stderr} if stderr else {}, meta.get("facts") or {})
     return StoredScores(output, meta, path, file_sha256(path))
 
 

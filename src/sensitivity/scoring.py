@@ -37,12 +37,14 @@ class ScoringJob:
     settings: dict = field(default_factory=dict)  # the metrics' settings, by settings class
     progress: str = "off"  # src.utils.progress mode: bars, lines or off
     ranks: Ranks = field(default_factory=Ranks)  # the processes the batches are split over
+    topk: int = 100  # the run's K: a metric that stops on its top weights' precision uses it
 
 
 @dataclass
 class MetricOutput:
     scores: Scores
     extra: dict[str, Scores] = field(default_factory=dict)  # e.g. {"stderr": ...}
+    facts: dict = field(default_factory=dict)  # how they were computed (JSON), e.g. probes used
 
 
 def settings_of(job: ScoringJob, settings_class):

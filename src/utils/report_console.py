@@ -29,6 +29,25 @@ def top_weights(table, metric: str, extra: dict, n: int = 10) -> None:
               f"{fixed(float(np.nanmedian(relative)))}")
 
 
+def score_facts_text(metric: str, facts: dict) -> str:
+    """One sentence of how the scores were computed (Hutchinson: probes and precision)."""
+    if "probes_per_batch" not in facts:
+        return f"{metric}: " + ", ".join(f"{k} {v}" for k, v in facts.items())
+    error = facts.get("top_k_median_relative_stderr")
+    text = (f"{metric}: {facts['probes_per_batch']} probes per calibration batch; median "
+            f"relative standard error of the top-K estimates {fixed(error)}")
+    if facts.get("samples") == "auto":
+        text += (f" (--hutchinson-samples auto, target {fixed(facts['target'])}, cap "
+                 f"{facts['cap']}: " + ("reached)" if facts["reached"] else
+                                        "NOT reached: the cap stopped it)"))
+    return text
+
+
+def score_facts(metric: str, facts: dict) -> None:
+    if facts:
+        print(f"[cwa] {score_facts_text(metric, facts)}")
+
+
 def perturbation(results: dict) -> None:
     base = results["baseline"]["perplexity"]
     print(f"[cwa] perturbation {results['method']} of K={results['k']} ({results['mode']}); "
