@@ -14,6 +14,10 @@
 #   1. environment: python packages, CUDA GPU, versions
 #   2. benchmark:   scripts/benchmark.py, batch 8 x 512 (Hutchinson: batch 1, whole model, or
 #                   block mode if that runs out of GPU memory)
+#   2b. curvature:  hutchinson_diag on a small model on the device: moments in host memory give
+#                   the device-moment estimate bit for bit, finite differences run next to the
+#                   double backward, --hutchinson-samples auto states its probes (step 2 times
+#                   both HVPs on the 8B shape: --hutchinson-hvp auto)
 #   3. protocol:    grad_x_weight, K=500 per layer, sign_flip vs random_k,bottom_k, seeds 0,1,2,
 #                   stability check, 50 blocks of 512 tokens per side
 #   4. sharded:     with more than one GPU, the benchmark with the model sharded over all of them
@@ -84,6 +88,53 @@ if ! limited "$BENCH_LIMIT_S" "$PY" scripts/benchmark.py --model "$MODEL" \
         --hutchinson-mode auto --hutchinson-batch-size 1 --json "$OUT_DIR/benchmark.json" \
         2>&1 | tee "$OUT_DIR/benchmark.txt"; then
     FAILED+=("benchmark (exit ${PIPESTATUS[0]}; 124 = time limit; see $OUT_DIR/benchmark.txt)")
+fi
+
+# ----------------------------------------------------------------------------- 2b. curvature
+say "curvature: hutchinson_diag moments on the device vs in host memory, HVPs, auto samples"
+if ! limited 120 "$PY" - "$DEVICE" <<'EOF' 2>&1 | tee "$OUT_DIR/curvature.txt"; then
+import sys, time, torch
+from src.data.loading import TokenBlocks
+from src.models.loader import load_model
+from src.sensitivity.eligibility import eligible_parameters
+from src.sensitivity.hutchinson import HutchinsonSettings
+from src.sensitivity.metrics import compute_scores
+from src.sensitivity.scoring import ScoringJob
+
+model = load_model("random:tiny-llama", device=sys.argv[1], dtype="float32")[0]
+vocab = model.get_input_embeddings().num_embeddings
+ids = torch.randint(0, vocab, (4, 64), generator=torch.Generator().manual_seed(0))
+blocks, params = TokenBlocks(ids, torch.ones_like(ids)), eligible_parameters(model)
+
+def scored(**settings):
+    job = ScoringJob(model, params, blocks, batch_size=2, seed=0, topk=50,
+                     settings={HutchinsonSettings: HutchinsonSettings(**settings)})
+    started = time.perf_counter()
+    out = compute_scores(job, "hutchinson_diag")
+    return out, time.perf_counter() - started
+
+def relative(a, b):
+    num = sum(float((a[n].cpu() - b[n].cpu()).double().norm()) ** 2 for n in b) ** 0.5
+    return num / sum(float(b[n].cpu().double().norm()) ** 2 for n in b) ** 0.5
+
+on_device, t_device = scored(hutchinson_samples=4, hutchinson_moments="device")
+on_host, t_host = scored(hutchinson_samples=4, hutchinson_moments="host")
+assert next(iter(on_host.scores.values())).device.type == "cpu"
+same = all(torch.equal(on_device.scores[n].cpu(), on_host.scores[n]) and
+           torch.equal(on_device.extra["stderr"][n].cpu(), on_host.extra["stderr"][n])
+           for n in params)
+print(f"[gpu_check] moments on the device {t_device:.2f} s, in host memory {t_host:.2f} s; "
+      f"identical estimates and standard errors: {same}")
+fd, t_fd = scored(hutchinson_samples=4, hutchinson_hvp="finite_difference")
+error = relative(fd.scores, on_device.scores)
+finite = all(bool(torch.isfinite(s).all()) for s in fd.scores.values())
+print(f"[gpu_check] finite differences vs double backward, same probes: relative difference "
+      f"{error:.2e} (per-tensor steps add zero-mean cross terms; {t_fd:.2f} s)")
+auto, t_auto = scored(hutchinson_samples="auto", hutchinson_max_samples=16)
+print(f"[gpu_check] --hutchinson-samples auto: {auto.facts} ({t_auto:.2f} s)")
+sys.exit(0 if same and finite and auto.facts["probes_per_batch"] % 4 == 0 else 1)
+EOF
+    FAILED+=("curvature (see $OUT_DIR/curvature.txt)")
 fi
 
 # ----------------------------------------------------------------------------- 3. protocol

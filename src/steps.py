@@ -65,7 +65,7 @@ def scoring_job(config: RunConfig, model, params, blocks, ranks: Ranks) -> Scori
     return ScoringJob(model=model, params=params, blocks=blocks, batch_size=config.batch_size,
                       seed=config.seeds[0], settings=settings,
                       progress=progress.mode(config.quiet, config.verbose), ranks=ranks,
-                      topk=config.topk)
+                      topk=config.topk, gradient_checkpointing=config.gradient_checkpointing)
 
 
 def score_outputs(state: RunState):

@@ -39,7 +39,10 @@ def report(tmp_path_factory):
 @pytest.mark.slow
 def test_every_figure_is_reported(report):
     data, stdout = report
-    expected = ["forward", "forward_backward", *[f"score_{m}" for m in METRICS], "evaluate",
+    scored = [f"score_{m}" for m in METRICS]
+    scored.insert(scored.index("score_hutchinson_diag") + 1,
+                  "score_hutchinson_diag_finite_difference")  # --hutchinson-hvp auto: both
+    expected = ["forward", "forward_backward", *scored, "evaluate",
                 "topk_global", "topk_per_tensor", "perturb_restore", "quantize_rtn"]
     assert list(data["figures"]) == expected
     for name, figure in data["figures"].items():
@@ -61,7 +64,8 @@ def test_every_figure_is_reported(report):
 def test_ratios_are_against_the_matching_ceiling(report):
     figures = report[0]["figures"]
     for name, figure in figures.items():
-        data_metric = name.startswith("score_") and METRICS[name[6:]].uses_data
+        data_metric = name.startswith("score_") and \
+            METRICS[name[6:].removesuffix("_finite_difference")].uses_data
         if name == "evaluate" or data_metric:
             ceiling = "forward" if name in ("evaluate", "score_act_mag") else "forward_backward"
             assert figure["ceiling"] == ceiling
@@ -78,6 +82,8 @@ def test_ratios_are_against_the_matching_ceiling(report):
         else:
             assert figure["ratio"] is None and figure["ratio_spread"] is None
     assert "1 probe" in figures["score_hutchinson_diag"]["note"]
+    assert "double_backward" in figures["score_hutchinson_diag"]["note"]
+    assert "finite_difference" in figures["score_hutchinson_diag_finite_difference"]["note"]
 
 
 @pytest.mark.slow
@@ -138,7 +144,8 @@ def test_memory_estimate_matches_the_same_passes_tracked_on_real_tensors():
 
     args = SimpleNamespace(batch_size=2, max_length=32, hutchinson_batch_size=1,
                            hutchinson_hvp="auto", hutchinson_mode="whole",
-                           hutchinson_moments="device", estimate_gpu_gb=80.0)
+                           hutchinson_moments="device", estimate_gpu_gb=80.0,
+                           gradient_checkpointing=False)
     metrics = ["grad_x_weight", "hutchinson_diag"]
     fake, mode = estimate.fake_model("random:tiny-llama", torch.float32)
     real = load("random:tiny-llama").model.eval()

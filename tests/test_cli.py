@@ -193,6 +193,8 @@ def test_error_cases_exit_2_with_one_line_and_keep_existing_outputs(tmp_path, ex
     (["--temporal-stability", "--drift-threshold=-inf"], "--drift-threshold must be a finite"),
     (["--perturb-scale", "0.2"], "--perturb-scale has no effect without --perturb gauss_noise"),
     (["--hutchinson-samples", "4"], "--hutchinson-samples has no effect without hutchinson_diag"),
+    (["--metric", "magnitude", "--gradient-checkpointing"],
+     "--gradient-checkpointing has no effect without a gradient metric"),
     (["--metric", "hutchinson_diag", "--hutchinson-rel-stderr", "0.2"],
      "--hutchinson-rel-stderr has no effect without --hutchinson-samples auto"),
     (["--metric", "hutchinson_diag", "--hutchinson-samples", "many"],

@@ -211,8 +211,8 @@ def test_hutchinson_is_exact_on_a_separable_quadratic():
     curvature = torch.rand(5, 7) * 3
     stats = {"w": hutchinson.WeightedWelford(weight.shape, weight.device)}
     loss = (curvature * weight ** 2).sum()
-    hutchinson.probe_batch(loss, {"w": weight}, stats, seed=0, batch_index=0, n_probes=3,
-                           weight=1 / 3)
+    hutchinson.probe_batch(loss, {"w": weight}, stats, seed=0, batch_index=0,
+                           probe_indices=range(3), weight=1 / 3)
     torch.testing.assert_close(stats["w"].mean, 2 * curvature)
     assert torch.all(stats["w"].take_standard_error() < 1e-5)
 
@@ -306,6 +306,37 @@ def test_auto_samples_stop_at_the_cap_and_say_the_target_was_missed():
                                  settings=auto_probes(1e-6, 6)), "hutchinson_diag")
     assert out.facts["probes_per_batch"] == 6 and out.facts["reached"] is False
     assert out.facts["cap"] == 6 and out.facts["target"] == 1e-6
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_keeps_every_gradient_score(monkeypatch):
+    """Each decoder block runs twice per batch (forward, then again in the backward), the scores
+    equal the plain pass's (measured bit for bit on the CPU), grad_squared keeps its one-backward
+    per-sample path, and the blocks' forward methods are restored afterwards."""
+    from src.sensitivity import fisher
+
+    model, data = micro_llama(layers=2), blocks(n=4)
+    first = model.model.layers[1].input_layernorm  # recomputation may stop early, not before it
+    calls = []
+    first.register_forward_hook(lambda *args: calls.append(1))
+
+    def per_sequence(*args):
+        raise AssertionError("grad_squared left its per-sample path")
+
+    monkeypatch.setattr(fisher, "_per_sequence_squared_grads", per_sequence)
+    cases = (("grad_x_weight", {}), ("grad_squared", {}),
+             ("hutchinson_diag", fd_probes(2, hvp_kind="double_backward")),
+             ("hutchinson_diag", fd_probes(2)))
+    for metric, settings in cases:
+        out, passes = {}, {}
+        for recompute in (False, True):
+            calls.clear()
+            job = job_for(model, data, batch_size=2, settings=settings,
+                          gradient_checkpointing=recompute)
+            out[recompute] = compute_scores(job, metric)
+            passes[recompute] = len(calls)
+        assert passes[True] > passes[False] > 0, (metric, passes)
+        assert relative_error(out[True].scores, out[False].scores) <= 1e-6, metric
+    assert all("forward" not in vars(block) for block in model.model.layers)
 
 
 # ------------------------------------------------- Hutchinson by finite differences (hvp.py)

@@ -61,6 +61,10 @@ def parse_args(argv=None):
                         help="where the Hutchinson figure keeps its running moments (as "
                              "phase1_runner_enhanced.py --hutchinson-moments); --estimate-memory "
                              "decides auto as on a GPU of --estimate-gpu-gb")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="the gradient metrics' figures with decoder blocks recomputed in the "
+                             "backward (as phase1_runner_enhanced.py --gradient-checkpointing); "
+                             "the forward+backward reference stays without")
     parser.add_argument("--estimate-memory", action="store_true",
                         help="no timing and no kernels: estimate each figure's device peak memory "
                              "(forward, forward+backward, every metric's scoring pass, evaluation) "

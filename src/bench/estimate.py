@@ -38,6 +38,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from src.bench.figures import hutchinson_variants
 from src.bench.measure import random_blocks
 from src.bench.reference import gradient_step, scored_gradients_kept
 from src.errors import UserError
@@ -159,6 +160,8 @@ def passes(model, args, metrics: list[str]) -> dict:
             data = random_blocks(size, args.max_length, vocab, seed=3)
             job = _job(model, params, data, size, args, hvp)
             note = f"compute_scores({metric})" + (
+                ", gradient checkpointing" if args.gradient_checkpointing
+                and METRICS[metric].gradients else "") + (
                 f", 1 probe per batch, {hvp}, "
                 f"{'block mode' if args.hutchinson_mode == 'block' else 'whole model'}, "
                 f"moments on {_moments(args, params)}" if hvp else "")
@@ -173,10 +176,7 @@ def _variants(metric: str, args) -> list[tuple[str, str | None]]:
     """(figure name, HVP) of a metric: hutchinson_diag once per HVP (auto: both)."""
     if metric != "hutchinson_diag":
         return [(f"score_{metric}", None)]
-    if args.hutchinson_hvp != "auto":
-        return [("score_hutchinson_diag", args.hutchinson_hvp)]
-    return [("score_hutchinson_diag", "double_backward"),
-            ("score_hutchinson_diag_finite_difference", "finite_difference")]
+    return hutchinson_variants(args.hutchinson_hvp, sharded=False)
 
 
 def _moments(args, params) -> str:
@@ -195,7 +195,8 @@ def _job(model, params, data, batch_size: int, args, hvp: str | None) -> Scoring
         settings[HutchinsonSettings] = HutchinsonSettings(
             hutchinson_samples=1, hutchinson_block=args.hutchinson_mode == "block",
             hutchinson_hvp=hvp, hutchinson_moments=_moments(args, params))
-    return ScoringJob(model, params, data, batch_size=batch_size, seed=0, settings=settings)
+    return ScoringJob(model, params, data, batch_size=batch_size, seed=0, settings=settings,
+                      gradient_checkpointing=args.gradient_checkpointing)
 
 
 def estimate_figure(model, mode, run, batch_size: int, max_length: int, note: str) -> dict:

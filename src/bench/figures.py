@@ -29,6 +29,18 @@ FORWARD_ONLY_METRICS = {"act_mag"}
 CEILINGS = ("forward", "forward_backward")
 
 
+def hutchinson_variants(hvp: str, sharded: bool) -> list[tuple[str, str]]:
+    """(figure name, HVP) of the Hutchinson figures: ``auto`` gives both Hessian-vector
+    products in one process (finite differences only under --shard, where double backward does
+    not run); the double backward's figure keeps the name score_hutchinson_diag."""
+    if hvp == "auto":
+        hvps = ["finite_difference"] if sharded else ["double_backward", "finite_difference"]
+    else:
+        hvps = [hvp]
+    return [("score_hutchinson_diag" if h == "double_backward" or len(hvps) == 1
+             else f"score_hutchinson_diag_{h}", h) for h in hvps]
+
+
 @dataclass(frozen=True)
 class Ceiling:
     """A ceiling's work, timed again beside every figure compared with it."""
@@ -145,34 +157,45 @@ class Bench:
                          "weights only, accumulated into buffers kept across steps")
 
     def metric(self, metric: str):
+        """The metric's scoring figure; hutchinson_diag once per Hessian-vector product that
+        can run here (``--hutchinson-hvp auto``: both in one process, as the estimate)."""
+        if metric != "hutchinson_diag":
+            self.scoring_figure(metric, f"score_{metric}")
+            return
+        for name, hvp in hutchinson_variants(self.args.hutchinson_hvp, self.ranks.sharded):
+            self.scoring_figure(metric, name, hvp)
+
+    def scoring_figure(self, metric: str, name: str, hvp: str = "auto"):
         args = self.args
         uses_data = METRICS[metric].uses_data
         batch_size = args.batch_size
         blocks, warm = self.blocks, self.warm_blocks
         note = "" if uses_data else "no data: seconds for all scored weights"
+        if args.gradient_checkpointing and METRICS[metric].gradients:
+            note = "gradient checkpointing; " + note
         if metric == "hutchinson_diag":
             batch_size = args.hutchinson_batch_size or args.batch_size
             vocab = self.model.get_input_embeddings().num_embeddings
             blocks = random_blocks(batch_size * args.steps, args.max_length, vocab, seed=3)
             warm = random_blocks(batch_size, args.max_length, vocab, seed=4)
-            note = (f"1 probe per batch of {batch_size}, "
+            note = (f"1 probe per batch of {batch_size}, {hvp}, "
                     + ("block mode (one pass per transformer block)" if self.hutchinson_block
-                       else "whole model") + "; cost_x_ceiling = cost of one probe per token "
-                    "in fwd+bwd units")
+                       else "whole model") + f", moments {args.hutchinson_moments}; "
+                    "cost_x_ceiling = cost of one probe per token in fwd+bwd units")
         ceiling = "forward" if metric in FORWARD_ONLY_METRICS else "forward_backward"
 
         def run(data):  # the scores are dropped at once: no call holds another's in memory
-            compute_scores(self.scoring_job(data, batch_size), metric)
+            compute_scores(self.scoring_job(data, batch_size, hvp), metric)
 
         tokens = len(blocks) * args.max_length if uses_data else None
-        figure = self.record(f"score_{metric}", run, warm, blocks, tokens=tokens,
+        figure = self.record(name, run, warm, blocks, tokens=tokens,
                              ceiling=ceiling if uses_data else None, note=note)
         if "error" in figure and metric == "hutchinson_diag" and not self.hutchinson_block \
                 and args.hutchinson_mode == "auto":
-            print("[bench] hutchinson_diag: whole-model mode ran out of memory; block mode",
-                  flush=True)
+            print(f"[bench] {name}: whole-model mode ran out of memory; block mode", flush=True)
             self.hutchinson_block = True
-            self.metric(metric)
+            self.scoring_figure(metric, name, hvp)
+            self.hutchinson_block = False
 
     def evaluate(self):
         self.record("evaluate", lambda data: evaluate(self.model, data, self.args.batch_size,
@@ -180,14 +203,15 @@ class Bench:
                     self.warm_blocks, self.blocks, tokens=self.tokens, ceiling="forward",
                     note="NLL, accuracy, per-block sums")
 
-    def scoring_job(self, data, batch_size: int) -> ScoringJob:
-        """A scoring job on ``data`` (Hutchinson: one probe per batch)."""
+    def scoring_job(self, data, batch_size: int, hvp: str = "auto") -> ScoringJob:
+        """A scoring job on ``data`` (Hutchinson: one probe per batch, by ``hvp``)."""
         hutchinson = HutchinsonSettings(hutchinson_samples=1,
                                         hutchinson_block=self.hutchinson_block,
-                                        hutchinson_hvp=self.args.hutchinson_hvp,
+                                        hutchinson_hvp=hvp,
                                         hutchinson_moments=self.args.hutchinson_moments)
         return ScoringJob(self.model, self.params, data, batch_size=batch_size, seed=0,
-                          settings={HutchinsonSettings: hutchinson}, ranks=self.ranks)
+                          settings={HutchinsonSettings: hutchinson}, ranks=self.ranks,
+                          gradient_checkpointing=self.args.gradient_checkpointing)
 
     def ranking_and_perturbation(self):
         """Top-K and perturbation of scores of ``--rank-metric`` on the warm-up batch

@@ -109,7 +109,8 @@ def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in BLOCK_LIST_NAMES:
             return module
-    raise UserError(f"--shard: no list of decoder blocks found in {type(model).__name__}")
+    raise UserError(f"no list of decoder blocks found in {type(model).__name__} (--shard and "
+                    f"--gradient-checkpointing work block by block)")
 
 
 def is_sharded(tensor) -> bool:

@@ -182,7 +182,8 @@ def _score_batch(model, sequences: list[list[int]], n_scored: list[int], device)
     positions = torch.arange(width)[None, :]
     attention = positions < lengths[:, None]
     scored = attention & (positions >= (lengths - torch.tensor(n_scored))[:, None])
-    logits = model(input_ids=tokens[:, :-1].to(device), attention_mask=attention.long().to(device)).logits
+    logits = model(input_ids=tokens[:, :-1].to(device), attention_mask=attention.long().to(device),
+                   use_cache=False).logits
     logprobs = torch.log_softmax(logits[scored.to(logits.device)].float(), dim=-1)
     targets = tokens[:, 1:][scored].to(logprobs.device)
     token_ll = logprobs.gather(-1, targets[:, None]).squeeze(-1).double()

@@ -114,7 +114,7 @@ def evaluate(model, blocks: TokenBlocks, batch_size: int, progress: bool = False
                           leave=False):
             input_ids, attention_mask = blocks.batch(0 if index is None else index, batch_size,
                                                      device)
-            sums = _block_sums(model(input_ids=input_ids, attention_mask=attention_mask).logits,
+            sums = _block_sums(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits,
                                input_ids, attention_mask)
             if index is not None:  # None: a padding pass (sharded ranks run alike)
                 per_batch[index] = tuple(part.cpu() for part in sums)

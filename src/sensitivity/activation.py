@@ -28,7 +28,8 @@ def act_mag(job: ScoringJob) -> MetricOutput:
                 current_mask.clear()
                 current_mask["mask"] = batch.attention_mask if padded else None
                 current_mask["skip"] = not batch.counted
-                job.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                job.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -7,11 +7,12 @@ from src.distributed.sharding import local_rows
 from src.eval.perplexity import token_nll
 from src.sensitivity.metrics import register
 from src.sensitivity.scoring import (MetricOutput, Scores, ScoringJob, batches, fold_gradients,
-                                     gradients_only_on, owner_layers, zeros_like_fp32)
+                                     gradients_only_on, owner_layers, recomputing,
+                                     zeros_like_fp32)
 
 
 @register("grad_squared", uses_data=True, description="empirical Fisher diagonal",
-          shardable=True)
+          shardable=True, gradients=True)
 def grad_squared(job: ScoringJob) -> MetricOutput:
     """Mean over sequences s of (∂L_s/∂w)², L_s = token-mean NLL of sequence s.
 
@@ -49,7 +50,7 @@ PER_SAMPLE_CHUNK_ELEMENTS = 1 << 28  # per-sequence gradients materialised at on
 
 def _sequence_mean_loss_sum(model, input_ids, attention_mask) -> torch.Tensor:
     """Σ_s L_s over the batch, L_s = token-mean NLL of sequence s (0 for a sequence w/o tokens)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     nll, valid = token_nll(logits, input_ids, attention_mask)
     per_sequence = (nll * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1)
     return per_sequence.sum()
@@ -86,7 +87,7 @@ def _per_sample_squared_grads(job: ScoringJob, owners: dict, fisher: Scores) -> 
     pending: dict = {}
     batch_rows = {}
 
-    def before(module, args):
+    def before(module, args):  # also in a checkpointed block's second forward: same graph
         x = args[0]
         if x.shape[0] != batch_rows["n"]:
             raise _NotPerSample
@@ -95,6 +96,8 @@ def _per_sample_squared_grads(job: ScoringJob, owners: dict, fisher: Scores) -> 
         return None
 
     def after(module, args, output):
+        if recomputing():  # a checkpointed block's second forward: recorded the first time
+            return
         if module in pending:
             raise _NotPerSample
         name, kind = names[module]

@@ -381,7 +381,7 @@ def summary(settings, groups: list[dict]) -> dict:
           description="Hutchinson estimate of the Hessian diagonal (signed)",
           options=("seed", "batch_size", "hutchinson_samples", "hutchinson_block",
                    "hutchinson_hvp", "hutchinson_rel_stderr", "hutchinson_max_samples"),
-          shardable=True, settings=HutchinsonSettings)
+          shardable=True, settings=HutchinsonSettings, gradients=True)
 def hutchinson_diag(job) -> MetricOutput:
     mean, stderr, facts = hutchinson_diagonal(job)
     return MetricOutput(mean, {"stderr": stderr}, facts)

@@ -24,13 +24,15 @@ settings fields that change the scores) are recorded with stored scores. A metri
 from __future__ import annotations
 
 import importlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from src.errors import UserError
-from src.sensitivity.scoring import MetricOutput, Scores, ScoringJob, settings_of
+from src.sensitivity.scoring import (MetricOutput, Scores, ScoringJob, recomputed_blocks,
+                                     settings_of)
 
 # the modules that register metrics, in the order of --metric's choices
 MODULES = ("weight_metrics", "fisher", "activation", "hutchinson")
@@ -46,6 +48,7 @@ class Metric:
     shardable: bool = False  # runs on FSDP-sharded weights (torchrun --shard)
     unshardable_because: str = ""  # why not, when it is a limit of FSDP and not of this tool
     settings: type | None = None  # its flags: a src.options.Settings dataclass
+    gradients: bool = False  # runs backward passes (--gradient-checkpointing applies)
 
 
 METRICS: dict[str, Metric] = {}
@@ -53,10 +56,11 @@ METRICS: dict[str, Metric] = {}
 
 def register(name: str, *, uses_data: bool, signed: bool = False, description: str = "",
              options: tuple[str, ...] = (), shardable: bool = False,
-             unshardable_because: str = "", settings: type | None = None):
+             unshardable_because: str = "", settings: type | None = None,
+             gradients: bool = False):
     def wrap(fn):
         METRICS[name] = Metric(fn, uses_data, signed, description, options, shardable,
-                               unshardable_because, settings)
+                               unshardable_because, settings, gradients)
         ordered = sorted(METRICS.items(), key=lambda item: _module_rank(item[1]))  # stable
         METRICS.clear()
         METRICS.update(ordered)
@@ -86,14 +90,21 @@ def compute_scores(job: ScoringJob, metric: str) -> MetricOutput:
                         f"{', '.join(shardable_metrics())}")
     was_training = job.model.training
     job.model.eval()
+    recompute = job.gradient_checkpointing and METRICS[metric].gradients
     try:
-        output = METRICS[metric].fn(job)
+        with recomputed_blocks(job.model) if recompute else nullcontext():
+            output = METRICS[metric].fn(job)
     finally:
         job.model.train(was_training)
     for name in _non_finite(output.scores):
         raise UserError(f"metric {metric} produced non-finite scores for {name}; the model "
                         f"may be too unstable in this dtype (try float32)")
     return output
+
+
+def any_gradients(names) -> bool:
+    """Whether any of the metrics ``names`` runs backward passes (unknown names: no)."""
+    return any(METRICS[name].gradients for name in names if name in METRICS)
 
 
 def shardable_metrics() -> list[str]:

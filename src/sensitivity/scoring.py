@@ -7,9 +7,10 @@ Scores accumulate on the weight's device in float32; nothing is synchronised per
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,7 +21,7 @@ from src.data.loading import TokenBlocks
 from src.eval.perplexity import masked_nll_sum
 from src.models.properties import input_device
 from src.distributed.ranks import Ranks
-from src.distributed.sharding import local
+from src.distributed.sharding import decoder_blocks, local
 from src.utils import progress
 
 Scores = dict[str, torch.Tensor]
@@ -38,6 +39,7 @@ class ScoringJob:
     progress: str = "off"  # src.utils.progress mode: bars, lines or off
     ranks: Ranks = field(default_factory=Ranks)  # the processes the batches are split over
     topk: int = 100  # the run's K: a metric that stops on its top weights' precision uses it
+    gradient_checkpointing: bool = False  # recompute block activations in backward passes
 
 
 @dataclass
@@ -87,6 +89,50 @@ def fold_gradients(params: dict[str, torch.nn.Parameter], fold: Callable):
             handle.remove()
 
 
+class _Recomputation:
+    """Entered while a checkpointed block runs again (re-entrant: a double backward recomputes
+    a block once per backward through it)."""
+    depth = 0
+
+    def __enter__(self):
+        _Recomputation.depth += 1
+
+    def __exit__(self, *exc):
+        _Recomputation.depth -= 1
+
+
+def recomputing() -> bool:
+    """True while a checkpointed block runs its forward again inside a backward pass: a forward
+    hook that records something per forward must skip that second run."""
+    return _Recomputation.depth > 0
+
+
+@contextmanager
+def recomputed_blocks(model):
+    """Gradient checkpointing for the duration (torch.utils.checkpoint, non-reentrant): each
+    decoder block keeps only its inputs in the forward and runs again in the backward, so the
+    activations of one block are alive instead of all of them, for about one more forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    def contexts():  # the first run as usual, the second inside recomputing()
+        return nullcontext(), _Recomputation()
+
+    patched = []
+    for block in decoder_blocks(model):
+        own = block.__dict__.get("forward")  # e.g. a hook library's wrapper, restored as found
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False,
+                                          context_fn=contexts)
+        patched.append((block, own))
+    try:
+        yield
+    finally:
+        for block, own in patched:
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
+
+
 def zeros_like_fp32(params) -> Scores:
     """float32 zeros shaped like the part of each parameter this process holds."""
     return {name: torch.zeros(local(p).shape, dtype=torch.float32, device=local(p).device)
@@ -131,7 +177,7 @@ def batches(job: ScoringJob, desc: str, own_gradients: bool = False):
 
 def loss_sum(model, input_ids, attention_mask) -> torch.Tensor:
     """Next-token NLL summed over the batch's valid positions (nats)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     return masked_nll_sum(logits, input_ids, attention_mask)
 
 

@@ -29,7 +29,7 @@ def random_scores(job: ScoringJob) -> MetricOutput:
 
 
 @register("grad_x_weight", uses_data=True, description="|mean gradient x weight|",
-          shardable=True)
+          shardable=True, gradients=True)
 def grad_x_weight(job: ScoringJob) -> MetricOutput:
     mean_grad = zeros_like_fp32(job.params)
     total_tokens = job.blocks.n_predicted_tokens()

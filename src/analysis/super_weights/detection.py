@@ -109,7 +109,7 @@ def detect(model, targets: list[Target], blocks: TokenBlocks, batch_size: int,
             for index in ranks.my_batches(math.ceil(len(blocks) / batch_size)):
                 input_ids, attention_mask = blocks.batch(index or 0, batch_size, device)
                 batch_state["mask"], batch_state["index"] = attention_mask, index
-                model(input_ids=input_ids, attention_mask=attention_mask)
+                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
