@@ -4,6 +4,7 @@ differentiates only the scored weights into gradient buffers kept across steps."
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -187,3 +188,110 @@ def test_estimate_memory_cli_writes_every_figure_with_the_estimate_kind(tmp_path
     assert figures["forward"]["peak_memory_bytes"] < figures["forward_backward"]["peak_memory_bytes"]
     assert report["peak_memory_bytes"] == max(f["peak_memory_bytes"] for f in figures.values())
     assert "seconds" not in figures["forward"]  # nothing timed
+
+
+SHARDED_SETTINGS = dict(batch_size=2, max_length=32, hutchinson_batch_size=1,
+                        hutchinson_hvp="auto", hutchinson_mode="whole",
+                        hutchinson_moments="device", estimate_gpu_gb=80.0,
+                        gradient_checkpointing=False,
+                        metrics="grad_x_weight,grad_squared,act_mag,hutchinson_diag")
+
+
+def measured_on_two_gloo_ranks(tmp_path) -> dict:
+    """{figure: rank 0's peak} of the estimate's passes on the real sharded tiny-llama."""
+    from tests.test_distributed import free_port
+
+    out = tmp_path / "peaks.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+               str(ROOT / "tests" / "sharded_peaks.py"), str(out), json.dumps(SHARDED_SETTINGS)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def held_bytes(tensors, world_size: int) -> int:
+    """Bytes one rank holds of ``tensors`` sharded: ⌈rows / N⌉ rows of each (torch.chunk)."""
+    return sum(-(-t.shape[0] // world_size) * (t.numel() // t.shape[0]) * t.element_size()
+               for t in tensors)
+
+
+@pytest.mark.slow
+def test_sharded_memory_estimate_matches_two_real_gloo_ranks(tmp_path):
+    """The estimate sharded over 2 fake ranks against the same tracker on rank 0 of a real
+    2-process gloo run of the same passes (within 5%), and above what one rank must hold."""
+    from types import SimpleNamespace
+    from src.bench import estimate
+
+    measured = measured_on_two_gloo_ranks(tmp_path)
+    args = SimpleNamespace(**SHARDED_SETTINGS)
+    metrics = args.metrics.split(",")
+    whole, mode = estimate.fake_model("random:tiny-llama", torch.float32)
+    one_process = estimate.peak_bytes(whole, estimate.passes(whole, args, [])["forward"][0], mode)
+    fake, mode = estimate.fake_model("random:tiny-llama", torch.float32)
+    params = sum(p.numel() * 4 for p in fake.parameters())
+    held = held_bytes(fake.parameters(), 2)
+    root = sum(p.numel() * 4 for n, p in fake.named_parameters() if ".layers." not in n)
+    block = sum(p.numel() * 4 for p in fake.model.layers[0].parameters())
+    logits = 2 * 32 * fake.config.vocab_size * 4
+    with estimate.fake_ranks(2) as ranks:
+        estimate.shard_fake(fake, mode, ranks)
+        estimated = {name: estimate.peak_bytes(fake, run, mode)[:2]
+                     for name, (run, _, _) in estimate.passes(fake, args, metrics, ranks).items()}
+    assert list(estimated) == list(measured) == [
+        "forward", "forward_backward", *[f"score_{m}" for m in metrics], "evaluate"]
+    for name, (peak, breakdown) in estimated.items():
+        assert peak == pytest.approx(measured[name], rel=0.05), name
+        assert breakdown["Sharded Param"] == held >= params / 2, name  # its rows, not the whole
+    forward, breakdown = estimated["forward"]
+    assert breakdown["Unsharded Param"] >= root  # the root (embeddings, head) gathered whole
+    assert forward >= held + root + max(block, logits)
+    scored = held_bytes(eligible_parameters(whole).values(), 2)  # kept .grad: the rank's rows
+    assert estimated["forward_backward"][0] >= held + scored + root + logits
+    # tiny-llama's embeddings and head are 99% of its weights: the root's all-gather buffer and
+    # its gathered copy (alive together while FSDP2 copies out) outweigh the half not held
+    assert forward > one_process[0]
+
+
+def test_sharded_estimate_cli_reports_one_rank_of_n_and_leaves_no_process_group(tmp_path):
+    import torch.distributed as dist
+    from src.bench.cli import main
+
+    path = tmp_path / "sharded.json"
+    assert main(["--model", "random:tiny-llama", "--dtype", "float32", "--batch-size", "2",
+                 "--max-length", "16", "--metrics", "magnitude,grad_x_weight,hutchinson_diag",
+                 "--estimate-memory", "--estimate-shard-over", "4", "--json", str(path)]) == 0
+    assert not dist.is_initialized()
+    report = json.loads(path.read_text())
+    assert report["world_size"] == 4
+    assert report["peak_memory_kind"] == ("estimate (FakeTensorMode + FSDPMemTracker, float32, "
+                                          "attention sdpa), sharded over 4 ranks (one rank's peak)")
+    figures = report["figures"]
+    assert list(figures) == ["forward", "forward_backward", "score_magnitude",
+                             "score_grad_x_weight", "score_hutchinson_diag", "evaluate"]
+    assert "finite_difference" in figures["score_hutchinson_diag"]["note"]
+    sharding = report["sharding"]
+    assert sharding["world_size"] == 4 and sharding["backend"] == "fake"
+    assert sharding["parameter_bytes_total"] == report["model"]["n_parameters"] * 4
+    held = sharding["parameter_bytes_held_by_rank_0"]
+    assert held < sharding["parameter_bytes_total"] / 3
+    for name, figure in figures.items():
+        assert figure["peak_memory_breakdown"]["Sharded Param"] == held, name
+    assert report["peak_memory_bytes"] == max(f["peak_memory_bytes"] for f in figures.values())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--estimate-shard-over", "2"], "needs --estimate-memory"),
+    (["--estimate-memory", "--estimate-shard-over", "1"], "at least 2 ranks"),
+    (["--estimate-memory", "--estimate-shard-over", "2", "--hutchinson-hvp", "double_backward"],
+     "does not run under --shard"),
+    (["--estimate-memory", "--shard"], "--estimate-shard-over N"),
+])
+def test_estimate_shard_over_refuses_what_it_cannot_estimate(capsys, flags, message):
+    from src.bench.cli import parse_args
+
+    with pytest.raises(SystemExit) as stopped:
+        parse_args(["--model", "random:tiny-llama", *flags])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err

@@ -17,7 +17,7 @@ from src.errors import UserError  # noqa: E402
 from src.models.loader import load_model  # noqa: E402
 from src.sensitivity.eligibility import eligible_parameters  # noqa: E402
 from src.distributed import ranks as distributed  # noqa: E402
-from src.sensitivity.hutchinson import HVPS  # noqa: E402
+from src.sensitivity.hutchinson import HVPS, NOT_SHARDED  # noqa: E402
 from src.sensitivity.metrics import METRICS  # noqa: E402
 
 
@@ -56,7 +56,8 @@ def parse_args(argv=None):
     parser.add_argument("--hutchinson-hvp", choices=HVPS, default="auto",
                         help="Hessian-vector product of the Hutchinson figure (as "
                              "phase1_runner_enhanced.py --hutchinson-hvp); --estimate-memory with "
-                             "auto estimates both")
+                             "auto estimates both (--estimate-shard-over: finite_difference, "
+                             "the only one under --shard)")
     parser.add_argument("--hutchinson-moments", choices=["auto", "device", "host"], default="auto",
                         help="where the Hutchinson figure keeps its running moments (as "
                              "phase1_runner_enhanced.py --hutchinson-moments); --estimate-memory "
@@ -73,6 +74,11 @@ def parse_args(argv=None):
     parser.add_argument("--estimate-gpu-gb", type=float, default=80.0,
                         help="--estimate-memory: the GPU memory (GB) that --hutchinson-moments "
                              "auto decides for")
+    parser.add_argument("--estimate-shard-over", type=int, metavar="N",
+                        help="--estimate-memory: estimate one rank's device peak with the model "
+                             "sharded over N ranks as --shard shards it (FSDP2, on torch's fake "
+                             "process group: no processes, no GPUs; shardable metrics only, "
+                             "hutchinson_diag by finite differences)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall time, or process CPU time (for a CPU run on a shared, busy "
@@ -84,8 +90,10 @@ def parse_args(argv=None):
     parser.add_argument("--json", help="write every figure to this JSON file")
     args = parser.parse_args(argv)
     if args.estimate_memory and (args.shard or args.device_map):
-        parser.error("--estimate-memory estimates one process on one device: no --shard or "
-                     "--device-map")
+        parser.error("--estimate-memory estimates one process on one device: no --shard (for "
+                     "a sharded estimate, --estimate-shard-over N) or --device-map")
+    if args.estimate_shard_over is not None:
+        check_shard_estimate(parser, args)
     unknown = [m for m in args.metrics.split(",") if m and m not in METRICS]
     if unknown:
         parser.error(f"unknown metric(s) {unknown}; choose from {', '.join(METRICS)}")
@@ -93,6 +101,16 @@ def parse_args(argv=None):
         if getattr(args, flag) < 1 or (flag == "max_length" and args.max_length < 2):
             parser.error(f"--{flag.replace('_', '-')} is too small")
     return args
+
+
+def check_shard_estimate(parser, args) -> None:
+    if not args.estimate_memory:
+        parser.error("--estimate-shard-over needs --estimate-memory (under torchrun, time a "
+                     "sharded run with --shard)")
+    if args.estimate_shard_over < 2:
+        parser.error("--estimate-shard-over needs at least 2 ranks")
+    if args.hutchinson_hvp == "double_backward" and "hutchinson_diag" in args.metrics.split(","):
+        parser.error(f"--estimate-shard-over: {NOT_SHARDED}")
 
 
 def run(args) -> dict:
@@ -117,12 +135,10 @@ def run(args) -> dict:
     for metric in metrics:
         bench.metric(metric)
     bench.evaluate()
-    names = ["forward", "forward_backward", *[f"score_{m}" for m in metrics], "evaluate"]
     if not ranks.sharded:  # ranking, perturbation and quantization figures: one process
         bench.ranking_and_perturbation()
         bench.quantization()
-        names += ["topk_global", "topk_per_tensor", "perturb_restore", "quantize_rtn"]
-    figures = {name: bench.figures[name] for name in names}
+    figures = dict(bench.figures)  # in the order they were timed
     return {
         "world_size": ranks.world_size,
         "model": info, "batch_size": args.batch_size, "max_length": args.max_length,

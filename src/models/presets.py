@@ -1,8 +1,9 @@
 """Named configurations for randomly initialised models (``--model random:<preset>``).
 
 They cover other architectures in tests (the ``tiny-*`` shapes) and full-size shapes for
-benchmarks (``gpt2``, ``llama-3.1-8b``, ``mistral-7b``). ``vocab_size=None`` means "the size of
-the tokenizer in use", so token ids always fit the embedding.
+benchmarks and memory estimates (``gpt2``, ``llama-3.1-8b``, ``llama-3.1-70b``,
+``mistral-7b``). ``vocab_size=None`` means "the size of the tokenizer in use", so token ids
+always fit the embedding.
 """
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ PRESETS: dict[str, dict] = {
                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                          max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
                          vocab_size=128256, tie_word_embeddings=False),
+    "llama-3.1-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672,
+                          num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                          max_position_embeddings=131072, rope_theta=500000.0,
+                          rms_norm_eps=1e-5, vocab_size=128256, tie_word_embeddings=False),
     "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336,
                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                        max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-5,
