@@ -130,7 +130,7 @@ error = relative(fd.scores, on_device.scores)
 finite = all(bool(torch.isfinite(s).all()) for s in fd.scores.values())
 print(f"[gpu_check] finite differences vs double backward, same probes: relative difference "
       f"{error:.2e} (per-tensor steps add zero-mean cross terms; {t_fd:.2f} s)")
-auto, t_auto = scored(hutchinson_samples="auto", hutchinson_max_samples=16)
+auto, t_auto = scored(hutchinson_samples="auto", hutchinson_max_samples=8)
 print(f"[gpu_check] --hutchinson-samples auto: {auto.facts} ({t_auto:.2f} s)")
 sys.exit(0 if same and finite and auto.facts["probes_per_batch"] % 4 == 0 else 1)
 EOF
