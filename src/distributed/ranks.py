@@ -82,7 +82,14 @@ class Ranks:
 
         reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
         for tensor in tensors:
-            dist.all_reduce(tensor, op=reduce_op)
+            if tensor.device == self.device:
+                dist.all_reduce(tensor, op=reduce_op)
+                continue
+            # e.g. Hutchinson's moments in host memory under NCCL: reduced on the GPU, one
+            # tensor at a time, and copied back
+            on_device = tensor.to(self.device)
+            dist.all_reduce(on_device, op=reduce_op)
+            tensor.copy_(on_device)
 
     def reduced(self, parts: list[torch.Tensor], op: str = "sum") -> torch.Tensor:
         """Each part (a 0-d or 1-d tensor: this rank's share of a sum, or its maximum) over the
