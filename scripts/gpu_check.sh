@@ -18,6 +18,8 @@
 #                   the device-moment estimate bit for bit, finite differences run next to the
 #                   double backward, --hutchinson-samples auto states its probes (step 2 times
 #                   both HVPs on the 8B shape: --hutchinson-hvp auto)
+#   2c. recomputed: the benchmark again with --gradient-checkpointing for the gradient metrics
+#                   and Hutchinson by finite differences at batch 8 x 512 (peaks, ratios)
 #   3. protocol:    grad_x_weight, K=500 per layer, sign_flip vs random_k,bottom_k, seeds 0,1,2,
 #                   stability check, 50 blocks of 512 tokens per side
 #   4. sharded:     with more than one GPU, the benchmark with the model sharded over all of them
@@ -135,6 +137,20 @@ print(f"[gpu_check] --hutchinson-samples auto: {auto.facts} ({t_auto:.2f} s)")
 sys.exit(0 if same and finite and auto.facts["probes_per_batch"] % 4 == 0 else 1)
 EOF
     FAILED+=("curvature (see $OUT_DIR/curvature.txt)")
+fi
+
+# ----------------------------------------------------------------------------- 2c. recomputed
+# The memory-lean configuration: gradient metrics with --gradient-checkpointing at batch
+# 8 x 512 (estimated 47-54 GB on llama-3.1-8b) and Hutchinson by finite differences at the same
+# batch, moments where auto puts them (host memory at 8B): peaks and ratios to fwd+bwd.
+say "recomputed: gradient checkpointing, finite-difference Hutchinson at batch $BATCH (limit ${BENCH_LIMIT_S}s)"
+if ! limited "$BENCH_LIMIT_S" "$PY" scripts/benchmark.py --model "$MODEL" \
+        --dtype "$DTYPE" --device "$DEVICE" --batch-size "$BATCH" --max-length "$LENGTH" \
+        --steps 2 --repeats 1 --metrics grad_x_weight,grad_squared,hutchinson_diag \
+        --gradient-checkpointing --hutchinson-hvp finite_difference --hutchinson-mode whole \
+        --hutchinson-batch-size "$BATCH" --json "$OUT_DIR/benchmark_recomputed.json" \
+        2>&1 | tee "$OUT_DIR/benchmark_recomputed.txt"; then
+    FAILED+=("recomputed benchmark (exit ${PIPESTATUS[0]}; see $OUT_DIR/benchmark_recomputed.txt)")
 fi
 
 # ----------------------------------------------------------------------------- 3. protocol
