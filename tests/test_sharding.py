@@ -26,6 +26,7 @@ from src.sensitivity.rank import (_candidates, _in_rank_order, _merge_global, _u
                                   top_k)
 from tests.conftest import run_cli
 from tests.test_distributed import assert_ok, free_port, torchrun
+from tests.test_harness import BUNDLED
 from tests.tolerance import (assert_histograms_close, assert_perplexity_close,
                              assert_same_selection, assert_scores_close, assert_stats_close)
 
@@ -35,16 +36,19 @@ CALIBRATION_TOKENS = 5 * 32  # terms summed into each score of a RUN (tests/tole
 SELECTION = ["rank", "parameter", "layer", "component", "row", "col", "flat_index", "value"]
 STABILITY = ("--stability-check", "--stability-batches", "2")
 QUANT = ("--quantize", "3", "--quant-group", "16")  # round-to-nearest with kept sets
+TASKS = ("--downstream-tasks", "hellaswag,lambada", "--task-samples", "4", "--lm-eval-tasks",
+         "cwa_hellaswag,cwa_lambada", "--lm-eval-include", BUNDLED, "--lm-eval-limit", "4")
 GPT2_EXTRA = (*QUANT, "--save-scores", "--architecture-analysis", "--weight-analysis",
               "--n-clusters", "3", "--save-plots")
 CASES = [  # model, metric, mode, perturbation, extra: every shardable metric (the data-driven
     # ones on both layer kinds: Linear rows are outputs, GPT-2's Conv1D rows inputs), both modes.
-    # Two runs also quantize, one keeps its scores, and the tiny-gpt2 global one runs the
-    # analyses and plots: the compression, scores-file, resume and analyses tests below assert
-    # on the same pairs of runs (launched once per module by `pair`)
+    # Two runs also quantize, one keeps its scores, one evaluates downstream tasks, and the
+    # tiny-gpt2 global one runs the analyses and plots: the compression, scores-file, resume,
+    # downstream and analyses tests below assert on the same pairs of runs (launched once per
+    # module by `pair`)
     ("tiny-llama", "grad_x_weight", "per_tensor", "sign_flip", (*STABILITY, *QUANT)),
     ("tiny-gpt2", "grad_x_weight", "global", "zero", GPT2_EXTRA),
-    ("tiny-llama", "act_mag", "global", "zero", STABILITY),
+    ("tiny-llama", "act_mag", "global", "zero", (*STABILITY, *TASKS)),
     ("tiny-gpt2", "act_mag", "per_tensor", "sign_flip", ()),
     ("tiny-gpt2", "magnitude", "global", "gauss_noise", ()),
     ("tiny-llama", "random", "global", "bit_flip", ()),
@@ -53,6 +57,7 @@ CASES = [  # model, metric, mode, perturbation, extra: every shardable metric (t
 ]
 GPT2_CASE = CASES[1]
 RESUME_CASE = CASES[6]
+TASKS_CASE = CASES[2]
 
 
 def case_args(model, metric, mode, method, extra) -> list:
@@ -333,15 +338,11 @@ def test_sharded_neox_analyses_equal_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_sharded_downstream_and_harness_tasks_equal_one_process(tmp_path):
+def test_sharded_downstream_and_harness_tasks_equal_one_process(pair):
     """The built-in tasks (batches split over the processes) and lm-eval harness tasks (every
-    process runs every request in lockstep), on the baseline and under each condition."""
-    from tests.test_harness import BUNDLED
-
-    one, two = sharded_and_single(
-        tmp_path, *RUN, "--model", "random:tiny-llama", "--seeds", "0", "--perturb", "zero",
-        "--downstream-tasks", "hellaswag,lambada", "--task-samples", "4", "--lm-eval-tasks",
-        "cwa_hellaswag,cwa_lambada", "--lm-eval-include", BUNDLED, "--lm-eval-limit", "4")
+    process runs every request in lockstep), on the baseline and under each condition (the
+    tiny-llama act_mag case's runs)."""
+    one, two = pair(*case_args(*TASKS_CASE))
     results_one = read(one, "downstream_results.json")
     assert set(results_one["baseline"]) == {"hellaswag", "lambada", "cwa_hellaswag", "cwa_lambada"}
     assert results_one["conditions"] and read(two, "downstream_results.json") == results_one
