@@ -116,13 +116,13 @@ def test_builtin_scorer_in_lockstep_with_the_harness(builtin):
 def test_cli_under_perturbation_equals_the_harness_command_line(tmp_path):
     out = tmp_path / "run"
     args = ["--max-length", "64", "--max-samples", "4", "--topk", "10", "--mode", "global",
-            "--perturb", "zero", "--controls", "random_k,bottom_k", "--seeds", "0",
+            "--perturb", "zero", "--controls", "random_k", "--seeds", "0",
             "--lm-eval-tasks", "cwa_hellaswag,cwa_lambada", "--lm-eval-include", BUNDLED,
             "--lm-eval-limit", "4", "--batch-size", "4", "--out-dir", out]
     assert main([str(a) for a in args]) == 0
     results = json.loads((out / "downstream_results.json").read_text())
     assert results["complete"] and results["lm_eval"]["tasks"]["cwa_lambada"]["config_sha256"]
-    assert [c["selection"] for c in results["conditions"]] == ["top_k", "random_k", "bottom_k"]
+    assert [c["selection"] for c in results["conditions"]] == ["top_k", "random_k"]
     top = results["conditions"][0]["tasks"]["cwa_lambada"]["perplexity"]
     assert top > 10 * results["baseline"]["cwa_lambada"]["perplexity"]  # the super weight
     manifest = json.loads((out / "experiment_manifest.json").read_text())

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -25,6 +26,7 @@ from src.sensitivity.rank import (_candidates, _in_rank_order, _merge_global, _u
                                   top_k)
 from tests.conftest import run_cli
 from tests.test_distributed import assert_ok, free_port, torchrun
+from tests.test_harness import BUNDLED
 from tests.tolerance import (assert_histograms_close, assert_perplexity_close,
                              assert_same_selection, assert_scores_close, assert_stats_close)
 
@@ -33,28 +35,60 @@ RUN = ["--device", "cpu", "--max-length", "32", "--max-samples", "5", "--batch-s
 CALIBRATION_TOKENS = 5 * 32  # terms summed into each score of a RUN (tests/tolerance.py)
 SELECTION = ["rank", "parameter", "layer", "component", "row", "col", "flat_index", "value"]
 STABILITY = ("--stability-check", "--stability-batches", "2")
+QUANT = ("--quantize", "3", "--quant-group", "16")  # round-to-nearest with kept sets
+TASKS = ("--downstream-tasks", "hellaswag,lambada", "--task-samples", "4", "--lm-eval-tasks",
+         "cwa_hellaswag,cwa_lambada", "--lm-eval-include", BUNDLED, "--lm-eval-limit", "4")
+GPT2_EXTRA = (*QUANT, "--save-scores", "--architecture-analysis", "--weight-analysis",
+              "--n-clusters", "3", "--save-plots")
 CASES = [  # model, metric, mode, perturbation, extra: every shardable metric (the data-driven
-    # ones on both layer kinds: Linear rows are outputs, GPT-2's Conv1D rows inputs), both modes
-    ("tiny-llama", "grad_x_weight", "per_tensor", "sign_flip", STABILITY),
-    ("tiny-gpt2", "grad_x_weight", "global", "zero", ()),
-    ("tiny-llama", "act_mag", "global", "zero", STABILITY),
+    # ones on both layer kinds: Linear rows are outputs, GPT-2's Conv1D rows inputs), both modes.
+    # Two runs also quantize, one keeps its scores, one evaluates downstream tasks, and the
+    # tiny-gpt2 global one runs the analyses and plots: the compression, scores-file, resume,
+    # downstream and analyses tests below assert on the same pairs of runs (launched once per
+    # module by `pair`)
+    ("tiny-llama", "grad_x_weight", "per_tensor", "sign_flip", (*STABILITY, *QUANT)),
+    ("tiny-gpt2", "grad_x_weight", "global", "zero", GPT2_EXTRA),
+    ("tiny-llama", "act_mag", "global", "zero", (*STABILITY, *TASKS)),
     ("tiny-gpt2", "act_mag", "per_tensor", "sign_flip", ()),
     ("tiny-gpt2", "magnitude", "global", "gauss_noise", ()),
     ("tiny-llama", "random", "global", "bit_flip", ()),
-    ("tiny-llama", "grad_squared", "global", "zero", ()),
+    ("tiny-llama", "grad_squared", "global", "zero", ("--save-scores",)),
     ("tiny-gpt2", "grad_squared", "per_tensor", "sign_flip", STABILITY),  # Conv1D: rows are inputs
 ]
+GPT2_CASE = CASES[1]
+RESUME_CASE = CASES[6]
+TASKS_CASE = CASES[2]
+
+
+def case_args(model, metric, mode, method, extra) -> list:
+    return [*RUN, "--model", f"random:{model}", "--metric", metric, "--mode", mode,
+            "--perturb", method, *extra]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """pair(*args): (one process's folder, the same run's folder under torchrun --shard on 2
+    processes), each launched once per module and shared by the tests that assert on it (they
+    read the folders and write nothing there)."""
+    made = {}
+
+    def get(*args) -> tuple:
+        key = tuple(map(str, args))
+        if key not in made:
+            base = tmp_path_factory.mktemp("pair")
+            one, two = base / "one", base / "two"
+            assert_ok(run_cli(*args, "--out-dir", one))
+            assert_ok(torchrun(*args, "--shard", "--out-dir", two))
+            made[key] = one, two
+        return made[key]
+
+    return get
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model, metric, mode, method, extra", CASES)
-def test_sharded_run_equals_one_process(tmp_path, model, metric, mode, method, extra):
-    args = [*RUN, "--model", f"random:{model}", "--metric", metric, "--mode", mode,
-            "--perturb", method, *extra]
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert_ok(run_cli(*args, "--out-dir", one))
-    proc = torchrun(*args, "--shard", "--out-dir", two)
-    assert_ok(proc)
+def test_sharded_run_equals_one_process(pair, model, metric, mode, method, extra):
+    one, two = pair(*case_args(model, metric, mode, method, extra))
     assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
     top_one, top_two = pd.read_csv(one / "top_weights.csv"), pd.read_csv(two / "top_weights.csv")
     assert_same_selection(top_two, top_one, CALIBRATION_TOKENS, per_tensor=mode == "per_tensor")
@@ -203,13 +237,10 @@ def test_random_presets_follow_the_initialisation_rule():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
-def test_sharded_compression_equals_one_process(tmp_path, model):
-    args = [*RUN, "--model", f"random:{model}", "--metric", "grad_x_weight", "--mode", "global",
-            "--quantize", "3", "--quant-group", "16"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert_ok(run_cli(*args, "--out-dir", one))
-    assert_ok(torchrun(*args, "--shard", "--out-dir", two))
+@pytest.mark.parametrize("case", [c for c in CASES if QUANT[0] in c[4]], ids=lambda c: c[0])
+def test_sharded_compression_equals_one_process(pair, case):
+    """--quantize 3 --quant-group 16 (the tiny-llama and tiny-gpt2 cases above)."""
+    one, two = pair(*case_args(*case))
     rows_one = json.loads((one / "quantization_results.json").read_text())["conditions"]
     rows_two = json.loads((two / "quantization_results.json").read_text())["conditions"]
     assert [r["condition"] for r in rows_two] == [r["condition"] for r in rows_one]
@@ -258,14 +289,12 @@ def read(folder, name: str):
 
 
 @pytest.mark.slow
-def test_sharded_gpt2_analyses_and_plots_equal_one_process(tmp_path):
+def test_sharded_gpt2_analyses_and_plots_equal_one_process(pair):
     """GPT-2's Conv1D weights (ranks hold input rows): the architecture analysis splits the
     fused c_attn into q/k/v; the weight analysis' profiles, clusters and hotspots; the plots
-    (rank 0 draws; the score histogram is the ranks' counts added: the same picture)."""
-    one, two = sharded_and_single(
-        tmp_path, *RUN, "--model", "random:tiny-gpt2", "--metric", "grad_x_weight", "--mode",
-        "per_tensor", "--perturb", "zero", "--architecture-analysis", "--weight-analysis",
-        "--n-clusters", "3", "--save-plots", "--save-scores")
+    (rank 0 draws; the score histogram is the ranks' counts added: the same picture). On the
+    tiny-gpt2 global case's runs."""
+    one, two = pair(*case_args(*GPT2_CASE))
     sections_one = read(one, "enhanced_analysis.json")
     assert sections_one["architecture"]["fused_qkv"]
     assert "attn_q" in sections_one["architecture"]["by_component"]
@@ -309,15 +338,11 @@ def test_sharded_neox_analyses_equal_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_sharded_downstream_and_harness_tasks_equal_one_process(tmp_path):
+def test_sharded_downstream_and_harness_tasks_equal_one_process(pair):
     """The built-in tasks (batches split over the processes) and lm-eval harness tasks (every
-    process runs every request in lockstep), on the baseline and under each condition."""
-    from tests.test_harness import BUNDLED
-
-    one, two = sharded_and_single(
-        tmp_path, *RUN, "--model", "random:tiny-llama", "--seeds", "0", "--perturb", "zero",
-        "--downstream-tasks", "hellaswag,lambada", "--task-samples", "4", "--lm-eval-tasks",
-        "cwa_hellaswag,cwa_lambada", "--lm-eval-include", BUNDLED, "--lm-eval-limit", "4")
+    process runs every request in lockstep), on the baseline and under each condition (the
+    tiny-llama act_mag case's runs)."""
+    one, two = pair(*case_args(*TASKS_CASE))
     results_one = read(one, "downstream_results.json")
     assert set(results_one["baseline"]) == {"hellaswag", "lambada", "cwa_hellaswag", "cwa_lambada"}
     assert results_one["conditions"] and read(two, "downstream_results.json") == results_one
@@ -358,23 +383,22 @@ def test_sharded_load_error_on_rank_0_stops_every_rank_with_its_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_sharded_scores_file_is_one_process_file_both_ways(tmp_path):
+def test_sharded_scores_file_is_one_process_file_both_ways(pair, tmp_path):
     """--save-scores under --shard writes the file one process writes (whole tensors, same
-    model fingerprint), and --scores-from reads either into either layout."""
+    model fingerprint), and --scores-from reads either into either layout (the tiny-gpt2 global
+    case's runs are the sources)."""
     from safetensors.torch import load_file
 
     from src.sensitivity import score_store
 
-    args = [*RUN, "--model", "random:tiny-gpt2", "--metric", "grad_x_weight", "--mode", "global",
-            "--perturb", "zero"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert_ok(run_cli(*args, "--save-scores", "--out-dir", one))
-    assert_ok(torchrun(*args, "--shard", "--save-scores", "--out-dir", two))
+    one, two = pair(*case_args(*GPT2_CASE))
     file_one, file_two = (folder / score_store.FILE_NAME for folder in (one, two))
     meta_one, meta_two = score_store.read_meta(file_one), score_store.read_meta(file_two)
     assert meta_two["model_fingerprint"] == meta_one["model_fingerprint"]
     assert meta_two["parameters"] == meta_one["parameters"]
     assert_scores_close(load_file(file_two), load_file(file_one), CALIBRATION_TOKENS)
+    args = [*RUN, "--model", "random:tiny-gpt2", "--metric", "grad_x_weight", "--mode", "global",
+            "--perturb", "zero"]
     for runner, source, out in ((torchrun, one, "sharded_from_one"), (run_cli, two, "one_from_sharded")):
         extra = ["--shard"] if runner is torchrun else []
         assert_ok(runner(*args, *extra, "--scores-from", source, "--out-dir", tmp_path / out))
@@ -385,13 +409,14 @@ def test_sharded_scores_file_is_one_process_file_both_ways(tmp_path):
 
 
 @pytest.mark.slow
-def test_sharded_run_resumes_where_it_stopped(tmp_path):
+def test_sharded_run_resumes_where_it_stopped(pair, tmp_path):
+    """A copy of the tiny-llama grad_squared case's sharded folder (--save-scores), cut back as
+    a run killed after two conditions leaves it, resumed under torchrun --shard."""
     from src.sensitivity import score_store
 
-    args = [*RUN, "--model", "random:tiny-llama", "--metric", "grad_x_weight", "--perturb",
-            "zero", "--save-scores", "--shard"]
+    args = case_args(*RESUME_CASE)
     out = tmp_path / "run"
-    assert_ok(torchrun(*args, "--out-dir", out))
+    shutil.copytree(pair(*args)[1], out)
     whole = json.loads((out / "perturbation_results.json").read_text())
     assert len(whole["conditions"]) > 2
     # as a run killed after two conditions leaves its folder
@@ -399,7 +424,7 @@ def test_sharded_run_resumes_where_it_stopped(tmp_path):
     (out / "experiment_manifest.json").write_text(json.dumps({**manifest, "status": "failed"}))
     (out / "perturbation_results.json").write_text(
         json.dumps({**whole, "conditions": whole["conditions"][:2]}))
-    assert_ok(torchrun(*args, "--out-dir", out, "--resume"))
+    assert_ok(torchrun(*args, "--shard", "--out-dir", out, "--resume"))
     resumed = json.loads((out / "perturbation_results.json").read_text())
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert drop(resumed["conditions"]) == drop(whole["conditions"])
