@@ -176,8 +176,10 @@ def random_k(sizes: dict[str, int], k: int, mode: str, seed: int) -> Selection:
 
 
 def _sample_without_replacement(population: int, k: int, generator) -> torch.Tensor:
-    """k distinct integers in [0, population), uniformly; never materialises the population."""
-    if population <= 4 * k or population <= 1_000_000:
+    """k distinct integers in [0, population), uniformly; a permutation of the population only
+    when k is a large part of it or it is small (a permutation of a million costs ~10 ms, and a
+    per-tensor draw makes one per tensor and seed)."""
+    if population <= 4 * k or population <= 4096:
         return torch.randperm(population, generator=generator)[:k].sort().values
     chosen = torch.empty(0, dtype=torch.long)
     while chosen.numel() < k:
