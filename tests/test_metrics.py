@@ -300,6 +300,21 @@ def test_auto_samples_stop_at_the_first_round_that_reaches_the_target(hvp_kind):
         auto.facts["top_k_median_relative_stderr"], rel=1e-5)
 
 
+def test_auto_samples_in_block_mode_stop_block_by_block_and_state_the_worst():
+    model, data = micro_llama(layers=2), blocks(n=4)
+    settings = {HutchinsonSettings: HutchinsonSettings(
+        hutchinson_samples="auto", hutchinson_block=True, hutchinson_rel_stderr=0.6,
+        hutchinson_max_samples=12)}
+    facts = compute_scores(job_for(model, data, batch_size=2, topk=10, settings=settings),
+                           "hutchinson_diag").facts
+    blocks_ = facts["per_block"]
+    assert len(blocks_) == 2 and all(b["probes_per_batch"] % 4 == 0 for b in blocks_)
+    assert facts["top_k_median_relative_stderr"] == max(
+        b["top_k_median_relative_stderr"] for b in blocks_)
+    assert facts["probes_per_batch"] == max(b["probes_per_batch"] for b in blocks_)
+    assert facts["reached"] == all(b["top_k_median_relative_stderr"] <= 0.6 for b in blocks_)
+
+
 def test_auto_samples_stop_at_the_cap_and_say_the_target_was_missed():
     model, data = micro_llama(), blocks(n=4)
     out = compute_scores(job_for(model, data, batch_size=2, topk=5,
