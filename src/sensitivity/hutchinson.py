@@ -347,19 +347,22 @@ def probe_group(job, settings, group: dict, finished: list, exact: bool,
 def top_k_relative_error(stats: list, k: int, ranks) -> float:
     """Median of standard error / |estimate| over the ``k`` weights of ``stats`` with the
     largest |estimate| (sharded: over all ranks' rows); inf before two samples."""
-    candidates = []  # (|estimate|, relative error) of this process's own top-k
+    sizes, errors = [], []  # |estimate| and relative error of each tensor's own top-k
     for s in stats:
         n_eff = s.weight_sum ** 2 / s.weight_sq_sum if s.weight_sq_sum else 0.0
         if n_eff <= 1.0:
             return math.inf
-        size = abs(s.mean.flatten())
-        top = torch.topk(size, min(k, size.numel()))
+        top = torch.topk(s.mean.flatten().abs(), min(k, s.mean.numel()))
         m2 = s.m2.flatten()[top.indices]
-        error = (m2 / (s.weight_sum * (n_eff - 1.0))).sqrt() / top.values
-        candidates.extend(zip(top.values.tolist(), error.tolist()))
-    every = [c for part in ranks.all_gather_objects(candidates) for c in part]
-    chosen = sorted(every, key=lambda c: c[0], reverse=True)[:k]
-    return float(torch.tensor([c[1] for c in chosen]).median()) if chosen else math.inf
+        sizes.append(top.values)
+        errors.append((m2 / (s.weight_sum * (n_eff - 1.0))).sqrt_().div_(top.values))
+    mine = (torch.cat(sizes).cpu(), torch.cat(errors).cpu()) if sizes else None
+    parts = [part for part in ranks.all_gather_objects(mine) if part is not None]
+    if not parts:
+        return math.inf
+    size, error = (torch.cat(column) for column in zip(*parts))
+    chosen = torch.topk(size, min(k, size.numel())).indices
+    return float(error[chosen].median())
 
 
 def summary(settings, groups: list[dict]) -> dict:
