@@ -321,6 +321,9 @@ def test_auto_samples_stop_at_the_cap_and_say_the_target_was_missed():
                                  settings=auto_probes(1e-6, 6)), "hutchinson_diag")
     assert out.facts["probes_per_batch"] == 6 and out.facts["reached"] is False
     assert out.facts["cap"] == 6 and out.facts["target"] == 1e-6
+    one = compute_scores(job_for(model, blocks(n=2), batch_size=2, topk=5,
+                                 settings=probes(1)), "hutchinson_diag")
+    assert one.facts["top_k_median_relative_stderr"] is None  # one sample: no standard error
 
 
 def test_gradient_checkpointing_recomputes_blocks_and_keeps_every_gradient_score(monkeypatch):

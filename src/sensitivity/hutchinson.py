@@ -369,14 +369,18 @@ def summary(settings, groups: list[dict]) -> dict:
     """The facts stored with the scores and shown in the manifest and report."""
     probes = [g["probes_per_batch"] for g in groups]
     errors = [g["top_k_median_relative_stderr"] for g in groups]
+    worst = max(errors) if errors else math.inf
     facts = {"probes_per_batch": max(probes) if probes else 0,
-             "top_k_median_relative_stderr": max(errors) if errors else None,
+             # None: no standard error from a single sample (one probe, one batch)
+             "top_k_median_relative_stderr": worst if math.isfinite(worst) else None,
              "samples": settings.hutchinson_samples}
     if settings.hutchinson_samples == "auto":
         facts.update(target=settings.hutchinson_rel_stderr, cap=settings.hutchinson_max_samples,
                      reached=all(e <= settings.hutchinson_rel_stderr for e in errors))
     if len(groups) > 1:
-        facts["per_block"] = groups
+        facts["per_block"] = [{**g, "top_k_median_relative_stderr": (
+            g["top_k_median_relative_stderr"] if math.isfinite(g["top_k_median_relative_stderr"])
+            else None)} for g in groups]
     return facts
 
 

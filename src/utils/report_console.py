@@ -35,7 +35,8 @@ def score_facts_text(metric: str, facts: dict) -> str:
         return f"{metric}: " + ", ".join(f"{k} {v}" for k, v in facts.items())
     error = facts.get("top_k_median_relative_stderr")
     text = (f"{metric}: {facts['probes_per_batch']} probes per calibration batch; median "
-            f"relative standard error of the top-K estimates {fixed(error)}")
+            f"relative standard error of the top-K estimates "
+            + (fixed(error) if error is not None else "not defined (one sample: no variance)"))
     if facts.get("samples") == "auto":
         text += (f" (--hutchinson-samples auto, target {fixed(facts['target'])}, cap "
                  f"{facts['cap']}: " + ("reached)" if facts["reached"] else
