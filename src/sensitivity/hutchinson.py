@@ -48,6 +48,7 @@ from src.sensitivity.hvp import finite_difference_group, rademacher_like
 from src.sensitivity.metrics import register
 from src.sensitivity.scoring import (MetricOutput, batches, fold_gradients, gradients_only_on,
                                      loss_sum, settings_of)
+from src.sensitivity.statistics import median_over_top_k
 
 HVPS = ("auto", "double_backward", "finite_difference")
 NOT_SHARDED = ("a Hessian-vector product by double backward does not run under --shard (FSDP2 "
@@ -347,22 +348,16 @@ def probe_group(job, settings, group: dict, finished: list, exact: bool,
 def top_k_relative_error(stats: list, k: int, ranks) -> float:
     """Median of standard error / |estimate| over the ``k`` weights of ``stats`` with the
     largest |estimate| (sharded: over all ranks' rows); inf before two samples."""
-    sizes, errors = [], []  # |estimate| and relative error of each tensor's own top-k
+    candidates = []  # |estimate| and relative error of each tensor's own top-k
     for s in stats:
         n_eff = s.weight_sum ** 2 / s.weight_sq_sum if s.weight_sq_sum else 0.0
         if n_eff <= 1.0:
             return math.inf
         top = torch.topk(s.mean.flatten().abs(), min(k, s.mean.numel()))
         m2 = s.m2.flatten()[top.indices]
-        sizes.append(top.values)
-        errors.append((m2 / (s.weight_sum * (n_eff - 1.0))).sqrt_().div_(top.values))
-    mine = (torch.cat(sizes).cpu(), torch.cat(errors).cpu()) if sizes else None
-    parts = [part for part in ranks.all_gather_objects(mine) if part is not None]
-    if not parts:
-        return math.inf
-    size, error = (torch.cat(column) for column in zip(*parts))
-    chosen = torch.topk(size, min(k, size.numel())).indices
-    return float(error[chosen].median())
+        candidates.append((top.values,
+                           (m2 / (s.weight_sum * (n_eff - 1.0))).sqrt_().div_(top.values)))
+    return median_over_top_k(candidates, k, ranks)
 
 
 def summary(settings, groups: list[dict]) -> dict:

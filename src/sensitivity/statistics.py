@@ -1,5 +1,6 @@
 """Per-tensor statistics of score tensors: the one implementation behind sensitivity_stats.json
-and the weight analysis' profiles.
+and the weight analysis' profiles; and the median relative standard error over a top-K of
+estimates (Hutchinson's stopping rule and precision).
 
 Every tensor is reduced on its own device (mean, variance, and min and max in one pass
 each); quantiles come from a fixed seeded sample of ``QUANTILE_SAMPLE`` entries on larger
@@ -181,3 +182,17 @@ def per_tensor(tensors: dict[str, torch.Tensor], reduce) -> dict:
     """``reduce`` (tensor -> 0-d or 1-d tensor) of every tensor, computed on its own device."""
     names = list(tensors)
     return dict(zip(names, to_host([reduce(tensors[n]) for n in names])))
+
+
+def median_over_top_k(candidates: list[tuple[torch.Tensor, torch.Tensor]], k: int,
+                      ranks) -> float:
+    """Median of the values of the ``k`` largest sizes of all ``candidates``, each a tensor's
+    (its top-k sizes, their values), over all ranks' (sharded: every rank its rows'); inf when
+    there is none. A global top-k is within the union of the per-tensor top-k."""
+    mine = tuple(torch.cat(column).cpu() for column in zip(*candidates)) if candidates else None
+    parts = [part for part in ranks.all_gather_objects(mine) if part is not None]
+    if not parts:
+        return math.inf
+    size, value = (torch.cat(column) for column in zip(*parts))
+    chosen = torch.topk(size, min(k, size.numel())).indices
+    return float(value[chosen].median())
