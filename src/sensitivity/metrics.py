@@ -1,4 +1,5 @@
-"""Sensitivity metrics: a registry of name -> scoring function, and compute_scores().
+"""Sensitivity metrics: a registry of name -> scoring function, compute_scores() and
+compute_many().
 
 Every metric returns ``Scores``: parameter name -> float32 tensor of that parameter's shape, on
 the parameter's device. The loss L is the mean next-token NLL (nats) over all valid calibration
@@ -14,6 +15,12 @@ tokens; scoring runs in eval mode (no dropout) with gradients only on the scored
                      real calibration tokens. For an embedding, ‖X_j‖₂ = sqrt(count of index j).
 * ``random``         seeded uniform [0, 1): a null metric.
 
+Derived metrics: a metric registered with ``base=`` transforms the output of another
+(``fn(job, base_output) -> MetricOutput``, new tensors, the base's left as they are) and
+inherits the base's registry flags (uses_data, options, shardable, settings, gradients) unless
+it states its own. ``compute_many`` computes each base once for all the metrics asked that
+derive from it.
+
 Adding a metric is one module in ``MODULES`` that calls ``register`` at import (README: adding a
 metric with an option). A metric's own flags: a ``Settings`` dataclass (src/options.py) named in
 ``register(..., settings=)``, read with ``settings_of(job, ItsSettings)``; ``options`` (job or
@@ -25,7 +32,7 @@ from __future__ import annotations
 
 import importlib
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -34,13 +41,14 @@ from src.errors import UserError
 from src.sensitivity.scoring import (MetricOutput, Scores, ScoringJob, recomputed_blocks,
                                      settings_of)
 
-# the modules that register metrics, in the order of --metric's choices
+# the modules that register metrics, in the order of --metric's choices (a derived metric's
+# module after its base's)
 MODULES = ("weight_metrics", "fisher", "activation", "hutchinson")
 
 
 @dataclass(frozen=True)
 class Metric:
-    fn: Callable[[ScoringJob], MetricOutput]
+    fn: Callable[..., MetricOutput]  # (job) -> output; with a base: (job, base_output) -> output
     uses_data: bool
     signed: bool
     description: str
@@ -49,23 +57,48 @@ class Metric:
     unshardable_because: str = ""  # why not, when it is a limit of FSDP and not of this tool
     settings: type | None = None  # its flags: a src.options.Settings dataclass
     gradients: bool = False  # runs backward passes (--gradient-checkpointing applies)
+    base: str | None = None  # the metric whose output this one transforms (None: scores itself)
 
 
 METRICS: dict[str, Metric] = {}
+_DECLARED: list[str] = []  # every registered name, in the order of the register() calls
+_AWAITING_BASE: list[tuple[str, Callable, dict]] = []  # derived metrics whose base is not in yet
 
 
-def register(name: str, *, uses_data: bool, signed: bool = False, description: str = "",
-             options: tuple[str, ...] = (), shardable: bool = False,
-             unshardable_because: str = "", settings: type | None = None,
-             gradients: bool = False):
+def register(name: str, *, signed: bool = False, description: str = "",
+             base: str | None = None, **flags):
+    """Register the decorated function as metric ``name``. ``flags``: the other ``Metric``
+    fields (``uses_data`` required, ``options``, ``shardable``, ``unshardable_because``,
+    ``settings``, ``gradients``). With ``base`` the function takes ``(job, base_output)`` and
+    every flag not given is the base's; it enters ``METRICS`` once its base has (its module may
+    be imported while its base's is still being imported: a cycle through this module)."""
     def wrap(fn):
-        METRICS[name] = Metric(fn, uses_data, signed, description, options, shardable,
-                               unshardable_because, settings, gradients)
-        ordered = sorted(METRICS.items(), key=lambda item: _module_rank(item[1]))  # stable
-        METRICS.clear()
-        METRICS.update(ordered)
+        _DECLARED.append(name)
+        _AWAITING_BASE.append((name, fn, dict(signed=signed, description=description,
+                                              base=base, **flags)))
+        _enter_ready_metrics()
         return fn
     return wrap
+
+
+def _enter_ready_metrics() -> None:
+    """Move every registered metric whose base is in ``METRICS`` (or that has none) there, then
+    order ``METRICS`` by module (``MODULES``), in a module by declaration."""
+    entered = True
+    while entered:
+        ready = [entry for entry in _AWAITING_BASE
+                 if entry[2]["base"] is None or entry[2]["base"] in METRICS]
+        for entry in ready:
+            name, fn, declared = entry
+            base = declared["base"]
+            METRICS[name] = Metric(fn, **declared) if base is None else \
+                replace(METRICS[base], fn=fn, **declared)
+            _AWAITING_BASE.remove(entry)
+        entered = bool(ready)
+    ordered = sorted(METRICS.items(),
+                     key=lambda item: (_module_rank(item[1]), _DECLARED.index(item[0])))
+    METRICS.clear()
+    METRICS.update(ordered)
 
 
 def _module_rank(metric: Metric) -> int:
@@ -83,23 +116,67 @@ def option_value(metric: str, job: ScoringJob, key: str):
 
 
 def compute_scores(job: ScoringJob, metric: str) -> MetricOutput:
+    """``metric``'s output on ``job`` (a derived metric: its base's pass, then the derivation)."""
+    return compute_many(job, [metric])[metric]
+
+
+def compute_many(job: ScoringJob, names, known: dict[str, MetricOutput] | None = None
+                 ) -> dict[str, MetricOutput]:
+    """name -> output of every metric in ``names``, each scoring pass run once: a base shared
+    by several derived metrics (or asked for itself) is computed once, and not at all when
+    ``known`` (name -> output already computed on this job, e.g. the run's own scores) holds it.
+    Every output asked for is alive at the end (derived ones beside their bases' while they are
+    derived)."""
+    for name in names:
+        _check_runnable(job, name)
+    outputs = dict(known or {})
+    for name in names:
+        _compute_into(job, name, outputs)
+    return {name: outputs[name] for name in names}
+
+
+def root_metric(name: str) -> str:
+    """The metric whose scoring pass computes ``name``: itself, or its base's root."""
+    base = METRICS[name].base
+    return name if base is None else root_metric(base)
+
+
+def _check_runnable(job: ScoringJob, metric: str) -> None:
     if metric not in METRICS:
         raise UserError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
     if job.ranks.sharded and not METRICS[metric].shardable:
         raise UserError(f"metric {metric} does not run on sharded weights (--shard); use one of "
                         f"{', '.join(shardable_metrics())}")
+
+
+def _compute_into(job: ScoringJob, metric: str, outputs: dict[str, MetricOutput]
+                  ) -> MetricOutput:
+    """``outputs[metric]``, computed first (and its base before it) when missing."""
+    if metric in outputs:
+        return outputs[metric]
+    base = METRICS[metric].base
+    if base is None:
+        output = _scoring_pass(job, metric)
+    else:
+        output = METRICS[metric].fn(job, _compute_into(job, base, outputs))
+    for name in _non_finite(output.scores):
+        raise UserError(f"metric {metric} produced non-finite scores for {name}; the model "
+                        f"may be too unstable in this dtype (try float32)")
+    outputs[metric] = output
+    return output
+
+
+def _scoring_pass(job: ScoringJob, metric: str) -> MetricOutput:
+    """A metric that scores itself, run in eval mode (training mode restored afterwards), with
+    gradient checkpointing when the job asks for it and the metric runs backward passes."""
     was_training = job.model.training
     job.model.eval()
     recompute = job.gradient_checkpointing and METRICS[metric].gradients
     try:
         with recomputed_blocks(job.model) if recompute else nullcontext():
-            output = METRICS[metric].fn(job)
+            return METRICS[metric].fn(job)
     finally:
         job.model.train(was_training)
-    for name in _non_finite(output.scores):
-        raise UserError(f"metric {metric} produced non-finite scores for {name}; the model "
-                        f"may be too unstable in this dtype (try float32)")
-    return output
 
 
 def any_gradients(names) -> bool:
