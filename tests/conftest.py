@@ -40,6 +40,28 @@ def tiny_llama():
     return load("random:tiny-llama")
 
 
+@pytest.fixture
+def scoring_passes(monkeypatch) -> dict[str, int]:
+    """metric -> how many scoring passes of it run during the test (every metric that scores
+    itself, i.e. has no base, counted through its registry entry)."""
+    from dataclasses import replace
+
+    from src.sensitivity.metrics import METRICS
+
+    counts = {name: 0 for name, metric in METRICS.items() if metric.base is None}
+
+    def counted(name, fn):
+        def run(job):
+            counts[name] += 1
+            return fn(job)
+        return run
+
+    for name in counts:
+        monkeypatch.setitem(METRICS, name, replace(METRICS[name],
+                                                   fn=counted(name, METRICS[name].fn)))
+    return counts
+
+
 def run_cli(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess; returns the completed process (text output)."""
     return subprocess.run([sys.executable, str(RUNNER), *map(str, args)], cwd=cwd or ROOT,

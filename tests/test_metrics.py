@@ -11,7 +11,7 @@ from src.distributed.ranks import Ranks
 from src.sensitivity import hutchinson, hvp
 from src.sensitivity.hutchinson import HutchinsonSettings
 from src.sensitivity.eligibility import eligible_parameters
-from src.sensitivity.metrics import METRICS, compute_scores
+from src.sensitivity.metrics import METRICS, compute_many, compute_scores
 from src.sensitivity.scoring import ScoringJob, gradients_only_on
 
 VOCAB = 32
@@ -65,7 +65,7 @@ def test_each_metric_does_what_its_registry_entry_declares():
     """uses_data: the scores change with the calibration blocks exactly for the metrics that
     declare it; signed: only a signed metric gives negative scores."""
     assert set(METRICS) >= {"grad_x_weight", "grad_squared", "hutchinson_diag", "magnitude",
-                            "act_mag", "random"}
+                            "act_mag", "random", "obd", "fisher_w2"}
     model = micro_llama()
     for name, metric in METRICS.items():
         first, second = (compute_scores(job_for(model, blocks(seed=seed), settings=probes(2)),
@@ -463,3 +463,143 @@ def test_hvp_setting_auto_decides_by_sharding_and_is_recorded():
     assert option_value("hutchinson_diag", job, "hutchinson_hvp") == "finite_difference"
     assert HutchinsonSettings().hutchinson_hvp == "auto"
     assert "hutchinson_hvp" in METRICS["hutchinson_diag"].options
+
+
+# ------------------------------------------------ derived metrics: obd and fisher_w2 (saliency.py)
+
+def half_w2(param) -> torch.Tensor:
+    """½·w² in float32, written out here."""
+    return 0.5 * param.detach().float() ** 2
+
+
+def test_derived_metrics_inherit_their_bases_flags_and_follow_them(tmp_path):
+    """A derived metric declares its base and its own sign; every other flag is its base's, so
+    the Hutchinson flags apply to obd (and are recorded with its stored scores) and not to
+    fisher_w2; --metric lists each after its base."""
+    from src import steps
+    from src.cli import config_from_argv
+    from src.errors import UserError
+    from src.sensitivity import score_store
+
+    order = list(METRICS)
+    for name, base in (("obd", "hutchinson_diag"), ("fisher_w2", "grad_squared")):
+        derived, of = METRICS[name], METRICS[base]
+        assert derived.base == base and order.index(name) > order.index(base)
+        assert (derived.uses_data, derived.options, derived.shardable, derived.settings,
+                derived.gradients) == (of.uses_data, of.options, of.shardable, of.settings,
+                                       of.gradients), name
+    assert METRICS["obd"].signed and not METRICS["fisher_w2"].signed
+    config = config_from_argv(["--metric", "obd", "--hutchinson-samples", "3",
+                               "--hutchinson-block", "--out-dir", str(tmp_path / "run")])
+    job = steps.scoring_job(config, model=None, params={}, blocks=None, ranks=Ranks())
+    options = score_store.describe("obd", job, "model", {"sha256": "data"}, 0.0)["options"]
+    assert options == score_store.describe("hutchinson_diag", job, "model", {"sha256": "data"},
+                                           0.0)["options"]
+    assert options["hutchinson_samples"] == 3 and options["hutchinson_block"] is True
+    with pytest.raises(UserError, match="--hutchinson-samples has no effect without "
+                                        "hutchinson_diag or obd"):
+        config_from_argv(["--metric", "fisher_w2", "--hutchinson-samples", "3",
+                          "--out-dir", str(tmp_path / "other")])
+
+
+def test_obd_is_half_the_hessian_diagonal_times_w_squared(hessian_case):
+    """Against hutchinson_diag scored on its own with the same seed: scores ½·h·w², standard
+    errors ½·w²·stderr(h). Against the exact Hessian diagonal: the errors in units of obd's
+    standard error behave as standard normal ones (256 probes: mean square 1.16, largest 3.2
+    measured; a saliency off by any constant factor is thousands of standard errors away)."""
+    model, data, names, exact = hessian_case
+    params = {n: dict(model.named_parameters())[n] for n in names}
+
+    def scored(metric):
+        job = ScoringJob(model=model, params=params, blocks=data, batch_size=2, seed=0,
+                         settings=probes(256))
+        return compute_scores(job, metric)
+
+    obd, hessian = scored("obd"), scored("hutchinson_diag")
+    z_scores = []
+    for n in names:
+        torch.testing.assert_close(obd.scores[n], half_w2(params[n]) * hessian.scores[n],
+                                   rtol=1e-6, atol=0)
+        torch.testing.assert_close(obd.extra["stderr"][n],
+                                   half_w2(params[n]) * hessian.extra["stderr"][n],
+                                   rtol=1e-6, atol=0)
+        exact_saliency = half_w2(params[n]) * exact[n]
+        z_scores.append(((obd.scores[n] - exact_saliency) / obd.extra["stderr"][n]).flatten())
+    z = torch.cat(z_scores)
+    assert 0.5 < float((z ** 2).mean()) < 2.0 and float(z.abs().max()) < 5.0
+
+
+def test_obd_states_the_precision_of_its_own_top_k():
+    """obd's facts are hutchinson_diag's (same probes) with the median relative standard error
+    over obd's own top-K, and under auto the stopping rule's top-K named; one sample: None."""
+    from src.utils.report_console import score_facts_text
+
+    model, data = micro_llama(), blocks(n=4)
+    k = 10
+    job = job_for(model, data, batch_size=2, topk=k, settings=auto_probes(0.5, 16))
+    out = compute_many(job, ["hutchinson_diag", "obd"])
+    hessian, obd = out["hutchinson_diag"], out["obd"]
+    assert obd.facts["top_k_median_relative_stderr"] == pytest.approx(
+        median_top_k_relative_stderr(obd, k), rel=1e-6)
+    assert obd.facts["top_k_median_relative_stderr"] != pytest.approx(
+        hessian.facts["top_k_median_relative_stderr"], rel=0.05)  # measured 0.63 and 0.42
+    assert obd.facts["stopping_rule_top_k"] == "hutchinson_diag"
+    assert "stopping_rule_top_k" not in hessian.facts
+    assert "(--hutchinson-samples auto on hutchinson_diag's top-K, target 0.500" in \
+        score_facts_text("obd", obd.facts)
+    shared = {key: value for key, value in obd.facts.items()
+              if key not in ("top_k_median_relative_stderr", "stopping_rule_top_k")}
+    assert shared == {key: value for key, value in hessian.facts.items()
+                      if key != "top_k_median_relative_stderr"}
+    one = compute_scores(job_for(model, blocks(n=2), batch_size=2, topk=k, settings=probes(1)),
+                         "obd")
+    assert one.facts["top_k_median_relative_stderr"] is None
+
+
+def test_fisher_w2_is_half_the_empirical_fisher_times_w_squared():
+    """float64 model: ½·w²·mean over sequences of (∂L_s/∂w)², one autograd.grad per sequence
+    (L_s its token-mean NLL, padding masked). The scores are float32 (every metric's), so they
+    agree to float32 rounding (5e-7 relative measured), and bit for bit with ½·w²·grad_squared."""
+    model, data = micro_llama().double(), blocks(n=5, pad_last=4)
+    job = job_for(model, data, batch_size=2)
+    fisher_w2, fisher = compute_scores(job, "fisher_w2"), compute_scores(job, "grad_squared")
+    names = list(job.params)
+    weights = [job.params[n] for n in names]
+    squares = [torch.zeros_like(w) for w in weights]
+    for i in range(len(data)):
+        grads = torch.autograd.grad(direct_mean_loss(model, data.subset([i])), weights)
+        for square, grad in zip(squares, grads):
+            square += grad ** 2
+    for n, w, square in zip(names, weights, squares):
+        expected = 0.5 * w.detach() ** 2 * square / len(data)
+        torch.testing.assert_close(fisher_w2.scores[n].double(), expected, rtol=2e-6, atol=0)
+        assert torch.equal(fisher_w2.scores[n], half_w2(w) * fisher.scores[n]), n
+        assert bool((fisher_w2.scores[n] >= 0).all())
+
+
+def test_compute_many_runs_each_scoring_pass_once(scoring_passes):
+    """hutchinson_diag with obd: one Hutchinson pass; grad_squared with fisher_w2: one Fisher
+    pass; the tensors equal those of separate compute_scores calls, the bases' are left as they
+    were, and a base in ``known`` is not computed again."""
+    model, data = micro_llama(), blocks(n=4)
+    job = job_for(model, data, batch_size=2, topk=10, settings=probes(3))
+    names = ["hutchinson_diag", "obd", "fisher_w2", "grad_squared"]
+    together = compute_many(job, names)
+    assert list(together) == names
+    assert scoring_passes["hutchinson_diag"] == 1 and scoring_passes["grad_squared"] == 1
+    assert sum(scoring_passes.values()) == 2
+    for name in names:
+        alone = compute_scores(job, name)
+        assert together[name].facts == alone.facts, name
+        for key, tensors in [("scores", together[name].scores),
+                             *together[name].extra.items()]:
+            reference = alone.scores if key == "scores" else alone.extra[key]
+            assert all(torch.equal(tensors[n], reference[n]) for n in reference), (name, key)
+    assert scoring_passes["hutchinson_diag"] == 3  # compute_scores("obd") ran the base again
+    hessian = together["hutchinson_diag"]
+    kept = {n: s.clone() for n, s in hessian.scores.items()}
+    derived = compute_many(job, ["obd"], known={"hutchinson_diag": hessian})["obd"]
+    assert scoring_passes["hutchinson_diag"] == 3
+    assert all(torch.equal(derived.scores[n], together["obd"].scores[n]) for n in kept)
+    assert all(torch.equal(hessian.scores[n], kept[n]) for n in kept)
+

@@ -37,6 +37,8 @@ METRIC_UNITS = {
     "magnitude": "|w| (weight units)",
     "act_mag": "|W| x input-channel L2 norm (activation units)",
     "random": "uniform random score (unitless)",
+    "obd": "|OBD saliency ½·H_ii·w²| (nats)",
+    "fisher_w2": "½ x Fisher diagonal x w² (nats²)",
 }
 
 

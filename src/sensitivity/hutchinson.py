@@ -45,7 +45,7 @@ from src.errors import UserError
 from src.models.components import layer_index
 from src.options import Settings, choice, integer, number, option
 from src.sensitivity.hvp import finite_difference_group, rademacher_like
-from src.sensitivity.metrics import register
+from src.sensitivity.metrics import METRICS, register
 from src.sensitivity.scoring import (MetricOutput, batches, fold_gradients, gradients_only_on,
                                      loss_sum, settings_of)
 from src.sensitivity.statistics import median_over_top_k
@@ -57,10 +57,17 @@ NOT_SHARDED = ("a Hessian-vector product by double backward does not run under -
 
 
 AUTO_ROUND = 4  # probes per batch that --hutchinson-samples auto draws between two checks
+SCORED_WITH = "hutchinson_diag or obd"  # what the flags need (the metrics that uses_hutchinson)
+
+
+def uses_hutchinson(metric: str) -> bool:
+    """Whether ``metric`` runs Hutchinson's probes: hutchinson_diag and the metrics derived from
+    it (they inherit its settings); an unknown name does not."""
+    return metric in METRICS and METRICS[metric].settings is HutchinsonSettings
 
 
 def _scores_hutchinson(c) -> bool:
-    return "hutchinson_diag" in (c.metric, *c.value("compare_metrics"))
+    return any(uses_hutchinson(m) for m in (c.metric, *c.value("compare_metrics")))
 
 
 def _auto(c) -> bool:
@@ -73,17 +80,18 @@ def integer_or_auto(value: str, flag: str) -> int | str:
 
 @dataclass(frozen=True)
 class HutchinsonSettings(Settings):
-    """The flags of the hutchinson_diag metric (src/sensitivity/metrics.py registers it)."""
+    """The flags of the hutchinson_diag metric (registered below) and of the metrics derived
+    from it (src/sensitivity/saliency.py)."""
     AFTER = "save_scores"
     hutchinson_samples: int | str = option(8, "Rademacher probes per calibration batch "
-                                           "(hutchinson_diag), or auto: rounds of "
+                                           "(hutchinson_diag, obd), or auto: rounds of "
                                            f"{AUTO_ROUND} more per batch until the median "
                                            "relative standard error of the top-K estimates is "
                                            "at most --hutchinson-rel-stderr (or "
                                            "--hutchinson-max-samples is reached)",
                                            group="scoring and ranking",
                                            parse=integer_or_auto,
-                                           used_when=("hutchinson_diag", _scores_hutchinson))
+                                           used_when=(SCORED_WITH, _scores_hutchinson))
     hutchinson_rel_stderr: float = option(0.1, "--hutchinson-samples auto stops when the median "
                                           "standard error / |estimate| of the top-K weights is "
                                           "at most this", group="scoring and ranking",
@@ -93,9 +101,9 @@ class HutchinsonSettings(Settings):
                                          "probes per calibration batch",
                                          group="scoring and ranking", parse=integer(1),
                                          used_when=("--hutchinson-samples auto", _auto))
-    hutchinson_block: bool = option(False, "hutchinson_diag one transformer block at a time "
-                                    "(less memory)", group="scoring and ranking",
-                                    used_when=("hutchinson_diag", _scores_hutchinson))
+    hutchinson_block: bool = option(False, "hutchinson_diag and obd: one transformer block "
+                                    "at a time (less memory)", group="scoring and ranking",
+                                    used_when=(SCORED_WITH, _scores_hutchinson))
     hutchinson_hvp: str = option("auto", "Hessian-vector product of hutchinson_diag: "
                                  "double_backward (exact, eager attention, keeps the first-order "
                                  "graph), finite_difference (central differences of two plain "
@@ -105,7 +113,7 @@ class HutchinsonSettings(Settings):
                                  "auto (double_backward in one process or torchrun data "
                                  "parallelism, finite_difference under --shard)",
                                  group="scoring and ranking", parse=choice(HVPS),
-                                 used_when=("hutchinson_diag", _scores_hutchinson))
+                                 used_when=(SCORED_WITH, _scores_hutchinson))
     hutchinson_moments: str = option("auto", "where hutchinson_diag's running mean and variance "
                                      "(8 bytes per scored weight) live: device, host (CPU "
                                      "memory, pinned on a GPU; each tensor's moments travel to "
@@ -114,7 +122,7 @@ class HutchinsonSettings(Settings):
                                      "whole 8B model; else the device)",
                                      group="scoring and ranking",
                                      parse=choice(("auto", "device", "host")),
-                                     used_when=("hutchinson_diag", _scores_hutchinson))
+                                     used_when=(SCORED_WITH, _scores_hutchinson))
 
     def problems(self, config):
         if config.shard and self.hutchinson_hvp == "double_backward" and \

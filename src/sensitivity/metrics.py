@@ -14,12 +14,16 @@ tokens; scoring runs in eval mode (no dropout) with gradients only on the scored
 * ``act_mag``        |W_ij| · ‖X_j‖₂ (Wanda): X_j = input channel j of the weight's layer over all
                      real calibration tokens. For an embedding, ‖X_j‖₂ = sqrt(count of index j).
 * ``random``         seeded uniform [0, 1): a null metric.
+* ``obd``            ½·H_ii·w_i² (Optimal Brain Damage), H_ii hutchinson_diag's estimate (nats);
+                     signed, with the standard error ½·w²·stderr(H_ii).
+* ``fisher_w2``      ½·F_ii·w_i², F_ii grad_squared's empirical Fisher diagonal (nats²).
 
 Derived metrics: a metric registered with ``base=`` transforms the output of another
 (``fn(job, base_output) -> MetricOutput``, new tensors, the base's left as they are) and
 inherits the base's registry flags (uses_data, options, shardable, settings, gradients) unless
 it states its own. ``compute_many`` computes each base once for all the metrics asked that
-derive from it.
+derive from it: obd with hutchinson_diag costs one Hutchinson pass, fisher_w2 with grad_squared
+one Fisher pass.
 
 Adding a metric is one module in ``MODULES`` that calls ``register`` at import (README: adding a
 metric with an option). A metric's own flags: a ``Settings`` dataclass (src/options.py) named in
@@ -43,7 +47,7 @@ from src.sensitivity.scoring import (MetricOutput, Scores, ScoringJob, recompute
 
 # the modules that register metrics, in the order of --metric's choices (a derived metric's
 # module after its base's)
-MODULES = ("weight_metrics", "fisher", "activation", "hutchinson")
+MODULES = ("weight_metrics", "fisher", "activation", "hutchinson", "saliency")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Per-tensor statistics of score tensors: the one implementation behind sensitivity_stats.json
 and the weight analysis' profiles; and the median relative standard error over a top-K of
-estimates (Hutchinson's stopping rule and precision).
+estimates (Hutchinson's stopping rule and precision, obd's precision).
 
 Every tensor is reduced on its own device (mean, variance, and min and max in one pass
 each); quantiles come from a fixed seeded sample of ``QUANTILE_SAMPLE`` entries on larger
@@ -182,6 +182,16 @@ def per_tensor(tensors: dict[str, torch.Tensor], reduce) -> dict:
     """``reduce`` (tensor -> 0-d or 1-d tensor) of every tensor, computed on its own device."""
     names = list(tensors)
     return dict(zip(names, to_host([reduce(tensors[n]) for n in names])))
+
+
+def top_k_relative_stderr(scores: dict, stderr: dict, k: int, ranks) -> float:
+    """Median of ``stderr`` / |``scores``| over the ``k`` weights with the largest |score| of
+    all tensors (sharded: over all ranks' rows); NaN when the standard errors are (one sample)."""
+    candidates = []
+    for name, score in scores.items():
+        top = torch.topk(score.flatten().abs(), min(k, score.numel()))
+        candidates.append((top.values, stderr[name].flatten()[top.indices] / top.values))
+    return median_over_top_k(candidates, k, ranks)
 
 
 def median_over_top_k(candidates: list[tuple[torch.Tensor, torch.Tensor]], k: int,

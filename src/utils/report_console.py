@@ -38,7 +38,9 @@ def score_facts_text(metric: str, facts: dict) -> str:
             f"relative standard error of the top-K estimates "
             + (fixed(error) if error is not None else "not defined (one sample: no variance)"))
     if facts.get("samples") == "auto":
-        text += (f" (--hutchinson-samples auto, target {fixed(facts['target'])}, cap "
+        ranked_by = facts.get("stopping_rule_top_k")  # a derived metric: its base's top-K
+        text += (" (--hutchinson-samples auto" + (f" on {ranked_by}'s top-K" if ranked_by else "")
+                 + f", target {fixed(facts['target'])}, cap "
                  f"{facts['cap']}: " + ("reached)" if facts["reached"] else
                                         "NOT reached: the cap stopped it)"))
     return text
