@@ -339,7 +339,7 @@ def run_analysis(state: steps.RunState, plan: Plan, analysis, settings, prepared
     """One registered analysis: its section of enhanced_analysis.json and console lines."""
     config = state.config
     context = AnalysisContext(
-        model=state.model, params=state.params, scores=state.scores, selection=state.selection,
+        model=state.model, params=state.params, scored=state.scored, selection=state.selection,
         metas=state.metas, job=state.job, data=state.data, baseline=state.baseline,
         metric=config.metric, k=config.topk, mode=config.mode, seeds=config.seeds,
         controls=config.controls, method=config.perturb or DEFAULT_METHOD, options=state.options,

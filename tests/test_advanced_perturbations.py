@@ -34,13 +34,13 @@ def make_context(model, params, blocks, metric="magnitude", k=4, controls=("rand
                  **settings):
     """A context as the pipeline builds it: K global, seeds 0 and 1, zero perturbation."""
     job = ScoringJob(model=model, params=params, blocks=blocks, batch_size=4, seed=0)
-    scores = compute_scores(job, metric).scores
+    scored = compute_scores(job, metric)
     data = DataSplit(blocks, blocks, "test", 2, 1, 1)
     defaults = {"perturb": "zero", "clustering_method": "kmeans", "n_clusters": 4,
                 "dbscan_eps": None, "target_components": (), "target_layers": None,
                 "layers": None}
     return AnalysisContext(
-        model=model, params=params, scores=scores, selection=top_k(scores, k, "global"),
+        model=model, params=params, scored=scored, selection=top_k(scored.scores, k, "global"),
         metas=describe_parameters(model, params), job=job, data=data,
         baseline=evaluate(model, blocks, 4), metric=metric, k=k, mode="global", seeds=(0, 1),
         controls=controls, method="zero", options=PerturbOptions(),
@@ -158,6 +158,30 @@ def test_clustered_perturbs_one_cluster_at_a_time(llama_with_data):
         assert len(top) == 1 and top[0]["n_weights"] == 3
         assert sum(cluster["touched"]["components"].values()) == 3
         assert {ctx.metas[n].component for n in tensors} >= set(cluster["touched"]["components"])
+
+
+def test_compare_metrics_scores_each_pass_once(llama_with_data, scoring_passes):
+    """--compare-metrics with the run's hutchinson_diag: obd is derived from the run's own
+    scores (no Hutchinson pass more; its top-K is that of ½·h·w² written out here),
+    grad_squared and fisher_w2 share one Fisher pass; pairs follow the flag's order."""
+    from src.analysis import correlation
+    from src.sensitivity.stability import jaccard
+
+    model, blocks = llama_with_data
+    params = eligible_parameters(model, restriction(None, {1}, ("mlp_down", "attn_q"), False))
+    compared = ("obd", "hutchinson_diag", "grad_squared", "fisher_w2", "magnitude")
+    ctx = make_context(model, params, blocks, metric="hutchinson_diag", k=6,
+                       compare_metrics=compared)
+    assert scoring_passes["hutchinson_diag"] == 1  # the run's own scoring
+    section = correlation.run(ctx)
+    assert {m: n for m, n in scoring_passes.items() if n} == {
+        "hutchinson_diag": 1, "grad_squared": 1, "magnitude": 1}
+    assert section["metrics"] == list(compared)
+    pairs = {(p["a"], p["b"]): p for p in section["pairs"]}
+    assert list(pairs)[:4] == [("obd", m) for m in compared[1:]]
+    saliency = {n: 0.5 * ctx.scores[n] * params[n].detach().float() ** 2 for n in params}
+    assert pairs[("obd", "hutchinson_diag")]["jaccard"] == pytest.approx(
+        jaccard(top_k(saliency, 6, "global"), ctx.selection))
 
 
 def test_eligible_restriction_intersects_layers_and_keeps_components():

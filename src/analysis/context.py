@@ -20,7 +20,7 @@ from src.eval.perplexity import EvalResult, evaluate
 from src.models.components import ParamMeta
 from src.sensitivity.perturb import PerturbOptions
 from src.sensitivity.rank import Selection, max_k, random_k, selection_size, top_k
-from src.sensitivity.scoring import Scores, ScoringJob
+from src.sensitivity.scoring import MetricOutput, Scores, ScoringJob
 
 from src.sensitivity.statistics import per_tensor
 
@@ -40,7 +40,7 @@ class Preflight:
 class AnalysisContext:
     model: torch.nn.Module
     params: dict[str, torch.nn.Parameter]
-    scores: Scores                   # the run's metric
+    scored: MetricOutput             # the run's metric: scores, standard errors, facts
     selection: Selection             # the run's top-K (its K and mode)
     metas: dict[str, ParamMeta]
     job: ScoringJob                  # the run's scoring job (model, weights, calibration blocks)
@@ -63,6 +63,10 @@ class AnalysisContext:
 
     def evaluate(self) -> EvalResult:
         return evaluate(self.model, self.data.evaluation, self.batch_size, ranks=self.job.ranks)
+
+    @property
+    def scores(self) -> Scores:
+        return self.scored.scores
 
     @property
     def sizes(self) -> dict[str, int]:

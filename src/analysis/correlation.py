@@ -9,8 +9,13 @@ For every pair of metrics:
 * ``jaccard``: |A ∩ B| / |A ∪ B| of the two top-K sets;
 * ``layer_spearman`` / ``layer_pearson``: correlation across blocks of the per-block mean |score|.
 
+Scoring: ``compute_many`` one scoring pass at a time: the metrics that share a pass (a base and
+the metrics derived from it, e.g. hutchinson_diag and obd) come from one pass, and the pass
+that gave the run's own scores is not run again.
+
 Memory: the other metrics' score tensors are kept (on the host) until the pairs are compared,
-because a pair needs each metric's values at the other metric's top-K positions.
+because a pair needs each metric's values at the other metric's top-K positions; on the device
+are the outputs of one scoring pass at a time.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from src.analysis.context import (AnalysisContext, finite_or_none, mean_abs_by_l
                                   sample_positions)
 from src.analysis.registry import Analysis, register
 from src.options import Settings, name_list, option
-from src.sensitivity.metrics import METRICS, compute_scores
+from src.sensitivity.metrics import METRICS, compute_many, root_metric
 from src.sensitivity.rank import Selection, top_k
 from src.sensitivity.stability import gather, jaccard, spearman, union_positions
 from src.utils.format import fixed
@@ -80,21 +85,40 @@ def compare_score_sets(score_sets: dict[str, dict], selections: dict[str, Select
 
 def run(ctx: AnalysisContext) -> dict:
     metrics = ctx.settings.compare_metrics
-    score_sets, selections = {}, {}
-    for metric in tqdm(metrics, desc="compare metrics", disable=not ctx.progress, leave=False):
-        if metric == ctx.metric:
-            score_sets[metric], selections[metric] = ctx.scores, ctx.selection
-            continue
-        print(f"[cwa] compare-metrics: scoring with {metric}")
-        scores = compute_scores(ctx.job, metric).scores
-        score_sets[metric] = {name: s.cpu() for name, s in scores.items()}
-        selections[metric] = top_k(score_sets[metric], ctx.k, ctx.mode, layout=ctx.layout)
-        del scores
+    score_sets, selections = score_sets_of(ctx, metrics)
     sample = sample_positions(ctx.sizes, seed=ctx.seeds[0])
     result = compare_score_sets(score_sets, selections, sample, ctx.metas, ctx.layout)
     return {"metrics": list(metrics), "k": ctx.k, "mode": ctx.mode,
             "spearman_on": "seeded uniform sample of weights + union of every metric's top-K, "
                            "|score|", **result}
+
+
+def score_sets_of(ctx: AnalysisContext, metrics) -> tuple[dict, dict]:
+    """(metric -> scores, metric -> top-K selection) of ``metrics``, in their order: the run's
+    own metric as the run scored it, the others on the host, one scoring pass at a time."""
+    score_sets, selections = {}, {}
+    for shared in tqdm(by_scoring_pass(metrics), desc="compare metrics",
+                       disable=not ctx.progress, leave=False):
+        new = [metric for metric in shared if metric != ctx.metric]
+        if new:
+            print(f"[cwa] compare-metrics: scoring with {', '.join(new)}")
+        outputs = compute_many(ctx.job, new, known={ctx.metric: ctx.scored})
+        for metric in new:
+            score_sets[metric] = {name: s.cpu() for name, s in outputs[metric].scores.items()}
+            selections[metric] = top_k(score_sets[metric], ctx.k, ctx.mode, layout=ctx.layout)
+        del outputs
+    if ctx.metric in metrics:
+        score_sets[ctx.metric], selections[ctx.metric] = ctx.scores, ctx.selection
+    return {m: score_sets[m] for m in metrics}, selections
+
+
+def by_scoring_pass(metrics) -> list[list[str]]:
+    """``metrics`` grouped by the scoring pass that computes them (``root_metric``), in order
+    of first appearance."""
+    groups: dict[str, list[str]] = {}
+    for metric in metrics:
+        groups.setdefault(root_metric(metric), []).append(metric)
+    return list(groups.values())
 
 
 def summary_lines(section: dict) -> list[str]:
