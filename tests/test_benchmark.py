@@ -15,6 +15,7 @@ import torch
 from src.bench.measure import paired_ratio, repeat_summary
 from src.bench.reference import gradient_step, scored_gradients_kept
 from src.sensitivity.eligibility import eligible_parameters
+from src.sensitivity.hutchinson import uses_hutchinson
 from src.sensitivity.metrics import METRICS
 from src.sensitivity.scoring import gradients_only_on, loss_sum
 from tests.conftest import ROOT, load
@@ -40,9 +41,9 @@ def report(tmp_path_factory):
 @pytest.mark.slow
 def test_every_figure_is_reported(report):
     data, stdout = report
-    scored = [f"score_{m}" for m in METRICS]
-    scored.insert(scored.index("score_hutchinson_diag") + 1,
-                  "score_hutchinson_diag_finite_difference")  # --hutchinson-hvp auto: both
+    scored = [figure for m in METRICS  # --hutchinson-hvp auto: both HVPs of hutchinson_diag, obd
+              for figure in (f"score_{m}", *([f"score_{m}_finite_difference"]
+                                             if uses_hutchinson(m) else []))]
     expected = ["forward", "forward_backward", *scored, "evaluate",
                 "topk_global", "topk_per_tensor", "perturb_restore", "quantize_rtn"]
     assert list(data["figures"]) == expected

@@ -15,7 +15,8 @@ Figures (each timed after one untimed warm-up call, then ``--repeats`` timed cal
                         metrics and Hutchinson.
 * ``score_<metric>``    ``compute_scores`` for every metric in ``METRICS`` on the same blocks
                         (``hutchinson_diag`` with one probe per batch: its ratio is the cost of one
-                        probe, first-order graph included, per token, relative to one fwd+bwd).
+                        probe, first-order graph included, per token, relative to one fwd+bwd;
+                        a derived metric, e.g. ``obd``, its base's pass and its derivation).
 * ``evaluate``          ``src.eval.perplexity.evaluate`` (NLL, accuracy, per-block sums).
 * ``topk_global`` / ``topk_per_tensor``  ``rank.top_k`` over every scored weight's scores
                         (``--rank-metric`` on the warm-up batch).

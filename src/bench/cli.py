@@ -17,7 +17,7 @@ from src.errors import UserError  # noqa: E402
 from src.models.loader import load_model  # noqa: E402
 from src.sensitivity.eligibility import eligible_parameters  # noqa: E402
 from src.distributed import ranks as distributed  # noqa: E402
-from src.sensitivity.hutchinson import HVPS, NOT_SHARDED  # noqa: E402
+from src.sensitivity.hutchinson import HVPS, NOT_SHARDED, uses_hutchinson  # noqa: E402
 from src.sensitivity.metrics import METRICS  # noqa: E402
 
 
@@ -109,7 +109,8 @@ def check_shard_estimate(parser, args) -> None:
                      "sharded run with --shard)")
     if args.estimate_shard_over < 2:
         parser.error("--estimate-shard-over needs at least 2 ranks")
-    if args.hutchinson_hvp == "double_backward" and "hutchinson_diag" in args.metrics.split(","):
+    if args.hutchinson_hvp == "double_backward" and \
+            any(uses_hutchinson(m) for m in args.metrics.split(",")):
         parser.error(f"--estimate-shard-over: {NOT_SHARDED}")
 
 
@@ -200,7 +201,7 @@ def main_estimate(args) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"\n{args.model}  batch {args.batch_size} x {args.max_length} "
-          f"(hutchinson_diag: batch {report['hutchinson_batch_size']}), "
+          f"(Hutchinson metrics: batch {report['hutchinson_batch_size']}), "
           f"{report['peak_memory_kind']}, estimated in {report['wall_seconds']:.0f} s")
     print(estimate.table(report["figures"]))
     return write_and_exit_status(report, args.json, "figures not estimated")

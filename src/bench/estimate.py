@@ -75,7 +75,8 @@ from src.errors import UserError
 from src.eval.perplexity import evaluate
 from src.sensitivity.eligibility import eligible_parameters
 from src.sensitivity import hutchinson
-from src.sensitivity.hutchinson import HutchinsonSettings, moments_belong_on_host, parameter_groups
+from src.sensitivity.hutchinson import (HutchinsonSettings, moments_belong_on_host,
+                                        parameter_groups, uses_hutchinson)
 from src.sensitivity.metrics import METRICS, compute_scores
 from src.sensitivity.scoring import ScoringJob
 
@@ -257,11 +258,11 @@ def passes(model, args, metrics: list[str], ranks: Ranks = Ranks()) -> dict:
 
 
 def _variants(metric: str, args, sharded: bool = False) -> list[tuple[str, str | None]]:
-    """(figure name, HVP) of a metric: hutchinson_diag once per HVP (auto: both; sharded: the
-    finite difference, the only one that runs under --shard)."""
-    if metric != "hutchinson_diag":
+    """(figure name, HVP) of a metric: a Hutchinson metric once per HVP (auto: both; sharded:
+    the finite difference, the only one that runs under --shard)."""
+    if not uses_hutchinson(metric):
         return [(f"score_{metric}", None)]
-    return hutchinson_variants(args.hutchinson_hvp, sharded)
+    return hutchinson_variants(metric, args.hutchinson_hvp, sharded)
 
 
 def _moments(args, params) -> str:

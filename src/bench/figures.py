@@ -15,7 +15,7 @@ from src.bench.reference import gradient_step, scored_gradients_kept
 from src.eval.perplexity import evaluate
 from src.models.components import describe_parameters
 from src.models.properties import input_device
-from src.sensitivity.hutchinson import HutchinsonSettings
+from src.sensitivity.hutchinson import HutchinsonSettings, uses_hutchinson
 from src.sensitivity.metrics import METRICS, compute_scores
 from src.sensitivity.perturb import perturbed
 from src.sensitivity.quantize import QuantSpec, quantize_stored
@@ -29,16 +29,16 @@ FORWARD_ONLY_METRICS = {"act_mag"}
 CEILINGS = ("forward", "forward_backward")
 
 
-def hutchinson_variants(hvp: str, sharded: bool) -> list[tuple[str, str]]:
-    """(figure name, HVP) of the Hutchinson figures: ``auto`` gives both Hessian-vector
-    products in one process (finite differences only under --shard, where double backward does
-    not run); the double backward's figure keeps the name score_hutchinson_diag."""
+def hutchinson_variants(metric: str, hvp: str, sharded: bool) -> list[tuple[str, str]]:
+    """(figure name, HVP) of the figures of a metric that ``uses_hutchinson``: ``auto`` gives
+    both Hessian-vector products in one process (finite differences only under --shard, where
+    double backward does not run); the double backward's figure keeps the name score_<metric>."""
     if hvp == "auto":
         hvps = ["finite_difference"] if sharded else ["double_backward", "finite_difference"]
     else:
         hvps = [hvp]
-    return [("score_hutchinson_diag" if h == "double_backward" or len(hvps) == 1
-             else f"score_hutchinson_diag_{h}", h) for h in hvps]
+    return [(f"score_{metric}" if h == "double_backward" or len(hvps) == 1
+             else f"score_{metric}_{h}", h) for h in hvps]
 
 
 @dataclass(frozen=True)
@@ -157,12 +157,13 @@ class Bench:
                          "weights only, accumulated into buffers kept across steps")
 
     def metric(self, metric: str):
-        """The metric's scoring figure; hutchinson_diag once per Hessian-vector product that
-        can run here (``--hutchinson-hvp auto``: both in one process, as the estimate)."""
-        if metric != "hutchinson_diag":
+        """The metric's scoring figure; a Hutchinson metric once per Hessian-vector product
+        that can run here (``--hutchinson-hvp auto``: both in one process, as the estimate)."""
+        if not uses_hutchinson(metric):
             self.scoring_figure(metric, f"score_{metric}")
             return
-        for name, hvp in hutchinson_variants(self.args.hutchinson_hvp, self.ranks.sharded):
+        for name, hvp in hutchinson_variants(metric, self.args.hutchinson_hvp,
+                                             self.ranks.sharded):
             self.scoring_figure(metric, name, hvp)
 
     def scoring_figure(self, metric: str, name: str, hvp: str = "auto"):
@@ -173,7 +174,7 @@ class Bench:
         note = "" if uses_data else "no data: seconds for all scored weights"
         if args.gradient_checkpointing and METRICS[metric].gradients:
             note = "gradient checkpointing; " + note
-        if metric == "hutchinson_diag":
+        if uses_hutchinson(metric):
             batch_size = args.hutchinson_batch_size or args.batch_size
             vocab = self.model.get_input_embeddings().num_embeddings
             blocks = random_blocks(batch_size * args.steps, args.max_length, vocab, seed=3)
@@ -190,7 +191,7 @@ class Bench:
         tokens = len(blocks) * args.max_length if uses_data else None
         figure = self.record(name, run, warm, blocks, tokens=tokens,
                              ceiling=ceiling if uses_data else None, note=note)
-        if "error" in figure and metric == "hutchinson_diag" and not self.hutchinson_block \
+        if "error" in figure and uses_hutchinson(metric) and not self.hutchinson_block \
                 and args.hutchinson_mode == "auto":
             print(f"[bench] {name}: whole-model mode ran out of memory; block mode", flush=True)
             self.hutchinson_block = True
