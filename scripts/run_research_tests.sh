@@ -9,6 +9,8 @@
 #               the random-score null metric (its top-K must look like random-K)
 # perturbation  zero, sign_flip, gauss_noise and bit_flip of the same top-K, and zero at K=1/10/100
 # multi-metric  every data-driven and data-free metric at the same K (overlap and damage compared)
+# faithfulness  every metric's top-K damage over a K grid against the random-K band (zero), and
+#               Taylor predictions of damage against measurements (--faithfulness)
 # hutchinson    hutchinson_diag (Hessian diagonal), whole model and block by block
 # downstream    HellaSwag / LAMBADA accuracy (20 bundled items each) of the baseline and of every
 #               perturbation condition
@@ -26,7 +28,7 @@
 # each metric once: the first run saves its scores, later runs of that metric use --scores-from.
 set -uo pipefail
 
-PHASES="validation perturbation multi-metric hutchinson downstream compression llama mistral"
+PHASES="validation perturbation multi-metric faithfulness hutchinson downstream compression llama mistral"
 usage() {
     echo "usage: $0 [${PHASES// /|}|all]" >&2
     exit 2
@@ -136,6 +138,13 @@ phase_multi_metric() {
     done
 }
 
+phase_faithfulness() {
+    run_case faithfulness all_metrics_zero "${COMMON[@]}" --metric grad_x_weight --topk 10 \
+        --mode global --perturb zero --seeds 0,1,2 --hutchinson-samples 4 --save-plots \
+        --faithfulness grad_x_weight,grad_squared,fisher_w2,hutchinson_diag,obd,act_mag,magnitude,random \
+        --faithfulness-sets 50
+}
+
 phase_hutchinson() {
     run_case hutchinson hutchinson_zero_k10 "${COMMON[@]}" --metric hutchinson_diag \
         --hutchinson-samples 2 --mode global --topk 10 --perturb zero --seeds 0,1,2 --save-plots
@@ -212,6 +221,7 @@ run_phase() {
         validation) phase_validation ;;
         perturbation) phase_perturbation ;;
         multi-metric) phase_multi_metric ;;
+        faithfulness) phase_faithfulness ;;
         hutchinson) phase_hutchinson ;;
         downstream) phase_downstream ;;
         compression) phase_compression ;;

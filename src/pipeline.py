@@ -348,6 +348,8 @@ def run_analysis(state: steps.RunState, plan: Plan, analysis, settings, prepared
         settings=settings, prepared=prepared, cache=plan.cache, layout=state.layout)
     section = analysis.run(context)
     update_json(state.out_dir / "enhanced_analysis.json", analysis.key, section)
+    if analysis.files is not None:
+        analysis.files(section, state.out_dir)
     for line in analysis.summary(section):
         print(f"[cwa] {line}")
     return section

@@ -497,7 +497,7 @@ def test_derived_metrics_inherit_their_bases_flags_and_follow_them(tmp_path):
                                            0.0)["options"]
     assert options["hutchinson_samples"] == 3 and options["hutchinson_block"] is True
     with pytest.raises(UserError, match="--hutchinson-samples has no effect without "
-                                        "hutchinson_diag or obd"):
+                                        "hutchinson_diag, obd or --faithfulness"):
         config_from_argv(["--metric", "fisher_w2", "--hutchinson-samples", "3",
                           "--out-dir", str(tmp_path / "other")])
 

@@ -13,6 +13,9 @@ entry carries everything the rest of the tool needs from it:
 * ``run(ctx) -> dict``: the section; ``summary(section)``: console lines; ``findings(section)``:
   report sentences; ``plots``: name -> function(section) -> matplotlib Figure; ``flag``: what
   turns it on, for the note a plot leaves when the section is absent.
+* ``files(section, out_dir) -> [names]``: files of its own beside enhanced_analysis.json (e.g.
+  a tidy CSV), written right after the section; ``tables``: caption -> function(section) ->
+  rows (dicts) that the research report shows for the run.
 
 Adding an analysis: write its module and add its name to ``MODULES``. Every analysis also runs
 under ``torchrun --shard``, where ``ctx.layout`` (sharding.Layout) says that the scores and
@@ -26,7 +29,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
 MODULES = ("targeting", "weight_analysis", "correlation", "architecture", "temporal",
-           "advanced_perturbations", "super_weights")
+           "advanced_perturbations", "super_weights", "faithfulness")
 
 
 def _no_lines(section: dict) -> list[str]:
@@ -45,6 +48,8 @@ class Analysis:
     findings: Callable[[dict], list[str]] | None = None
     plots: Mapping[str, Callable] = field(default_factory=dict)
     flag: str = ""
+    files: Callable[[dict, Any], list[str]] | None = None
+    tables: Mapping[str, Callable[[dict], list[dict]]] = field(default_factory=dict)
 
 
 ANALYSES: dict[str, Analysis] = {}

@@ -42,17 +42,17 @@ NLL_CHUNK_ELEMENTS = 1 << 24
 
 
 class ChunkedNLL(torch.autograd.Function):
-    """NLL of ``targets`` under row-wise softmax of ``logits`` [N, V], computed in float32 a chunk of
-    rows at a time with fused (log-)softmax kernels. Saves only the logits in their own dtype and
+    """NLL of ``targets`` under row-wise softmax of ``logits`` [N, V], computed in float32 (float64
+    for float64 logits) a chunk of rows at a time with fused (log-)softmax kernels. Saves only the logits in their own dtype and
     writes the logits' gradient once: no full-size float32 copy, saved log-probabilities or
     zero-filled gradient. The backward is itself differentiable (double backward for
     Hessian-vector products)."""
 
     @staticmethod
     def forward(ctx, logits, targets):
-        nll = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        nll = torch.empty(logits.shape[0], dtype=_nll_dtype(logits), device=logits.device)
         for rows in _row_chunks(logits):
-            log_probs = torch.log_softmax(logits[rows], dim=-1, dtype=torch.float32)
+            log_probs = torch.log_softmax(logits[rows], dim=-1, dtype=nll.dtype)
             nll[rows] = log_probs.gather(1, targets[rows, None]).squeeze(1).neg_()
         ctx.save_for_backward(logits, targets)
         return nll
@@ -64,7 +64,7 @@ class ChunkedNLL(torch.autograd.Function):
         grad = None if differentiable else torch.empty_like(logits)
         parts = []
         for rows in _row_chunks(logits):
-            probs = torch.softmax(logits[rows], dim=-1, dtype=torch.float32)
+            probs = torch.softmax(logits[rows], dim=-1, dtype=_nll_dtype(logits))
             minus_one = probs.new_full((probs.shape[0], 1), -1.0)
             if differentiable:
                 parts.append((probs.scatter_add(1, targets[rows, None], minus_one)
@@ -73,6 +73,11 @@ class ChunkedNLL(torch.autograd.Function):
                 probs.scatter_add_(1, targets[rows, None], minus_one)
                 torch.mul(probs, grad_nll[rows, None], out=grad[rows])  # fused cast on write
         return (torch.cat(parts) if differentiable else grad), None
+
+
+def _nll_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for float64 logits (a float64 model keeps its precision)."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _row_chunks(logits: torch.Tensor):

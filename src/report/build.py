@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 from src.errors import UserError
-from src.report.cross_run import CROSS_RUN_PLOTS, cross_run_findings, draw_cross_run_plots
+from src.report.cross_run import (CROSS_RUN_PLOTS, cross_run_findings, draw_cross_run_plots,
+                                  faithfulness_table)
 from src.report.document import Doc, to_html, to_markdown
-from src.report.findings import jaccard_of, mean_sd_text, run_findings
+from src.report.findings import analysis_tables, jaccard_of, mean_sd_text, run_findings
 from src.report.run_folder import RunFolder, read_runs
 from src.utils.format import ppl, sig
 from src.utils.io import write_text
@@ -69,6 +70,14 @@ def build_report(runs: list[RunFolder], skipped: list[tuple[str, str]], figures:
     if across:
         doc.heading(3, "Across runs")
         doc.bullets(across)
+    faithful = faithfulness_table(runs)
+    if faithful:
+        doc.heading(3, "Which metric finds the weights that matter (--faithfulness)")
+        doc.paragraph("Per run: the metric whose top-K does the most damage over the K grid "
+                      "(area under log(ppl / baseline) over log10 K, nats·decade), against the "
+                      "runner-up and the random-K band; ' = ' joins metrics tied within the "
+                      "band's own spread.")
+        doc.table(faithful)
     doc.heading(3, "Per run (headline; details in each run's section)")
     doc.bullets([f"`{run.label}`: {run_findings(run)[0]}" for run in runs if run_findings(run)]
                 or ["No run has perturbation, stability or top-K results."])
@@ -106,6 +115,9 @@ def run_section(doc: Doc, run: RunFolder) -> None:
         doc.paragraph("Optional analyses in enhanced_analysis.json: "
                       + ", ".join(f"`{key}`" for key in run.enhanced) + ".")
     doc.bullets(run_findings(run))
+    for caption, rows in analysis_tables(run):
+        doc.paragraph(caption + ":")
+        doc.table(rows)
     pngs = [p for p in run.plots if p.suffix == ".png"]
     for path in pngs:
         doc.image(path, f"{run.label}: {path.stem.replace('_', ' ')}")

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.ticker import PercentFormatter
 
+from src.analysis.faithfulness.statistics import ratio
 from src.plots.style import PALETTE, SELECTION_COLOURS, plt, save_figure
 from src.report.findings import jaccard_of, ppl_ratios
 from src.report.run_folder import RunFolder
@@ -62,6 +63,7 @@ def cross_run_findings(runs: list[RunFolder]) -> list[str]:
     for group in _groups([r for r in runs if r.top is not None], ("model", "mode", "topk"),
                          perturbed=False):
         findings += _overlap_findings(group)
+    findings += faithfulness_findings(runs)
     for run in runs:
         if run.get("metric") == "random" and run.perturbation and \
                 (run.summary.get("top_vs_random") or {}).get("effect_ratio") is not None:
@@ -71,6 +73,50 @@ def cross_run_findings(runs: list[RunFolder]) -> list[str]:
             findings.append(f"Null check ({run.label}): the random-score metric's top-K has "
                             f"effect ratio {sig(ratio, 3)} and {verdict}.")
     return findings
+
+
+def _faithfulness(run: RunFolder) -> dict | None:
+    section = (run.enhanced or {}).get("faithfulness")
+    return section if isinstance(section, dict) and section.get("summary") else None
+
+
+def faithfulness_table(runs: list[RunFolder]) -> list[dict]:
+    """One row per run with --faithfulness: its method, the first-ranked metric(s), by how much
+    over the runner-up and over random-K (areas under Δnll over log10 K)."""
+    rows = []
+    for run in runs:
+        section = _faithfulness(run)
+        if section is None:
+            continue
+        ranked = section["summary"]
+        first = [r["metric"] for r in ranked if r["rank"] == 1]
+        runner = next((r for r in ranked if r["rank"] > 1), None)
+        best = ranked[0]["auc"]
+        rows.append({"run": run.label, "model": run.get("model"), "method": section["method"],
+                     "mode": section["mode"], "first": " = ".join(first),
+                     "area": sig(best), "runner-up": runner["metric"] if runner else "-",
+                     "x runner-up": times(ratio(best, runner["auc"])) if runner else "-",
+                     "random-K area": sig(section["band"]["auc"])})
+    return rows
+
+
+def faithfulness_findings(runs: list[RunFolder]) -> list[str]:
+    """Which metric ranks first by damage area in how many of the runs that compared it."""
+    wins: dict[str, int] = {}
+    compared: dict[str, int] = {}
+    for run in runs:
+        section = _faithfulness(run)
+        if section is None:
+            continue
+        for row in section["summary"]:
+            compared[row["metric"]] = compared.get(row["metric"], 0) + 1
+            wins[row["metric"]] = wins.get(row["metric"], 0) + (row["rank"] == 1)
+    if sum(1 for run in runs if _faithfulness(run)) < 2:
+        return []
+    ranked = sorted(compared, key=lambda m: (-wins[m] / compared[m], m))
+    listing = ", ".join(f"{m} first in {wins[m]} of {compared[m]}" for m in ranked)
+    return [f"Faithfulness across runs (rank 1 by damage area, ties counted for each): "
+            f"{listing}."]
 
 
 def _overlap_findings(group: list[RunFolder]) -> list[str]:

@@ -256,6 +256,21 @@ def analysis_findings(run: RunFolder) -> list[str]:
     return out
 
 
+def analysis_tables(run: RunFolder) -> list[tuple[str, list[dict]]]:
+    """(caption, rows) of every table the run's analyses show in the report."""
+    out = []
+    analyses = registry.load()
+    for key, section in (run.enhanced or {}).items():
+        if key not in analyses or not isinstance(section, dict):
+            continue
+        for caption, rows_of in analyses[key].tables.items():
+            try:
+                out.append((caption, rows_of(section)))
+            except (KeyError, TypeError, ValueError, IndexError):
+                continue  # its findings already name the unexpected layout
+    return out
+
+
 def compression_findings(run: RunFolder) -> list[str]:
     """What keeping the top-K at full precision buys against quantizing everything."""
     q = run.quantization

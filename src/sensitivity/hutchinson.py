@@ -57,7 +57,9 @@ NOT_SHARDED = ("a Hessian-vector product by double backward does not run under -
 
 
 AUTO_ROUND = 4  # probes per batch that --hutchinson-samples auto draws between two checks
-SCORED_WITH = "hutchinson_diag or obd"  # what the flags need (the metrics that uses_hutchinson)
+# what the flags need: a metric that uses_hutchinson, or --faithfulness (its second-order
+# predictions take the Hutchinson diagonal)
+SCORED_WITH = "hutchinson_diag, obd or --faithfulness"
 
 
 def uses_hutchinson(metric: str) -> bool:
@@ -67,7 +69,8 @@ def uses_hutchinson(metric: str) -> bool:
 
 
 def _scores_hutchinson(c) -> bool:
-    return any(uses_hutchinson(m) for m in (c.metric, *c.value("compare_metrics")))
+    return bool(c.value("faithfulness")) or \
+        any(uses_hutchinson(m) for m in (c.metric, *c.value("compare_metrics")))
 
 
 def _auto(c) -> bool:

@@ -6,7 +6,8 @@ Registry ``PERTURBATIONS``: name -> function(values, generator, options) -> new 
 * ``zero``        w -> 0
 * ``sign_flip``   w -> -w
 * ``gauss_noise`` w -> w + ε, ε ~ N(0, (s·|w|)²), s = ``perturb_scale`` (relative noise)
-* ``bit_flip``    XOR of one IEEE-754 bit on the integer view of the dtype (fp32 / bf16 / fp16),
+* ``bit_flip``    XOR of one IEEE-754 bit on the integer view of the dtype (fp64 / fp32 / bf16 /
+                  fp16),
                   each selected weight flipped with probability ``perturb_prob``.
                   ``bit_position`` is a number (0 = least significant mantissa bit) or ``sign`` /
                   ``exponent-msb`` / ``mantissa-msb``; default ``exponent-msb``.
@@ -42,6 +43,7 @@ from src.utils import signals
 
 # dtype -> (integer view, sign bit, exponent MSB, mantissa MSB)
 FLOAT_LAYOUT = {
+    torch.float64: (torch.int64, 63, 62, 51),
     torch.float32: (torch.int32, 31, 30, 22),
     torch.bfloat16: (torch.int16, 15, 14, 6),
     torch.float16: (torch.int16, 15, 14, 9),
@@ -139,13 +141,14 @@ def _bit_flip(values, generator, options):
 
 def _check_float(dtype):
     if dtype not in FLOAT_LAYOUT:
-        raise UserError(f"bit_flip supports float32, bfloat16 and float16 weights, not {dtype}")
+        raise UserError(f"bit_flip supports float64, float32, bfloat16 and float16 weights, "
+                        f"not {dtype}")
     return dtype
 
 
 def _int_mask(bit: int, int_dtype) -> int:
     """1 << bit as a signed integer of the view's width (the sign bit is negative)."""
-    width = 32 if int_dtype == torch.int32 else 16
+    width = {torch.int64: 64, torch.int32: 32}.get(int_dtype, 16)
     value = 1 << bit
     return value - (1 << width) if bit == width - 1 else value
 

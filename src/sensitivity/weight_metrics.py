@@ -5,7 +5,7 @@ import torch
 
 from src.distributed.sharding import held_rows, local
 from src.sensitivity.metrics import register
-from src.sensitivity.scoring import (MetricOutput, ScoringJob, batches, fold_gradients,
+from src.sensitivity.scoring import (MetricOutput, Scores, ScoringJob, batches, fold_gradients,
                                      gradients_only_on, loss_sum, zeros_like_fp32)
 from src.utils.seeds import generator_for
 
@@ -31,6 +31,14 @@ def random_scores(job: ScoringJob) -> MetricOutput:
 @register("grad_x_weight", uses_data=True, description="|mean gradient x weight|",
           shardable=True, gradients=True)
 def grad_x_weight(job: ScoringJob) -> MetricOutput:
+    mean_grad = mean_gradient(job)
+    # in place: the float32 mean gradient becomes the score (no second full-size buffer)
+    return MetricOutput({n: mean_grad[n].mul_(local(p).detach()).abs_()
+                         for n, p in job.params.items()})
+
+
+def mean_gradient(job: ScoringJob) -> Scores:
+    """ḡ = ∂L/∂w (float32, signed) of the token-mean NLL over all calibration tokens."""
     mean_grad = zeros_like_fp32(job.params)
     total_tokens = job.blocks.n_predicted_tokens()
 
@@ -42,6 +50,4 @@ def grad_x_weight(job: ScoringJob) -> MetricOutput:
             loss = loss_sum(job.model, batch.input_ids, batch.attention_mask)
             (loss * (batch.loss_factor / total_tokens)).backward()
     job.ranks.sum_gradients_(mean_grad.values())
-    # in place: the float32 mean gradient becomes the score (no second full-size buffer)
-    return MetricOutput({n: mean_grad[n].mul_(local(p).detach()).abs_()
-                         for n, p in job.params.items()})
+    return mean_grad
