@@ -127,7 +127,7 @@ def test_faithfulness_run_matches_the_normal_experiment_and_the_random_band(tmp_
     out = tmp_path / "run"
     assert main(["--model", "random:tiny-llama", "--max-length", "32", "--max-samples", "4",
                  "--metric", "grad_x_weight", "--topk", "10", "--perturb", "zero",
-                 "--seeds", "0,1,2,3,4", "--faithfulness", "grad_x_weight,magnitude,random",
+                 "--seeds", "0,1,2,3,4", "--faithfulness", "grad_x_weight,grad_squared,fisher_w2,magnitude,random",
                  "--faithfulness-k", "1,10,300", "--faithfulness-sets", "6",
                  "--faithfulness-max-set", "40", "--hutchinson-samples", "2", "--quiet", "--save-plots",
                  "--out-dir", str(out)]) == 0
@@ -142,10 +142,11 @@ def test_faithfulness_run_matches_the_normal_experiment_and_the_random_band(tmp_
         b = band[p["k"]]
         assert abs(p["perplexity"] - b["mean_perplexity"]) <= 3 * b["sd_perplexity"] + 1e-6 * \
             b["mean_perplexity"], (p, b)
-    assert {r["metric"] for r in section["summary"]} == {"grad_x_weight", "magnitude", "random"}
+    assert {r["metric"] for r in section["summary"]} == {"grad_x_weight", "grad_squared",
+                                                         "fisher_w2", "magnitude", "random"}
     sets = [p for p in section["predictions"] if p["set"].startswith("random_set_")]
     assert len(sets) == 3 * 6 and {p["method"] for p in sets} == set(measure.PREDICTION_METHODS)
-    assert len(section["predictions"]) == len(sets) + 3 * 3 + 3 * 5
+    assert len(section["predictions"]) == len(sets) + 5 * 3 + 3 * 5
     assert {(a["predictor"], a["method"]) for a in section["agreement"]} == \
         {(p, m) for p in statistics.PREDICTORS for m in measure.PREDICTION_METHODS}
     assert section["restore_verified"]

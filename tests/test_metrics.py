@@ -603,3 +603,37 @@ def test_compute_many_runs_each_scoring_pass_once(scoring_passes):
     assert all(torch.equal(derived.scores[n], together["obd"].scores[n]) for n in kept)
     assert all(torch.equal(hessian.scores[n], kept[n]) for n in kept)
 
+
+
+def test_shared_first_order_pass_equals_the_separate_passes_in_one_forward_per_batch(
+        scoring_passes, monkeypatch):
+    """grad_squared, grad_x_weight and act_mag scored together (fisher_w2 with them) come from
+    one forward+backward per batch (src/sensitivity/first_order.py) and equal each metric's own
+    pass up to float32 summation order, padding included (sequence shares n_s / N, masked input
+    norms); without grad_squared each metric runs its own pass."""
+    model, data = micro_llama(), blocks(n=5, pad_last=4)
+    job = job_for(model, data, batch_size=2)
+    separate = {m: compute_scores(job, m).scores for m in ("grad_squared", "grad_x_weight",
+                                                           "act_mag", "fisher_w2")}
+    for name in scoring_passes:
+        scoring_passes[name] = 0
+    forwards = []
+    monkeypatch.setattr(model, "forward", _counting(model.forward, forwards))
+    joint = compute_many(job, ["grad_x_weight", "fisher_w2", "act_mag", "grad_squared"])
+    assert len(forwards) == 3  # ceil(5 / 2) batches, one forward each
+    assert scoring_passes["grad_squared"] == scoring_passes["grad_x_weight"] == \
+        scoring_passes["act_mag"] == 0  # the shared pass, not the metrics' own
+    for metric, scores in separate.items():
+        for name, expected in scores.items():
+            torch.testing.assert_close(joint[metric].scores[name], expected, rtol=2e-5,
+                                       atol=1e-7 * float(expected.abs().max()))
+    forwards.clear()
+    compute_many(job, ["grad_x_weight", "act_mag"])
+    assert len(forwards) == 6 and scoring_passes["grad_x_weight"] == 1  # their own passes
+
+
+def _counting(forward, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+    return counted

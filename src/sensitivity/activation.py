@@ -34,10 +34,16 @@ def act_mag(job: ScoringJob) -> MetricOutput:
         for handle in handles:
             handle.remove()
     job.ranks.sum_(sumsq.values())
+    return act_mag_output(job, {name: kind for name, (_, kind) in owners.items()}, sumsq)
+
+
+def act_mag_output(job: ScoringJob, kinds: dict[str, str], sumsq: dict) -> MetricOutput:
+    """|W_ij| · sqrt(Σ x_j²) from each weight's input-channel sums of squares (over all
+    processes) and its layer kind (linear, conv1d, embedding)."""
     scores = {}
     for name, p in job.params.items():
         norm = sumsq[name].sqrt()
-        if owners[name][1] == "linear":  # input channels are columns: every rank has them all
+        if kinds[name] == "linear":  # input channels are columns: every rank has them all
             norm = norm.view(1, -1)
         else:  # Conv1D, embedding: input channels are rows, cut like the weight
             rows = local_rows(p)
@@ -79,12 +85,12 @@ def _input_norm_hook(sumsq: torch.Tensor, kind: str, state: dict):
             sumsq.add_(torch.bincount(index.reshape(-1), minlength=sumsq.numel()).float())
             return
         if state.get("input") is not x:
-            state["input"], state["column_sumsq"] = x, _column_sumsq(x, mask)
+            state["input"], state["column_sumsq"] = x, column_sumsq(x, mask)
         sumsq.add_(state["column_sumsq"].to(sumsq.device))
     return hook
 
 
-def _column_sumsq(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def column_sumsq(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """float32 Σ over tokens of x² per input channel; tokens with mask 0 left out."""
     if mask is not None and mask.shape != x.shape[:-1]:
         mask = None  # the layer does not see [batch, tokens, channels]: every row counts

@@ -24,18 +24,30 @@ def grad_squared(job: ScoringJob) -> MetricOutput:
 
     Under --shard every rank runs every batch (a square of a sum over ranks is not a sum of
     squares) and computes the per-sequence gradients of its own rows only."""
-    fisher = zeros_like_fp32(job.params)
-    owners = _single_use_linear_owners(job.model, job.params)
-    done = False
-    if owners is not None:
-        try:
-            _per_sample_squared_grads(job, owners, fisher)
-            done = True
-        except _NotPerSample:  # e.g. a layer applied twice per forward: per-sequence backward
-            for f in fisher.values():
-                f.zero_()
-    if not done:
+    fisher = per_sample_fisher(job)
+    if fisher is None:  # e.g. a layer applied twice per forward: one backward per sequence
+        fisher = zeros_like_fp32(job.params)
         _per_sequence_squared_grads(job, fisher)
+    return fisher_output(job, fisher)
+
+
+def per_sample_fisher(job: ScoringJob, also=()) -> Scores | None:
+    """Σ_s (∂L_s/∂w)² of every scored weight by the one-backward-per-batch path (``also``: see
+    ``_per_sample_squared_grads``), or None when the model's layers do not allow it."""
+    owners = single_use_linear_owners(job.model, job.params)
+    if owners is None:
+        return None
+    fisher = zeros_like_fp32(job.params)
+    try:
+        _per_sample_squared_grads(job, owners, fisher, also)
+    except _NotPerSample:
+        return None
+    return fisher
+
+
+def fisher_output(job: ScoringJob, fisher: Scores) -> MetricOutput:
+    """grad_squared's output from the sums of squares: summed over the processes, divided by
+    the number of sequences (in place)."""
     job.ranks.sum_gradients_(fisher.values())  # sharded: each rank has its rows' whole sums
     n_sequences = max(len(job.blocks), 1)
     return MetricOutput({n: f.div_(n_sequences) for n, f in fisher.items()})
@@ -68,7 +80,7 @@ def _per_sequence_squared_grads(job: ScoringJob, fisher: Scores) -> None:
                                         batch.attention_mask[row:row + 1]).backward()
 
 
-def _single_use_linear_owners(model, params) -> dict | None:
+def single_use_linear_owners(model, params) -> dict | None:
     """name -> (module, kind) when each scored weight is the weight of exactly one Linear or
     Conv1D layer (no tied or foreign uses), else None."""
     owners = owner_layers(model, params)
@@ -78,11 +90,15 @@ def _single_use_linear_owners(model, params) -> dict | None:
     return {name: found[0] for name, found in owners.items()}
 
 
-def _per_sample_squared_grads(job: ScoringJob, owners: dict, fisher: Scores) -> None:
+def _per_sample_squared_grads(job: ScoringJob, owners: dict, fisher: Scores,
+                              also=()) -> None:
     """Fold Σ_s (∂L_s/∂W)² of every owner layer into ``fisher``, one backward per batch.
 
     The weights themselves do not require grad (no summed weight gradient is computed); the
     first scored layer's input is made to require grad so that the backward reaches every layer.
+    ``also``: further folds ``fold(name, kind, x, grad_output, batch)`` of each layer's input x
+    and output gradient δ of Σ_s L_s (rows held here), called as each δ is ready (src/sensitivity/
+    first_order.py: the mean gradient and act_mag's input norms from the same pass).
     """
     pending: dict = {}
     batch_rows = {}
@@ -111,6 +127,8 @@ def _per_sample_squared_grads(job: ScoringJob, owners: dict, fisher: Scores) -> 
             else:
                 x = x[..., rows.start:rows.stop]
             _fold_per_sample_squares(fisher[name], x, grad_output, kind)
+            for fold in also:
+                fold(name, kind, x, grad_output, batch_rows["batch"])
         output.register_hook(on_grad)
 
     names = {module: (name, kind) for name, (module, kind) in owners.items()}
@@ -122,7 +140,7 @@ def _per_sample_squared_grads(job: ScoringJob, owners: dict, fisher: Scores) -> 
         with gradients_only_on(job.model, {}):
             for batch in batches(job, "grad_squared", own_gradients=True):
                 pending.clear()
-                batch_rows["n"] = batch.input_ids.shape[0]
+                batch_rows["n"], batch_rows["batch"] = batch.input_ids.shape[0], batch
                 _sequence_mean_loss_sum(job.model, batch.input_ids,
                                         batch.attention_mask).backward()
     finally:

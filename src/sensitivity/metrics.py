@@ -47,7 +47,7 @@ from src.sensitivity.scoring import (MetricOutput, Scores, ScoringJob, recompute
 
 # the modules that register metrics, in the order of --metric's choices (a derived metric's
 # module after its base's)
-MODULES = ("weight_metrics", "fisher", "activation", "hutchinson", "saliency")
+MODULES = ("weight_metrics", "fisher", "activation", "hutchinson", "saliency", "first_order")
 
 
 @dataclass(frozen=True)
@@ -134,9 +134,43 @@ def compute_many(job: ScoringJob, names, known: dict[str, MetricOutput] | None =
     for name in names:
         _check_runnable(job, name)
     outputs = dict(known or {})
+    _run_shared_passes(job, names, outputs)
     for name in names:
         _compute_into(job, name, outputs)
     return {name: outputs[name] for name in names}
+
+
+@dataclass(frozen=True)
+class SharedPass:
+    """One pass that computes several metrics that score themselves (``members``) at once:
+    ``fn(job, wanted) -> {name: output}`` for the members ``wanted`` (at least two), or None
+    when it cannot run on this job (the metrics then run one by one)."""
+    members: tuple[str, ...]
+    fn: Callable[[ScoringJob, tuple[str, ...]], dict[str, MetricOutput] | None]
+
+
+SHARED_PASSES: list[SharedPass] = []
+
+
+def register_shared_pass(members: tuple[str, ...]):
+    def wrap(fn):
+        SHARED_PASSES.append(SharedPass(members, fn))
+        return fn
+    return wrap
+
+
+def _run_shared_passes(job: ScoringJob, names, outputs: dict[str, MetricOutput]) -> None:
+    """Fill ``outputs`` from every shared pass of which at least two members are needed (as
+    themselves or as bases) and not known yet."""
+    needed = {root_metric(name) for name in names} - set(outputs)
+    for shared in SHARED_PASSES:
+        wanted = tuple(m for m in shared.members if m in needed)
+        if len(wanted) < 2:
+            continue
+        produced = _in_scoring_mode(job, any_gradients(wanted), lambda: shared.fn(job, wanted))
+        for name, output in (produced or {}).items():
+            _check_finite(name, output)
+            outputs[name] = output
 
 
 def root_metric(name: str) -> str:
@@ -163,22 +197,30 @@ def _compute_into(job: ScoringJob, metric: str, outputs: dict[str, MetricOutput]
         output = _scoring_pass(job, metric)
     else:
         output = METRICS[metric].fn(job, _compute_into(job, base, outputs))
-    for name in _non_finite(output.scores):
-        raise UserError(f"metric {metric} produced non-finite scores for {name}; the model "
-                        f"may be too unstable in this dtype (try float32)")
+    _check_finite(metric, output)
     outputs[metric] = output
     return output
 
 
+def _check_finite(metric: str, output: MetricOutput) -> None:
+    for name in _non_finite(output.scores):
+        raise UserError(f"metric {metric} produced non-finite scores for {name}; the model "
+                        f"may be too unstable in this dtype (try float32)")
+
+
 def _scoring_pass(job: ScoringJob, metric: str) -> MetricOutput:
-    """A metric that scores itself, run in eval mode (training mode restored afterwards), with
-    gradient checkpointing when the job asks for it and the metric runs backward passes."""
+    return _in_scoring_mode(job, METRICS[metric].gradients, lambda: METRICS[metric].fn(job))
+
+
+def _in_scoring_mode(job: ScoringJob, gradients: bool, score: Callable):
+    """``score()`` in eval mode (training mode restored afterwards), with gradient
+    checkpointing when the job asks for it and the pass runs backward (``gradients``)."""
     was_training = job.model.training
     job.model.eval()
-    recompute = job.gradient_checkpointing and METRICS[metric].gradients
+    recompute = job.gradient_checkpointing and gradients
     try:
         with recomputed_blocks(job.model) if recompute else nullcontext():
-            return METRICS[metric].fn(job)
+            return score()
     finally:
         job.model.train(was_training)
 

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from src.analysis.context import AnalysisContext
 from src.eval.perplexity import EvalResult, evaluate
-from src.sensitivity import experiment
+from src.sensitivity import experiment, first_order
 from src.sensitivity.metrics import compute_many, root_metric
 from src.sensitivity.perturb import perturbation_is_stochastic, snapshot_selected
 from src.sensitivity.rank import Selection, random_k, selection_size, top_k
@@ -102,14 +102,29 @@ def metric_groups(metrics: tuple[str, ...]) -> list[list[str]]:
 
 
 def taylor_terms(ctx: AnalysisContext, known: dict[str, MetricOutput]) -> Taylor:
-    """ḡ (one gradient pass) and h (the Hutchinson diagonal: the run's or a listed metric's when
-    one of them computes it, else one Hutchinson pass with the run's settings), on the host."""
-    gradient = {n: g.cpu() for n, g in mean_gradient(ctx.job).items()}
+    """ḡ (``mean_gradient_of``) and h (the Hutchinson diagonal: the run's or a listed metric's
+    when one of them computes it, else one Hutchinson pass with the run's settings), on the
+    host."""
+    gradient = {n: g.cpu() for n, g in mean_gradient_of(ctx, known).items()}
     hutchinson = known.get(HUTCHINSON) or compute_many(ctx.job, [HUTCHINSON], known)[HUTCHINSON]
     if any(root_metric(m) == HUTCHINSON for m in ctx.settings.faithfulness):
         known[HUTCHINSON] = hutchinson  # a listed metric scores with it: no second pass
     diagonal = {n: h.detach().float().cpu() for n, h in hutchinson.scores.items()}
     return Taylor(gradient, diagonal, calibration_result(ctx), dict(hutchinson.facts))
+
+
+def mean_gradient_of(ctx: AnalysisContext, known: dict[str, MetricOutput]) -> dict:
+    """ḡ from the shared first-order pass when grad_squared is listed (the listed first-order
+    metrics' outputs it computes on the way go to ``known``), else from one gradient pass."""
+    listed = {root_metric(m) for m in ctx.settings.faithfulness} - set(known)
+    wanted = tuple(m for m in first_order.MEMBERS if m in listed)
+    joint = first_order.first_order_pass(ctx.job, wanted, keep_mean_gradient=True) \
+        if "grad_squared" in wanted else None
+    if joint is None:
+        return mean_gradient(ctx.job)
+    outputs, gradient = joint
+    known.update(outputs)
+    return gradient
 
 
 def curves(ctx: AnalysisContext, measurer: Measurer, ks: list[int], method: str,
