@@ -23,7 +23,9 @@ Derived metrics: a metric registered with ``base=`` transforms the output of ano
 inherits the base's registry flags (uses_data, options, shardable, settings, gradients) unless
 it states its own. ``compute_many`` computes each base once for all the metrics asked that
 derive from it: obd with hutchinson_diag costs one Hutchinson pass, fisher_w2 with grad_squared
-one Fisher pass.
+one Fisher pass. Shared passes (``register_shared_pass``): one pass that scores several metrics
+at once; grad_squared, grad_x_weight and act_mag scored together take one forward+backward per
+batch (src/sensitivity/first_order.py).
 
 Adding a metric is one module in ``MODULES`` that calls ``register`` at import (README: adding a
 metric with an option). A metric's own flags: a ``Settings`` dataclass (src/options.py) named in
