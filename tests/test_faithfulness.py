@@ -8,6 +8,7 @@ diagonal: one Rademacher probe gives it exactly), so ḡ·δ + ½ Σ h δ² is t
 """
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -153,6 +154,24 @@ def test_faithfulness_run_matches_the_normal_experiment_and_the_random_band(tmp_
     assert (out / "faithfulness.csv").read_text().startswith("kind,set,metric,k,seed")
     assert (out / "plots" / "faithfulness_curves.png").is_file()
     assert (out / "plots" / "faithfulness_predictions.png").is_file()
-    assert report_main(["--input-dirs", str(out), "--output", str(tmp_path / "report"), "--format", "md"]) == 0
+    shutil.copytree(out, tmp_path / "again")  # a second run: the cross-run report compares them
+    assert report_main(["--input-dirs", str(out), str(tmp_path / "again"), "--output",
+                        str(tmp_path / "report"), "--format", "md"]) == 0
     report = (tmp_path / "report.md").read_text()
     assert "Faithfulness: metrics ranked by damage area" in report and "nats·decade" in report
+    assert "Which metric finds the weights that matter (--faithfulness)" in report
+    assert "Faithfulness across runs (rank 1 by damage area" in report
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--faithfulness-k", "5"], "--faithfulness-k has no effect without --faithfulness"),
+    (["--faithfulness", "magnitude,nope"], "unknown --faithfulness entry 'nope'"),
+    (["--faithfulness", "magnitude", "--faithfulness-sets", "-1"], "--faithfulness-sets"),
+])
+def test_bad_faithfulness_flags_exit_2_with_one_line(capsys, tmp_path, args, message):
+    from src.cli import main
+
+    assert main(["--model", "random:tiny-llama", "--out-dir", str(tmp_path / "x"), *args]) == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "x").exists()
