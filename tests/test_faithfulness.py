@@ -110,11 +110,15 @@ def test_metrics_closer_than_the_band_spread_share_a_rank():
 
 
 def test_relative_error_bins_leave_out_unresolved_changes():
-    bins = statistics.relative_error_by_size([1, 1, 2, 3, 5], [1e-12, 0.1, 0.2, 0.2, 1.0],
-                                        [0.5, 0.1, 0.3, 0.2, 3.0], resolution=1e-9)
-    assert [(b["size_from"], b["n"], b["n_unresolved"]) for b in bins] == \
-        [(1, 2, 1), (2, 2, 0), (4, 1, 0)]
+    bins = statistics.relative_error_by_bin([1, 1, 2, 3, 5], [1e-12, 0.1, 0.2, 0.2, 1.0],
+                                            [0.5, 0.1, 0.3, 0.2, 3.0], resolution=1e-9, base=2)
+    assert [(b["from"], b["to"], b["n"], b["n_unresolved"]) for b in bins] == \
+        [(1, 2, 2, 1), (2, 4, 2, 0), (4, 8, 1, 0)]
     assert [b["median_relative_error"] for b in bins] == pytest.approx([0.0, 0.25, 2.0])
+    by_norm = statistics.relative_error_by_bin([0.0, 0.05, 0.5, 0.9], [1.0, 1.0, 1.0, 1.0],
+                                               [1.0, 1.2, 2.0, 1.0], resolution=1e-9, base=10)
+    assert [(b["from"], b["n"]) for b in by_norm] == [(0.01, 1), (0.1, 2)]  # 0: nothing changed
+    assert [b["median_relative_error"] for b in by_norm] == pytest.approx([0.2, 0.5])
 
 
 @pytest.mark.slow

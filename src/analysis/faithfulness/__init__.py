@@ -130,7 +130,8 @@ def prediction_rows(points: list[dict], band: list[dict], sets: list[dict]) -> l
              for p in points]
     named += [(f"random_k_k{r['k']}_s{r['seed']}", r) for r in band]
     named += [(r["set"], r) for r in sets]
-    return [{"set": name, "size": row["size"], "method": row["method"],
+    return [{"set": name, "size": row["size"], "delta_l2": row["delta_l2"],
+             "method": row["method"],
              "measured_delta_nll": row["measured_delta_nll"],
              "first_order": row["first_order"], "second_order": row["second_order"]}
             for name, row in named]

@@ -84,7 +84,8 @@ class Measurer:
         row = rows[0]
         calibration_nll = seen["calibration"].nll if on_evaluation else row["nll"]
         first, second = taylor.predict({n: i.cpu() for n, i in selection.items()}, seen["delta"])
-        return {**row, "size": selection_size(selection),
+        delta_l2 = math.sqrt(sum(float(d.square().sum()) for d in seen["delta"].values()))
+        return {**row, "size": selection_size(selection), "delta_l2": delta_l2,
                 "delta_nll": row["nll"] - baseline.nll,
                 "measured_delta_nll": calibration_nll - taylor.baseline.nll,
                 "first_order": first, "second_order": second}

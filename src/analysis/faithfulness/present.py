@@ -40,7 +40,8 @@ def tidy_frame(section: dict) -> pd.DataFrame:
 
 
 def _predicted(p: dict) -> dict:
-    return {"method": p["method"], "measured_delta_nll": p["measured_delta_nll"],
+    return {"method": p["method"], "delta_l2": p["delta_l2"],
+            "measured_delta_nll": p["measured_delta_nll"],
             "first_order": p["first_order"], "second_order": p["second_order"]}
 
 
@@ -71,8 +72,9 @@ def summary_lines(section: dict) -> list[str]:
                      f"{str(r['k_at_2x']):>11}  ({r['random_k_at_2x']})")
     for a in section["agreement"]:
         lines.append(f"  {a['predictor']} {a['method']}: Spearman {fixed(a['spearman'])}, "
-                     f"Pearson {fixed(a['pearson'])} (n={a['n']}), relative error > 50% from "
-                     f"{a['breaks_at_size'] or 'no'} weights")
+                     f"Pearson {fixed(a['pearson'])} (n={a['n']}), " + (
+                         f"median relative error > 50% from sets of {a['breaks_at_size']}"
+                         if a["breaks_at_size"] else "median relative error <= 50% throughout"))
     return lines
 
 
@@ -87,7 +89,9 @@ def findings(section: dict) -> list[str]:
             breaks = "no set changed the calibration NLL by more than the evaluation resolves"
         elif a["breaks_at_size"]:
             breaks = f"its median relative error passes 50% from sets of " \
-                     f"{a['breaks_at_size']} weights"
+                     f"{a['breaks_at_size']} weights" + (
+                         f" and from changes of ‖δ‖₂ ≥ {sig(a['breaks_at_delta_l2'], 2)}"
+                         if a.get("breaks_at_delta_l2") else "")
         else:
             breaks = f"its median relative error stays under 50% for every set size tried " \
                      f"({resolved} sets resolved)"

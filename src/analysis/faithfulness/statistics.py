@@ -101,7 +101,8 @@ def rank_with_ties(rows: list[dict], tolerance: float) -> None:
 
 
 def agreement(predictions: list[dict], resolution: float) -> list[dict]:
-    """Per predictor and method: Spearman, Pearson, n, and the relative error by set size."""
+    """Per predictor and method: Spearman, Pearson, n, and the relative error by set size and
+    by ‖δ‖₂ (the size of the change: where a Taylor expansion holds depends on it)."""
     frame = pd.DataFrame(predictions)
     out = []
     for method in sorted(frame["method"].unique()):
@@ -109,16 +110,25 @@ def agreement(predictions: list[dict], resolution: float) -> list[dict]:
         for predictor in PREDICTORS:
             finite = part[np.isfinite(part[predictor]) & np.isfinite(part["measured_delta_nll"])]
             measured, predicted = finite["measured_delta_nll"], finite[predictor]
-            bins = relative_error_by_size(finite["size"], measured, predicted, resolution)
-            broken = next((b["size_from"] for b in bins
-                           if b["median_relative_error"] is not None and
-                           b["median_relative_error"] > BREAK_REL_ERROR), None)
+            by_size = relative_error_by_bin(finite["size"], measured, predicted, resolution, 2)
+            by_delta = relative_error_by_bin(finite["delta_l2"], measured, predicted,
+                                             resolution, 10)
+            broken = _first_broken(by_size)
             out.append({"predictor": predictor, "method": method,
                         "spearman": _correlation(spearmanr, predicted, measured),
                         "pearson": _correlation(pearsonr, predicted, measured),
-                        "n": int(len(finite)), "n_unresolved": sum(b["n_unresolved"] for b in bins),
-                        "breaks_at_size": broken, "by_size": bins})
+                        "n": int(len(finite)),
+                        "n_unresolved": sum(b["n_unresolved"] for b in by_size),
+                        "breaks_at_size": None if broken is None else int(broken),
+                        "breaks_at_delta_l2": _first_broken(by_delta),
+                        "by_size": by_size, "by_delta_l2": by_delta})
     return out
+
+
+def _first_broken(bins: list[dict]) -> float | None:
+    """The lower edge of the first bin whose median relative error exceeds 50%."""
+    return next((b["from"] for b in bins if b["median_relative_error"] is not None
+                 and b["median_relative_error"] > BREAK_REL_ERROR), None)
 
 
 def _correlation(test, x, y) -> float | None:
@@ -127,20 +137,26 @@ def _correlation(test, x, y) -> float | None:
     return finite_or_none(test(x, y).statistic)
 
 
-def relative_error_by_size(size, measured, predicted, resolution: float) -> list[dict]:
-    """Median |predicted − measured| / |measured| per power-of-two size bin [2^j, 2^(j+1)),
-    over the sets whose measured change exceeds ``resolution``."""
-    size, measured, predicted = (np.asarray(v, dtype=float) for v in (size, measured, predicted))
+def relative_error_by_bin(values, measured, predicted, resolution: float,
+                          base: int) -> list[dict]:
+    """Median |predicted − measured| / |measured| per bin [base^j, base^(j+1)) of ``values``
+    (set sizes: base 2; ‖δ‖₂: base 10), over the sets whose measured change exceeds
+    ``resolution``; values ≤ 0 (nothing changed) are in no bin."""
+    values, measured, predicted = (np.asarray(v, dtype=float)
+                                   for v in (values, measured, predicted))
+    positive = values > 0
+    if not positive.any():
+        return []
+    exponent = np.full(values.shape, np.nan)
+    exponent[positive] = np.floor(np.log(values[positive]) / np.log(base) + 1e-9)
     bins = []
-    if size.size == 0:
-        return bins
-    for j in range(int(np.log2(size.max())) + 1):
-        inside = (size >= 2 ** j) & (size < 2 ** (j + 1))
+    for j in range(int(np.nanmin(exponent)), int(np.nanmax(exponent)) + 1):
+        inside = exponent == j
         resolved = inside & (np.abs(measured) > resolution)
         errors = np.abs(predicted[resolved] - measured[resolved]) / np.abs(measured[resolved])
         if inside.any():
-            bins.append({"size_from": 2 ** j, "size_to": 2 ** (j + 1) - 1, "n": int(inside.sum()),
-                         "n_unresolved": int((inside & ~resolved).sum()),
+            bins.append({"from": float(base) ** j, "to": float(base) ** (j + 1),
+                         "n": int(inside.sum()), "n_unresolved": int((inside & ~resolved).sum()),
                          "median_relative_error": float(np.median(errors)) if errors.size
                          else None})
     return bins
