@@ -27,7 +27,7 @@ from src.options import (choice, folder, free_names, int_list, integer, integer_
 from src.sensitivity.eligibility import parse_layers, unscorable
 from src.sensitivity.experiment import CONTROL_ALIASES
 from src.sensitivity.metrics import METRICS, any_gradients, shardable_metrics
-from src.sensitivity.perturb import PERTURBATIONS, PerturbOptions, resolve_bit
+from src.sensitivity.perturb import PERTURBATIONS
 from src.sensitivity import score_store
 from src.sensitivity.rank import MODES
 from src.utils import output
@@ -75,6 +75,10 @@ def _perturbs(c: RunConfig) -> bool:
 def _controls_used(c: RunConfig) -> bool:
     return _perturbs(c) or c.quantize is not None or \
         c.analysis_enabled("clustered_perturbation") or c.analysis_enabled("targeted_perturbation")
+
+
+def _quantizes(c: RunConfig) -> bool:  # faults on integer codes take --quantize's groups
+    return c.quantize is not None or c.value("bit_format") != "native"
 
 
 def subsets_used(c: RunConfig) -> bool:
@@ -178,10 +182,10 @@ class RunConfig:
         "group per output row); the last group of a row is shorter when N does not divide the "
         "row length (its own range; a row shorter than N is one group), and the run says so",
         group="compression", parse=integer_or_word(1, "row"),
-        used_when=("--quantize", lambda c: c.quantize is not None))
+        used_when=("--quantize or --bit-format int8/int4", _quantizes))
     quant_symmetric: bool = option(
         False, "absmax quantization around zero instead of min-max with a zero point",
-        group="compression", used_when=("--quantize", lambda c: c.quantize is not None))
+        group="compression", used_when=("--quantize or --bit-format int8/int4", _quantizes))
     # stability
     stability_check: bool = option(False, "Jaccard/Spearman of top-K across seeds and "
                                    "calibration batches", group="stability")
@@ -333,11 +337,6 @@ class RunConfig:
             if reason:
                 yield f"--target-components {component}: {reason}" + \
                     (" (add --include-embeddings)" if "embeddings" in reason else "")
-        if self.perturb == "bit_flip":
-            try:
-                resolve_bit(self.settings(PerturbOptions).bit_position, _float32())
-            except UserError as error:
-                yield f"bad --bit-position: {error}"
         if self.stability_batches > self.max_samples and subsets_used(self):
             yield (f"--stability-batches {self.stability_batches} needs at least as many "
                    f"calibration blocks, but --max-samples is {self.max_samples}")
@@ -392,9 +391,3 @@ def settings_classes() -> list[type]:
     declared = [entry.settings for entry in (*METRICS.values(), *PERTURBATIONS.values())]
     return list(dict.fromkeys([cls for cls in declared if cls is not None] +
                               registry.settings_classes()))
-
-
-def _float32():
-    import torch
-
-    return torch.float32

@@ -111,7 +111,7 @@ def test_every_analysis_is_one_complete_registry_entry():
     assert list(analyses) == ["targeting", "weight_analysis", "metric_correlation",
                               "architecture", "temporal_stability", "progressive_perturbation",
                               "clustered_perturbation", "targeted_perturbation", "super_weights",
-                              "faithfulness"]
+                              "faithfulness", "fault_injection", "bit_search"]
     flags = set()
     for key, analysis in analyses.items():
         assert callable(analysis.run) and callable(analysis.enabled) and callable(analysis.summary)
@@ -121,13 +121,14 @@ def test_every_analysis_is_one_complete_registry_entry():
         defaults = SimpleNamespace(**{
             f.name: f.default for cls in analysis.settings for f in dataclasses.fields(cls)},
             perturb=None, target_components=(), target_layers=None, layers=None,
-            stability_fraction=0.5, stability_batches=3, max_length=256, max_samples=16)
+            stability_fraction=0.5, stability_batches=3, max_length=256, max_samples=16,
+            quant_group=128, quant_symmetric=False, bit_position=None)
         assert analysis.enabled(defaults) is False, f"{key} runs although no flag asked for it"
     from src.config import RunConfig
     core = {f.name for f in dataclasses.fields(RunConfig)}
     assert not flags & core, "an analysis flag shadows a core flag"
-    assert sum(len(a.plots) for a in analyses.values()) == 8
-    assert sum(a.findings is not None for a in analyses.values()) == 9  # targeting: none
+    assert sum(len(a.plots) for a in analyses.values()) == 10
+    assert sum(a.findings is not None for a in analyses.values()) == 11  # targeting: none
 
 
 def test_metric_and_perturbation_settings_are_flags_config_keys_and_job_settings(tmp_path):

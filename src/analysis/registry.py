@@ -5,7 +5,7 @@ entry carries everything the rest of the tool needs from it:
 
 * ``settings``: frozen dataclasses whose fields are its flags (``src.options.option``); the CLI,
   ``RunConfig`` and config.json pick them up from here. Analyses may share one (e.g. the
-  clustering settings). ``reads`` names further run settings it uses (e.g. ``max_length``); the
+  clustering settings). ``reads`` names further settings it uses (e.g. ``max_length``, ``bit_position``); the
   analysis receives exactly these fields as ``ctx.settings``.
 * ``enabled(settings)``: whether this run performs it.
 * ``prepare(settings, preflight)``: checks and inputs that need the loaded model and data; runs
@@ -29,7 +29,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
 MODULES = ("targeting", "weight_analysis", "correlation", "architecture", "temporal",
-           "advanced_perturbations", "super_weights", "faithfulness")
+           "advanced_perturbations", "super_weights", "faithfulness", "faults")
 
 
 def _no_lines(section: dict) -> list[str]:
@@ -85,7 +85,7 @@ def settings_for(analysis: Analysis, config) -> SimpleNamespace:
     values = {}
     for settings_class in analysis.settings:
         values.update(vars(config.settings(settings_class)))
-    values.update({name: getattr(config, name) for name in analysis.reads})
+    values.update({name: config.value(name) for name in analysis.reads})
     return SimpleNamespace(**values)
 
 

@@ -10,7 +10,7 @@ Registry ``PERTURBATIONS``: name -> function(values, generator, options) -> new 
                   fp16),
                   each selected weight flipped with probability ``perturb_prob``.
                   ``bit_position`` is a number (0 = least significant mantissa bit) or ``sign`` /
-                  ``exponent-msb`` / ``mantissa-msb``; default ``exponent-msb``.
+                  ``exponent-msb`` / ``mantissa-msb``; None (not given): ``exponent-msb``.
 
 ``options`` is a ``PerturbOptions``: the perturbations' flags (src/options.py), named in their
 ``register(..., settings=PerturbOptions)``; a new option is a field of it.
@@ -49,6 +49,7 @@ FLOAT_LAYOUT = {
     torch.float16: (torch.int16, 15, 14, 9),
 }
 BIT_NAMES = ("sign", "exponent-msb", "mantissa-msb")
+DEFAULT_BIT = "exponent-msb"  # bit_flip's bit when --bit-position is not given
 
 
 @dataclass(frozen=True)
@@ -59,19 +60,31 @@ class PerturbOptions(Settings):
                                   group="perturbation", parse=number(0.0),
                                   used_when=("--perturb gauss_noise",
                                              lambda c: c.perturb == "gauss_noise"))
-    bit_position: str | int = option("exponent-msb", "bit_flip: sign, exponent-msb, mantissa-msb "
-                                     "or a bit number", group="perturbation", parse=text,
-                                     used_when=("--perturb bit_flip",
-                                                lambda c: c.perturb == "bit_flip"))
+    bit_position: str | int | None = option(
+        None, "sign, exponent-msb, mantissa-msb or a bit number (0 = least significant; int "
+        "codes: a number, msb, sign); bit_flip flips it (default exponent-msb), "
+        "--fault-injection draws only it (default every bit)", group="perturbation", parse=text,
+        show_default=False,
+        used_when=("--perturb bit_flip or --fault-injection",
+                   lambda c: c.perturb == "bit_flip" or bool(c.value("fault_injection"))))
     perturb_prob: float = option(1.0, "bit_flip: probability of flipping each selected weight",
                                  group="perturbation", parse=number(0.0, 1.0),
                                  used_when=("--perturb bit_flip",
                                             lambda c: c.perturb == "bit_flip"))
 
+    def problems(self, config):
+        if config.perturb == "bit_flip":
+            try:
+                resolve_bit(self.bit_position, torch.float32)
+            except UserError as error:
+                yield f"bad --bit-position: {error}"
+
     def recorded(self) -> dict:
         """The options as the results files name them (perturbation_results.json,
-        enhanced_analysis.json: the names from before they were flags, scale, bit, prob)."""
-        return {RECORDED_NAMES.get(name, name): value for name, value in vars(self).items()}
+        enhanced_analysis.json: the names from before they were flags, scale, bit, prob), the
+        bit as bit_flip resolves its default."""
+        values = {**vars(self), "bit_position": self.bit_position or DEFAULT_BIT}
+        return {RECORDED_NAMES.get(name, name): value for name, value in values.items()}
 
 
 RECORDED_NAMES = {"perturb_scale": "scale", "bit_position": "bit", "perturb_prob": "prob"}
@@ -156,6 +169,7 @@ def _int_mask(bit: int, int_dtype) -> int:
 def resolve_bit(bit, dtype) -> int:
     """Bit number for a name or number, validated for ``dtype``."""
     int_dtype, sign, exponent_msb, mantissa_msb = FLOAT_LAYOUT[_check_float(dtype)]
+    bit = DEFAULT_BIT if bit is None else bit
     named = {"sign": sign, "exponent-msb": exponent_msb, "mantissa-msb": mantissa_msb}
     if isinstance(bit, str) and bit in named:
         return named[bit]

@@ -57,6 +57,31 @@ def row_groups(metas: dict[str, ParamMeta], spec: QuantSpec) -> list[dict]:
              "last_group": n_in % (spec.group or n_in)} for n_in in lengths]
 
 
+@dataclass
+class Codes:
+    """Round-to-nearest integer codes of a [out, in] weight, with what decodes them: value =
+    (q - zero) * scale where scale > 0, else ``fallback`` (a group whose weights are all equal:
+    its value exactly; 0 for symmetric). ``q``: float32 [out, n_groups, group] holding integers
+    (0..2^b - 1 with a zero point; -(2^(b-1) - 1)..2^(b-1) - 1 symmetric), padded to whole
+    groups; ``scale``, ``zero``, ``fallback``: float32 [out, n_groups, 1]."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    fallback: torch.Tensor
+    n_in: int
+
+    def decode(self, q: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 [out, in] values of codes ``q`` (default: the codes themselves)."""
+        values = dequantize(self.q if q is None else q, self.scale, self.zero, self.fallback)
+        return values.reshape(values.shape[0], -1)[:, :self.n_in]
+
+
+def dequantize(q, scale, zero, fallback) -> torch.Tensor:
+    """(q - zero) * scale where scale > 0, else ``fallback`` (float32, broadcast)."""
+    safe = torch.where(scale > 0, scale, 1.0)
+    return torch.where(scale > 0, (q - zero) * safe, fallback)
+
+
 def _asymmetric(w, valid, bits):
     low = torch.where(valid, w, math.inf).amin(-1, keepdim=True)
     high = torch.where(valid, w, -math.inf).amax(-1, keepdim=True)
@@ -64,7 +89,7 @@ def _asymmetric(w, valid, bits):
     safe = torch.where(scale > 0, scale, 1.0)
     zero = torch.round(-low / safe)
     q = torch.clamp(torch.round(w / safe) + zero, 0, 2 ** bits - 1)
-    return torch.where(scale > 0, (q - zero) * safe, low)
+    return q, scale, zero, low
 
 
 def _symmetric(w, valid, bits):
@@ -72,16 +97,16 @@ def _symmetric(w, valid, bits):
     scale = torch.where(valid, w.abs(), 0.0).amax(-1, keepdim=True) / qmax
     safe = torch.where(scale > 0, scale, 1.0)
     q = torch.clamp(torch.round(w / safe), -qmax, qmax)
-    return torch.where(scale > 0, q * safe, 0.0)
+    return q, scale, torch.zeros_like(scale), torch.zeros_like(scale)
 
 
 SCHEMES = {"asymmetric": _asymmetric, "symmetric": _symmetric}
 
 
-def quantize_out_in(weight: torch.Tensor, spec: QuantSpec,
-                    keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Dequantized float32 values of a [out, in] weight (``keep``: bool mask of weights that
-    keep their value and stay out of the ranges)."""
+def quantize_codes(weight: torch.Tensor, spec: QuantSpec,
+                   keep: torch.Tensor | None = None) -> Codes:
+    """The codes of a [out, in] weight (``keep``: bool mask of weights left out of the
+    groups' ranges)."""
     w = weight.float()
     n_out, n_in = w.shape
     size = n_in if spec.group is None else spec.group
@@ -91,9 +116,16 @@ def quantize_out_in(weight: torch.Tensor, spec: QuantSpec,
     w_groups = torch.nn.functional.pad(w, (0, pad)).view(n_out, n_groups, size)
     valid_groups = torch.nn.functional.pad(valid, (0, pad), value=False).view(n_out, n_groups,
                                                                               size)
-    out = SCHEMES[spec.scheme](w_groups, valid_groups, spec.bits)
-    out = out.view(n_out, n_groups * size)[:, :n_in]
-    return out if keep is None else torch.where(keep, w, out)
+    q, scale, zero, fallback = SCHEMES[spec.scheme](w_groups, valid_groups, spec.bits)
+    return Codes(q, scale, zero, fallback, n_in)
+
+
+def quantize_out_in(weight: torch.Tensor, spec: QuantSpec,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantized float32 values of a [out, in] weight (``keep``: bool mask of weights that
+    keep their value and stay out of the ranges)."""
+    out = quantize_codes(weight, spec, keep).decode()
+    return out if keep is None else torch.where(keep, weight.float(), out)
 
 
 def quantize_stored(param: torch.Tensor, meta: ParamMeta, spec: QuantSpec,
