@@ -201,6 +201,19 @@ def test_error_cases_exit_2_with_one_line_and_keep_existing_outputs(tmp_path, ex
      "--hutchinson-samples must be an integer (got 'many')"),
     (["--metric", "hutchinson_diag", "--hutchinson-samples", "auto",
       "--hutchinson-rel-stderr", "0"], "--hutchinson-rel-stderr must be > 0"),
+    (["--bit-format", "int4"], "--bit-format has no effect without --fault-injection or "
+                               "--bit-search"),
+    (["--bit-search", "3", "--bit-format", "int5"], "unknown --bit-format 'int5'"),
+    (["--fault-injection", "5", "--bit-format", "int8", "--bit-position", "sign"],
+     "bad --bit-position: bit position 'sign' does not name a bit of 8-bit unsigned"),
+    (["--fault-injection", "5", "--bit-format", "int4", "--bit-position", "4"],
+     "bit position 4 is outside 0..3 for int4 codes"),
+    (["--fault-injection", "5", "--bit-position", "exponent-msb", "--bit-format", "int8",
+      "--quant-symmetric"], "does not name a bit of 8-bit symmetric"),
+    (["--bit-search", "2", "--critical-ratio", "3"], "--critical-ratio has no effect without "
+                                                     "--fault-injection"),
+    (["--bit-position", "3"], "--bit-position has no effect without --perturb bit_flip or "
+                              "--fault-injection"),
 ])
 def test_bad_settings_exit_2_before_the_output_folder_is_touched(args, match, tmp_path,
                                                                   existing_run, capsys):

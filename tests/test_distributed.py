@@ -26,7 +26,9 @@ from tests.conftest import ROOT, RUNNER, run_cli
 TINY = ["--model", "random:tiny-llama", "--max-length", "32", "--max-samples", "4",
         "--batch-size", "1", "--topk", "5", "--seeds", "0,1", "--save-scores"]
 PROTOCOL = ["--metric", "grad_x_weight", "--perturb", "sign_flip", "--controls", "random_k,bottom_k",
-            "--stability-check", "--stability-batches", "2"]
+            "--stability-check", "--stability-batches", "2", "--bit-format", "int8",
+            "--fault-injection", "6", "--fault-eval-samples", "3", "--bit-search", "2",
+            "--bit-search-candidates", "3"]
 CPU_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
            "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
 
@@ -70,7 +72,9 @@ def assert_same_results(one, other):
                                   top_b[["rank", "parameter", "row", "col", "flat_index"]])
     assert top_b["score"].to_numpy() == pytest.approx(top_a["score"].to_numpy(), rel=1e-4)
     for name, keys in (("perturbation_results.json", ("conditions",)),
-                       ("stability_results.json", ("across_seeds", "across_batches"))):
+                       ("stability_results.json", ("across_seeds", "across_batches")),
+                       ("fault_injection.json", ("baseline", "injections", "by")),
+                       ("bit_search.json", ("baseline", "steps", "random_flips"))):
         if not (one / name).exists():
             continue
         ja, jb = json.loads((one / name).read_text()), json.loads((other / name).read_text())

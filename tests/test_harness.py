@@ -97,7 +97,7 @@ def test_unknown_and_offline_tasks_fail_before_the_run(tmp_path, capsys, monkeyp
 def test_builtin_scorer_in_lockstep_with_the_harness(builtin):
     """The bundled items through both paths on the built-in model: equal acc and acc_norm,
     LAMBADA perplexity to 1e-4 relative."""
-    n = 12
+    n = 6
     tasks = harness.load_tasks(list(PAIRS), BUNDLED, None, n, 4, False)
     theirs = harness.evaluate(builtin.model, builtin.tokenizer, tasks)
     items = {ours: task_items.load_task_items(ours)[:n] for ours in PAIRS.values()}

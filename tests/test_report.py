@@ -42,7 +42,9 @@ def runs(tmp_path_factory):
     done = run_cli(*SMALL, "--metric", "grad_x_weight", "--stability-check",
                    "--stability-batches", "2", "--save-plots", "--out-dir", first, timeout=1800)
     assert done.returncode == 0, done.stderr
-    done = run_cli(*SMALL, "--metric", "magnitude", "--out-dir", second, timeout=1800)
+    done = run_cli(*SMALL, "--metric", "magnitude", "--bit-format", "int8", "--fault-injection",
+                   "8", "--fault-eval-samples", "1", "--bit-search", "2",
+                   "--bit-search-candidates", "2", "--out-dir", second, timeout=1800)
     assert done.returncode == 0, done.stderr
     return base, first, second
 
@@ -89,10 +91,27 @@ def test_report_tables_findings_and_plots(runs, tmp_path):
     for plot in (first / "plots").glob("*.png"):
         assert f"]({os.path.relpath(plot, tmp_path)})" in text
     assert "No plots in this run" in text  # the magnitude run had no --save-plots
-    for name in ("by_model", "by_metric", "by_k"):
+    faults_check(text, second)
+    for name in ("by_model", "by_metric", "by_k", "fault_rates", "bit_search"):
         figure = tmp_path / "r_figures" / f"{name}.png"
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"r_figures/{name}.png" in text
+
+
+def faults_check(text: str, folder) -> None:
+    """The hardware-fault files of a run and their rows in the report agree."""
+    injected, searched = _json(folder / "fault_injection.json"), _json(folder / "bit_search.json")
+    assert injected == _json(folder / "enhanced_analysis.json")["fault_injection"]
+    assert len(pd.read_csv(folder / "fault_injection.csv")) == injected["n_injections"] == 8
+    assert len(pd.read_csv(folder / "bit_search.csv")) == searched["n_flips"] == 2
+    assert injected["restore_verified"] and searched["restore_verified"]
+    overall = injected["overall"]
+    row = next(line for line in text.splitlines() if line.startswith("| in2/run | ") and
+               "rtn8-g128-asymmetric" in line)
+    assert f"{100 * overall['rate']:.2f}% [{100 * overall['ci_low']:.2f}%, " \
+           f"{100 * overall['ci_high']:.2f}%] of 8" in row
+    assert "Fault injection: critical rate per bit position" in text
+    assert "Bit search: flips committed" in text
 
 
 @pytest.mark.slow
@@ -104,7 +123,7 @@ def test_html_is_self_contained(runs, tmp_path):
     page = (tmp_path / "r.html").read_text()
     images = re.findall(r"<img [^>]*src='([^']*)'", page)
     n_run_plots = len(list((first / "plots").glob("*.png")))
-    assert n_run_plots >= 4 and len(images) == 3 + n_run_plots
+    assert n_run_plots >= 4 and len(images) == 5 + n_run_plots
     for src in images:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
@@ -326,10 +345,10 @@ def test_every_suite_command_uses_real_flags(tmp_path):
     done = run_suite("all", tmp_path, str(wrapper), HF_HUB_OFFLINE="1",
                      LLAMA_MODEL="nobody-has-this/llama", MISTRAL_MODEL="nobody-has-this/mistral")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "summary: 22 passed, 0 failed, 2 skipped" in done.stdout
+    assert "summary: 24 passed, 0 failed, 2 skipped" in done.stdout
     assert "SKIP [downstream]" not in done.stdout  # the runner's --help lists --downstream-tasks
     commands = [c.split("\x1f")[1:-1] for c in record.read_text().split("\x1e") if c]
-    assert len(commands) == 22
+    assert len(commands) == 24
     saved = {}  # out-dir -> (metric, data flags) of runs that keep their scores
     for argv in commands:  # the real parser and its validation (the recorder made each folder)
         source = argv[argv.index("--scores-from") + 1] if "--scores-from" in argv else None
@@ -342,7 +361,7 @@ def test_every_suite_command_uses_real_flags(tmp_path):
             assert saved[source] == scored_with, f"{config.out_dir} reuses unfitting scores"
         elif config.save_scores:
             saved[config.out_dir] = scored_with
-    assert sum("--scores-from" in argv for argv in commands) == 14  # 19 runs, 5 metrics
+    assert sum("--scores-from" in argv for argv in commands) == 16  # 21 runs, 5 metrics
 
 
 def test_suite_rejects_unknown_phase(tmp_path):

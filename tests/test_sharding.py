@@ -124,7 +124,9 @@ def test_shard_refuses_what_does_not_run_sharded(monkeypatch):
                         (["--compare-metrics", "grad_x_weight,hutchinson_diag",
                           "--hutchinson-hvp", "double_backward"],
                          "--hutchinson-hvp double_backward: a Hessian-vector product"),
-                        (["--device-map", "auto"], "--device-map cannot be combined")):
+                        (["--device-map", "auto"], "--device-map cannot be combined"),
+                        (["--fault-injection", "10"], "--fault-injection and --bit-search do "
+                                                      "not run under --shard yet")):
         with pytest.raises(UserError, match="under --shard|torchrun") as error:
             config_from_argv(["--shard", "--device", "cpu", *extra])
         assert flag in str(error.value)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from src.errors import UserError
+from src.report.cross_faults import faults_table
 from src.report.cross_run import (CROSS_RUN_PLOTS, cross_run_findings, draw_cross_run_plots,
                                   faithfulness_table)
 from src.report.document import Doc, to_html, to_markdown
@@ -78,6 +79,15 @@ def build_report(runs: list[RunFolder], skipped: list[tuple[str, str]], figures:
                       "runner-up and the random-K band; ' = ' joins metrics tied within the "
                       "band's own spread.")
         doc.table(faithful)
+    faults = faults_table(runs)
+    if faults:
+        doc.heading(3, "Hardware faults (--fault-injection, --bit-search)")
+        doc.paragraph("Critical upsets: single-bit upsets whose perplexity exceeds the run's "
+                      "--critical-ratio times baseline (Wilson 95% interval). Flips to 10x / "
+                      "100x: the search's flips until evaluation perplexity reached that "
+                      "multiple; random flips: uniform flips of the search's final count, mean "
+                      "perplexity over seeds / baseline.")
+        doc.table(faults)
     doc.heading(3, "Per run (headline; details in each run's section)")
     doc.bullets([f"`{run.label}`: {run_findings(run)[0]}" for run in runs if run_findings(run)]
                 or ["No run has perturbation, stability or top-K results."])

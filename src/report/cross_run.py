@@ -9,6 +9,7 @@ from matplotlib.ticker import PercentFormatter
 
 from src.analysis.faithfulness.statistics import ratio
 from src.plots.style import PALETTE, SELECTION_COLOURS, plt, save_figure
+from src.report import cross_faults
 from src.report.findings import jaccard_of, ppl_ratios
 from src.report.run_folder import RunFolder
 from src.utils.format import sig, times
@@ -319,6 +320,7 @@ CROSS_RUN_PLOTS = {
                   lambda runs: plot_by(runs, "metric", "Perturbation damage by metric")),
     "by_k": ("Damage and stability by K", plot_by_k),
     "recovery_by_k": ("Compression: recovery of the quantization loss by K", plot_recovery_by_k),
+    **cross_faults.PLOTS,
 }
 
 

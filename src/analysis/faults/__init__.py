@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from src.analysis.faults import injection, present, search
 from src.errors import UserError
 from src.analysis.registry import Analysis, register
@@ -64,6 +66,11 @@ class FaultSettings(Settings):
         if (self.fault_injection or self.bit_search) and config.shard:
             yield "--fault-injection and --bit-search do not run under --shard yet; run them " \
                   "without --shard (torchrun data parallel works)"
+        bit = config.value("bit_position")
+        if self.fault_injection and bit is not None:  # the stored dtype is checked once loaded
+            problem = check_bit(bit, self.bit_format, config.quant_symmetric, [torch.float32])
+            if problem:
+                yield problem
 
 
 READS = ("quant_group", "quant_symmetric", "bit_position")

@@ -15,11 +15,12 @@ def _pct(value) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.2f}%"
 
 
-def _interval(row: dict) -> str:
+def rate_text(row: dict) -> str:
+    """A rate row as "1.23% [0.90%, 1.70%]" (Wilson 95%)."""
     return f"{_pct(row['rate'])} [{_pct(row['ci_low'])}, {_pct(row['ci_high'])}]"
 
 
-def _format(section: dict) -> str:
+def format_label(section: dict) -> str:
     return section["bit_format"] + (f" ({section['quantization']})"
                                     if section["quantization"] else "")
 
@@ -34,15 +35,15 @@ def write_injection(section: dict, out_dir) -> list[str]:
 
 def injection_headline(section: dict) -> str:
     overall = section["overall"]
-    return (f"{overall['critical']} of {overall['n']} single-bit upsets in {_format(section)} "
+    return (f"{overall['critical']} of {overall['n']} single-bit upsets in {format_label(section)} "
             f"weights are critical (perplexity > {sig(section['critical_ratio'])}x the baseline "
-            f"{sig(section['baseline']['perplexity'])}): {_interval(overall)} (Wilson 95%)")
+            f"{sig(section['baseline']['perplexity'])}): {rate_text(overall)} (Wilson 95%)")
 
 
 def injection_lines(section: dict) -> list[str]:
     lines = ["fault injection: " + injection_headline(section)]
     worst = sorted(section["by"]["bit"], key=lambda r: -r["rate"])[:4]
-    lines += [f"  bit {r['value']}: {_interval(r)} of {r['n']}" for r in worst]
+    lines += [f"  bit {r['value']}: {rate_text(r)} of {r['n']}" for r in worst]
     size = section["sample_size"]
     lines.append(f"  margin ±{_pct(size['margin'])} needs {size['needed_worst_case']} "
                  f"injections (worst case); this run's {section['n_injections']} give "
@@ -61,12 +62,12 @@ def injection_findings(section: dict) -> list[str]:
     hit = [r for r in section["by"]["bit"] if r["critical"]]
     if hit:
         out.append("Critical upsets hit bit positions " + ", ".join(
-            f"{r['value']} ({_interval(r)})" for r in sorted(hit, key=lambda r: -r["rate"])[:4])
+            f"{r['value']} ({rate_text(r)})" for r in sorted(hit, key=lambda r: -r["rate"])[:4])
             + "; every other position had none.")
     components = [r for r in section["by"]["component"] if r["critical"]]
     if components:
         top = max(components, key=lambda r: r["rate"])
-        out.append(f"Most vulnerable component: {top['value']} ({_interval(top)} of "
+        out.append(f"Most vulnerable component: {top['value']} ({rate_text(top)} of "
                    f"{top['n']} upsets).")
     size = section["sample_size"]
     out.append(f"A ±{_pct(size['margin'])} margin at 95% confidence needs "
@@ -97,10 +98,10 @@ def plot_rates(section: dict):
            ecolor="0.3")
     overall = section["overall"]
     ax.axhline(100 * overall["rate"], color="0.5", linestyle="--", linewidth=0.8,
-               label=f"all bits: {_interval(overall)}")
+               label=f"all bits: {rate_text(overall)}")
     ax.set_xlabel("bit position (0 = least significant)")
     ax.set_ylabel("critical upsets (%), Wilson 95% interval")
-    ax.set_title(f"Single-bit upsets in {_format(section)} weights "
+    ax.set_title(f"Single-bit upsets in {format_label(section)} weights "
                  f"(critical: ppl > {sig(section['critical_ratio'])}x)")
     ax.legend(fontsize=8)
     figure.tight_layout()
@@ -118,10 +119,10 @@ def write_search(section: dict, out_dir) -> list[str]:
 def search_headline(section: dict) -> str:
     last = section["steps"][-1] if section["steps"] else None
     if last is None:
-        return f"bit search in {_format(section)}: no flip committed"
+        return f"bit search in {format_label(section)}: no flip committed"
     final = last["eval_ppl_ratio"]
     reached = ", ".join(f"{k} after {v}" for k, v in section["flips_to"].items() if v)
-    text = (f"bit search in {_format(section)}: {section['n_flips']} flips ({section['stopped']}) "
+    text = (f"bit search in {format_label(section)}: {section['n_flips']} flips ({section['stopped']}) "
             f"raise evaluation perplexity {times(final)}")
     return text + (f" ({reached} flips)" if reached else "")
 
@@ -183,8 +184,9 @@ def plot_search(section: dict):
                label=f"target x{sig(section['target_ratio'])}")
     ax.set_yscale("log")
     ax.set_xlabel("bit flips")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("perplexity / baseline")
-    ax.set_title(f"Progressive bit search, {_format(section)}")
+    ax.set_title(f"Progressive bit search, {format_label(section)}")
     ax.legend(fontsize=8)
     figure.tight_layout()
     return figure
