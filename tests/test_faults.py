@@ -36,7 +36,7 @@ def state_hash(model) -> str:
 def micro():
     """A one-block Llama small enough to try every flip of two of its weights."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(2))
@@ -102,18 +102,18 @@ def test_search_first_flip_is_the_brute_force_best(micro):
 
 
 def test_search_stops_at_the_target_and_restores(micro):
-    """The random micro model is nearly uniform (batch NLL ≈ ln 64): a target of +0.2% is
+    """The random micro model is nearly uniform (batch NLL ≈ ln 64): a target of +0.06% is
     what a few int4 flips reach."""
     model, params, blocks = micro
     before = state_hash(model)
     ctx = fault_context(model, params, blocks, bit_format="int4", bit_search=6,
-                        bit_search_target=1.002, bit_search_eval_every=4)
+                        bit_search_target=1.0006, bit_search_eval_every=2)
     section = search.run(ctx)
     ratios = [r["batch_ppl_ratio"] for r in section["steps"]]
-    assert section["stopped"] == "target" and ratios[-1] >= 1.002 > max(ratios[:-1])
+    assert section["stopped"] == "target" and ratios[-1] >= 1.0006 > max(ratios[:-1])
     assert ratios == sorted(ratios) and len(ratios) < 6
     assert [r["eval_perplexity"] is not None for r in section["steps"]] == \
-        [(r["step"] % 4 == 0) or r is section["steps"][-1] for r in section["steps"]]
+        [(r["step"] % 2 == 0) or r is section["steps"][-1] for r in section["steps"]]
     assert section["steps"][-1]["eval_perplexity"] is not None
     assert section["restore_verified"] and state_hash(model) == before
 
@@ -140,13 +140,14 @@ def test_fault_injection_rates_and_restore(micro, bit_format, position):
 def test_exponent_msb_upsets_of_the_builtin_model_are_mostly_critical(builtin, builtin_data):
     params = {n: p for n, p in builtin.model.named_parameters()
               if n.startswith("model.layers.3.mlp.")}
-    check_injection(builtin.model, params, builtin_data.evaluation, "native", "exponent-msb", 16)
+    check_injection(builtin.model, params, builtin_data.evaluation, "native", "exponent-msb", 12,
+                    fault_eval_samples=1)
 
 
-def check_injection(model, params, blocks, bit_format, position, n):
+def check_injection(model, params, blocks, bit_format, position, n, **settings):
     before = state_hash(model)
     ctx = fault_context(model, params, blocks, bit_format=bit_format, fault_injection=n,
-                        bit_position=position)
+                        bit_position=position, **settings)
     section = injection.run(ctx)
     rows = section["injections"]
     assert len(rows) == n and section["restore_verified"] and state_hash(model) == before
