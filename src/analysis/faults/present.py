@@ -180,6 +180,10 @@ def plot_search(section: dict):
         ratios = [_finite(v) for v in row["ppl_ratio"]]
         ax.scatter([row["n_flips"]] * len(ratios), ratios, color="0.5", marker="x", zorder=3,
                    label="random flips (per seed)" if row is section["random_flips"][0] else None)
+    msb = section["top_metric_msb"]
+    if msb:
+        ax.scatter([msb["n_flips"]], [_finite(msb["ppl_ratio"])], color=PALETTE[2], marker="*",
+                   s=90, zorder=3, label=f"MSB of the top-{msb['n_flips']} {msb['metric']} weights")
     ax.axhline(section["target_ratio"], color="0.6", linestyle=":", linewidth=0.8,
                label=f"target x{sig(section['target_ratio'])}")
     ax.set_yscale("log")
