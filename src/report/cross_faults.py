@@ -49,7 +49,7 @@ def plot_fault_rates(runs: list[RunFolder]):
         return None
     width = 0.8 / len(sections)
     bits = sorted({r["value"] for _, s in sections for r in s["by"]["bit"]})
-    figure, ax = plt.subplots(figsize=(max(7, 0.35 * len(bits) * len(sections) + 3), 4.6))
+    figure, ax = plt.subplots(figsize=(min(12, max(7, 0.3 * len(bits) + 3)), 4.6))
     for i, (run, section) in enumerate(sections):
         rows = {r["value"]: r for r in section["by"]["bit"]}
         x = np.array([bits.index(b) for b in rows]) + (i - (len(sections) - 1) / 2) * width
