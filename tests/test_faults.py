@@ -180,3 +180,17 @@ def test_replayed_injection_equals_full_evaluation(micro):
                 stack.push(flip)
                 full = evaluate(model, blocks, 4).perplexity
             assert row["perplexity"] == pytest.approx(full, rel=1e-6, nan_ok=True)
+
+
+def test_injection_without_numbered_blocks_evaluates_in_full(micro):
+    """Weights outside numbered decoder blocks (here the embeddings): nothing to replay."""
+    model, _, blocks = micro
+    params = {"model.embed_tokens.weight": model.model.embed_tokens.weight}
+    ctx = fault_context(model, params, blocks, fault_injection=4, fault_eval_samples=4)
+    section = injection.run(ctx)
+    with held_as(params, ctx.metas, "native", None) as targets:
+        for flip, row in zip(uniform_flips(targets, 4, 0), section["injections"]):
+            with FlipStack(targets) as stack:
+                stack.push(flip)
+                full = evaluate(model, blocks, 4).perplexity
+            assert row["perplexity"] == pytest.approx(full, rel=1e-6, nan_ok=True)

@@ -62,13 +62,14 @@ def decoder_blocks(model: torch.nn.Module, param_name: str, layer: int) -> torch
 
 
 class LayerReplay:
-    def __init__(self, model, blocks, batch_size: int, layer_list: torch.nn.ModuleList,
+    def __init__(self, model, blocks, batch_size: int, layer_list: torch.nn.ModuleList | None,
                  ranks=None):
+        """``layer_list`` None: nothing to replay (every evaluation runs in full)."""
         self.model, self.blocks, self.batch_size, self.ranks = model, blocks, batch_size, ranks
         self.layer_list = layer_list
-        self.outputs: list[list] = [[] for _ in layer_list]
+        self.outputs: list[list] = [[] for _ in (layer_list or ())]
         hooks = [block.register_forward_hook(self._recorder(i))
-                 for i, block in enumerate(layer_list)]
+                 for i, block in enumerate(layer_list or ())]
         try:
             self.baseline = evaluate(model, blocks, batch_size, ranks=ranks)
         finally:

@@ -66,15 +66,17 @@ def run(ctx: AnalysisContext) -> dict:
 
 
 def decoder_list(ctx: AnalysisContext):
-    """The decoder blocks of the scored weights that lie in numbered blocks."""
-    name = next(n for n, meta in ctx.metas.items() if meta.layer is not None)
-    return decoder_blocks(ctx.model, name, ctx.metas[name].layer)
+    """The decoder blocks of the scored weights that lie in numbered blocks (None: no scored
+    weight does, and every upset is evaluated in full)."""
+    name = next((n for n, meta in ctx.metas.items() if meta.layer is not None), None)
+    return None if name is None else decoder_blocks(ctx.model, name, ctx.metas[name].layer)
 
 
 def replayed_from(ctx: AnalysisContext, replay: LayerReplay, name: str) -> int | None:
     """The first block a change of weight ``name`` can reach (None: before every block)."""
     layer = ctx.metas[name].layer
-    if layer is None or decoder_blocks(ctx.model, name, layer) is not replay.layer_list:
+    if layer is None or replay.layer_list is None or \
+            decoder_blocks(ctx.model, name, layer) is not replay.layer_list:
         return None
     return layer
 
