@@ -26,7 +26,7 @@ import torch
 
 from src.errors import UserError
 from src.models.components import ParamMeta
-from src.sensitivity.perturb import FLOAT_LAYOUT, resolve_bit
+from src.sensitivity.perturb import FLOAT_LAYOUT, resolve_bit, xor_bit
 from src.sensitivity.quantize import QuantSpec, backup, dequantize, quantize_codes
 from src.utils import signals
 
@@ -38,8 +38,7 @@ class NativeBits:
 
     def __init__(self, param: torch.nn.Parameter):
         self.flat = param.data.view(-1)
-        self.int_dtype, self.sign_bit, self.exponent_msb, self.mantissa_msb = \
-            FLOAT_LAYOUT[_float(param.dtype)]
+        _, self.sign_bit, self.exponent_msb, self.mantissa_msb = FLOAT_LAYOUT[param.dtype]
         self.n_bits = self.sign_bit + 1
         self.most_damaging_bit = self.exponent_msb
 
@@ -52,11 +51,7 @@ class NativeBits:
     def flipped(self, idx: torch.Tensor | None, bits) -> torch.Tensor:
         """Values at ``idx`` (None: every weight) with bit ``bits`` (int or per-index tensor)
         flipped, in the weight's dtype."""
-        as_int = self.current(idx).view(self.int_dtype)
-        one = torch.ones((), dtype=self.int_dtype, device=as_int.device)
-        bits = torch.as_tensor(bits, device=as_int.device).to(self.int_dtype)
-        # 1 << (width - 1) wraps to the integer minimum: exactly the sign bit's mask
-        return (as_int ^ torch.bitwise_left_shift(one, bits)).view(self.flat.dtype)
+        return xor_bit(self.current(idx), bits)
 
     def change_bounds(self) -> list[float]:
         """Per bit, an upper bound of |w' - w| over the tensor when that bit flips: a mantissa
@@ -249,13 +244,6 @@ def _times_power_of_two(value: float, exponent: int) -> float:
         return math.ldexp(value, exponent)
     except OverflowError:
         return math.inf
-
-
-def _float(dtype):
-    if dtype not in FLOAT_LAYOUT:
-        raise UserError(f"bit flips need float64, float32, bfloat16 or float16 weights, not "
-                        f"{dtype}")
-    return dtype
 
 
 def format_problem(bit_format: str, dtypes) -> str | None:

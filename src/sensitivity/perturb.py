@@ -83,7 +83,8 @@ class PerturbOptions(Settings):
         """The options as the results files name them (perturbation_results.json,
         enhanced_analysis.json: the names from before they were flags, scale, bit, prob), the
         bit as bit_flip resolves its default."""
-        values = {**vars(self), "bit_position": self.bit_position or DEFAULT_BIT}
+        bit = DEFAULT_BIT if self.bit_position is None else self.bit_position
+        values = {**vars(self), "bit_position": bit}
         return {RECORDED_NAMES.get(name, name): value for name, value in values.items()}
 
 
@@ -141,29 +142,30 @@ def _bit_flip_changes(values: torch.Tensor, options: PerturbOptions) -> torch.Te
 @register("bit_flip", "flip one IEEE-754 bit", stochastic=lambda o: o.perturb_prob < 1.0,
           changes=_bit_flip_changes, settings=PerturbOptions)
 def _bit_flip(values, generator, options):
-    int_dtype, *_ = FLOAT_LAYOUT[_check_float(values.dtype)]
-    bit = resolve_bit(options.bit_position, values.dtype)
-    as_int = values.view(int_dtype)
-    mask = torch.full_like(as_int, _int_mask(bit, int_dtype))
+    flipped = xor_bit(values, resolve_bit(options.bit_position, values.dtype))
     if options.perturb_prob < 1.0:
         chosen = torch.rand(values.shape, generator=generator, device=values.device) < \
             options.perturb_prob
-        mask = torch.where(chosen, mask, torch.zeros_like(mask))
+        return torch.where(chosen, flipped, values)
+    return flipped
+
+
+def xor_bit(values: torch.Tensor, bits) -> torch.Tensor:
+    """``values`` with IEEE-754 bit ``bits`` (an int, or a tensor of one per value) flipped: XOR
+    on the integer view of the dtype."""
+    int_dtype = FLOAT_LAYOUT[_check_float(values.dtype)][0]
+    as_int = values.view(int_dtype)
+    one = torch.ones((), dtype=int_dtype, device=as_int.device)
+    # 1 << (width - 1) wraps to the integer minimum: exactly the sign bit's mask
+    mask = torch.bitwise_left_shift(one, torch.as_tensor(bits, device=as_int.device).to(int_dtype))
     return (as_int ^ mask).view(values.dtype)
 
 
 def _check_float(dtype):
     if dtype not in FLOAT_LAYOUT:
-        raise UserError(f"bit_flip supports float64, float32, bfloat16 and float16 weights, "
+        raise UserError(f"bit flips need float64, float32, bfloat16 or float16 weights, "
                         f"not {dtype}")
     return dtype
-
-
-def _int_mask(bit: int, int_dtype) -> int:
-    """1 << bit as a signed integer of the view's width (the sign bit is negative)."""
-    width = {torch.int64: 64, torch.int32: 32}.get(int_dtype, 16)
-    value = 1 << bit
-    return value - (1 << width) if bit == width - 1 else value
 
 
 def resolve_bit(bit, dtype) -> int:

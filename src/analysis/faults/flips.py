@@ -11,6 +11,7 @@ import torch
 
 from src.eval.perplexity import EvalResult, evaluate
 from src.models.components import to_out_in
+from src.sensitivity.perturb import FLOAT_LAYOUT
 from src.utils import signals
 
 
@@ -99,7 +100,7 @@ def value_change(targets: dict, flip: Flip) -> tuple[torch.Tensor, torch.Tensor]
 def same_bits(before: torch.Tensor, after: torch.Tensor) -> bool:
     """True when a flip leaves the stored bits as they were (a code in a group of scale 0):
     nothing the model computes can change, so nothing needs evaluating."""
-    as_int = {8: torch.int64, 4: torch.int32, 2: torch.int16}[before.element_size()]
+    as_int = FLOAT_LAYOUT[before.dtype][0]
     return torch.equal(before.reshape(1).view(as_int), after.reshape(1).view(as_int))
 
 
