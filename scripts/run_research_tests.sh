@@ -2,7 +2,7 @@
 # Research test suite: phases of real runs of phase1_runner_enhanced.py, a pass/fail/skip summary,
 # and a non-zero exit status when any run failed.
 #
-#   scripts/run_research_tests.sh [validation|perturbation|multi-metric|faithfulness|faults|hutchinson|downstream|compression|llama|mistral|all]
+#   scripts/run_research_tests.sh [validation|perturbation|multi-metric|faithfulness|faults|mediation|hutchinson|downstream|compression|llama|mistral|all]
 #
 # validation    does the method beat its controls? grad_x_weight top-K vs 20 random-K draws
 #               (p-value can reach < 0.05), top-K stability over seeds and calibration parts, and
@@ -14,6 +14,9 @@
 # faults        hardware faults: 1000 single-bit upsets of the IEEE bits and of int8 codes (critical
 #               rates per bit position with Wilson intervals), and the progressive bit search on
 #               int8 codes up to 100x perplexity against random flips (--fault-injection, --bit-search)
+# mediation     why the super weights matter: their activation restored (all, spike, first
+#               positions), removed (zero, mean) against random channels, patched layer by layer,
+#               attribution patching against exact patching, pair interactions (--mediation)
 # hutchinson    hutchinson_diag (Hessian diagonal), whole model and block by block
 # downstream    HellaSwag / LAMBADA accuracy (20 bundled items each) of the baseline and of every
 #               perturbation condition
@@ -31,7 +34,7 @@
 # each metric once: the first run saves its scores, later runs of that metric use --scores-from.
 set -uo pipefail
 
-PHASES="validation perturbation multi-metric faithfulness faults hutchinson downstream compression llama mistral"
+PHASES="validation perturbation multi-metric faithfulness faults mediation hutchinson downstream compression llama mistral"
 usage() {
     echo "usage: $0 [${PHASES// /|}|all]" >&2
     exit 2
@@ -155,6 +158,11 @@ phase_faults() {
         --fault-injection 1000 --fault-eval-samples 1 --bit-search 30 --save-plots
 }
 
+phase_mediation() {
+    run_scored mediation super_weights grad_x_weight --topk 10 --super-weights --mediation \
+        --save-plots
+}
+
 phase_hutchinson() {
     run_case hutchinson hutchinson_zero_k10 "${COMMON[@]}" --metric hutchinson_diag \
         --hutchinson-samples 2 --mode global --topk 10 --perturb zero --seeds 0,1,2 --save-plots
@@ -233,6 +241,7 @@ run_phase() {
         multi-metric) phase_multi_metric ;;
         faithfulness) phase_faithfulness ;;
         faults) phase_faults ;;
+        mediation) phase_mediation ;;
         hutchinson) phase_hutchinson ;;
         downstream) phase_downstream ;;
         compression) phase_compression ;;

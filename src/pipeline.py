@@ -271,6 +271,7 @@ def run_steps(config: RunConfig, plan: Plan, out_dir: Path, timer) -> dict:
             continue
         with timer.step(analysis.key):
             results[analysis.key] = run_analysis(state, plan, analysis, settings, prepared)
+        plan.cache[("section", analysis.key)] = results[analysis.key]  # for later analyses
     if plan.previous is not None:
         plan.record["resumed"] = resume.record(plan.previous, state.kept)
     if config.save_plots:  # keep last: draws the outputs of every step above

@@ -28,7 +28,8 @@ TINY = ["--model", "random:tiny-llama", "--max-length", "32", "--max-samples", "
 PROTOCOL = ["--metric", "grad_x_weight", "--perturb", "sign_flip", "--controls", "random_k,bottom_k",
             "--stability-check", "--stability-batches", "2", "--bit-format", "int8",
             "--fault-injection", "6", "--fault-eval-samples", "3", "--bit-search", "2",
-            "--bit-search-candidates", "3"]
+            "--bit-search-candidates", "3", "--mediation", "--mediation-weights", "2",
+            "--atp-exact", "2"]
 CPU_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
            "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
 
@@ -74,7 +75,8 @@ def assert_same_results(one, other):
     for name, keys in (("perturbation_results.json", ("conditions",)),
                        ("stability_results.json", ("across_seeds", "across_batches")),
                        ("fault_injection.json", ("baseline", "injections", "by")),
-                       ("bit_search.json", ("baseline", "steps", "random_flips"))):
+                       ("bit_search.json", ("baseline", "steps", "random_flips")),
+                       ("mediation.json", ("clean", "damaged"))):
         if not (one / name).exists():
             continue
         ja, jb = json.loads((one / name).read_text()), json.loads((other / name).read_text())

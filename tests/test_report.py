@@ -345,10 +345,10 @@ def test_every_suite_command_uses_real_flags(tmp_path):
     done = run_suite("all", tmp_path, str(wrapper), HF_HUB_OFFLINE="1",
                      LLAMA_MODEL="nobody-has-this/llama", MISTRAL_MODEL="nobody-has-this/mistral")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "summary: 24 passed, 0 failed, 2 skipped" in done.stdout
+    assert "summary: 25 passed, 0 failed, 2 skipped" in done.stdout
     assert "SKIP [downstream]" not in done.stdout  # the runner's --help lists --downstream-tasks
     commands = [c.split("\x1f")[1:-1] for c in record.read_text().split("\x1e") if c]
-    assert len(commands) == 24
+    assert len(commands) == 25
     saved = {}  # out-dir -> (metric, data flags) of runs that keep their scores
     for argv in commands:  # the real parser and its validation (the recorder made each folder)
         source = argv[argv.index("--scores-from") + 1] if "--scores-from" in argv else None

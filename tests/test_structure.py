@@ -111,7 +111,7 @@ def test_every_analysis_is_one_complete_registry_entry():
     assert list(analyses) == ["targeting", "weight_analysis", "metric_correlation",
                               "architecture", "temporal_stability", "progressive_perturbation",
                               "clustered_perturbation", "targeted_perturbation", "super_weights",
-                              "faithfulness", "fault_injection", "bit_search"]
+                              "faithfulness", "fault_injection", "bit_search", "mediation"]
     flags = set()
     for key, analysis in analyses.items():
         assert callable(analysis.run) and callable(analysis.enabled) and callable(analysis.summary)
@@ -127,8 +127,8 @@ def test_every_analysis_is_one_complete_registry_entry():
     from src.config import RunConfig
     core = {f.name for f in dataclasses.fields(RunConfig)}
     assert not flags & core, "an analysis flag shadows a core flag"
-    assert sum(len(a.plots) for a in analyses.values()) == 10
-    assert sum(a.findings is not None for a in analyses.values()) == 11  # targeting: none
+    assert sum(len(a.plots) for a in analyses.values()) == 11
+    assert sum(a.findings is not None for a in analyses.values()) == 12  # targeting: none
 
 
 def test_metric_and_perturbation_settings_are_flags_config_keys_and_job_settings(tmp_path):

@@ -58,7 +58,8 @@ class AnalysisContext:
     tokenizer: Any = None
     settings: SimpleNamespace = field(default_factory=SimpleNamespace)
     prepared: Any = None             # what the analysis' prepare() returned before the run
-    cache: dict = field(default_factory=dict)  # results shared between analyses of one run
+    cache: dict = field(default_factory=dict)  # shared by the analyses of one run; ("section",
+    # key): the section of an analysis that ran (or was kept by --resume) before this one
     layout: Any = None               # sharding.Layout under --shard: scores are this rank's rows
 
     def evaluate(self) -> EvalResult:

@@ -29,7 +29,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
 MODULES = ("targeting", "weight_analysis", "correlation", "architecture", "temporal",
-           "advanced_perturbations", "super_weights", "faithfulness", "faults")
+           "advanced_perturbations", "super_weights", "faithfulness", "faults", "mediation")
 
 
 def _no_lines(section: dict) -> list[str]:

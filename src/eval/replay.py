@@ -83,11 +83,11 @@ class LayerReplay:
 
     def evaluate_from(self, layer: int | None) -> EvalResult:
         """The model evaluated with blocks before ``layer`` replayed (None: nothing replayed)."""
-        with self._replaying(0 if layer is None else layer):
+        with self.replaying(0 if layer is None else layer):
             return evaluate(self.model, self.blocks, self.batch_size, ranks=self.ranks)
 
     @contextmanager
-    def _replaying(self, n_blocks: int):
+    def replaying(self, n_blocks: int):
         originals = [self.layer_list[i] for i in range(n_blocks)]
         try:
             for i, block in enumerate(originals):

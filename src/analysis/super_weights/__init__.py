@@ -88,7 +88,8 @@ class SuperWeightSettings(Settings):
         SPIKE_THRESHOLD, "--super-weights: a layer spikes when its largest |output| activation "
         "is at least this many times the median over its output channels of their peak "
         "|activation|", group=GROUP, parse=number(1.0, low_open=True),
-        used_when=("--super-weights", _searching))
+        used_when=("--super-weights or --mediation",
+                   lambda c: _searching(c) or c.value("mediation")))
 
 
 def check_model(settings, preflight) -> None:
