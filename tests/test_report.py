@@ -361,7 +361,7 @@ def test_every_suite_command_uses_real_flags(tmp_path):
             assert saved[source] == scored_with, f"{config.out_dir} reuses unfitting scores"
         elif config.save_scores:
             saved[config.out_dir] = scored_with
-    assert sum("--scores-from" in argv for argv in commands) == 16  # 21 runs, 5 metrics
+    assert sum("--scores-from" in argv for argv in commands) == 17  # 22 runs, 5 metrics
 
 
 def test_suite_rejects_unknown_phase(tmp_path):
