@@ -122,6 +122,8 @@ def plot(section: dict):
 
 
 def _plot_flow(ax, section: dict, palette) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     rows = section.get("flow") or []
     if not rows:
         _empty(ax, "no flow: no source with a finite damage inside the decoder blocks")
@@ -136,6 +138,7 @@ def _plot_flow(ax, section: dict, palette) -> None:
                            "attention": "whole attention output", "mlp": "whole MLP output"}[site])
     ax.axhline(100, color="black", linestyle=":", linewidth=1)
     ax.axhline(0, color="0.5", linewidth=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("block patched (clean into damaged run)")
     ax.set_ylabel("damage recovered (%)")
     ax.set_title("Where the damage flows", fontsize=10)
@@ -153,7 +156,7 @@ def _plot_atp(ax, section: dict, palette) -> None:
         if points:
             x, y = zip(*points)
             ax.scatter(np.array(x) * 100, np.array(y) * 100, s=14, color=colour,
-                       label=f"{chosen} sites by the estimate")
+                       label="the estimate's top sites" if chosen == "top" else "random sites")
     values = [v * 100 for r in atp["evaluated"] for v in (r["estimate"], r["exact"])
               if v is not None]
     if values:
