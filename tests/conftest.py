@@ -1,7 +1,11 @@
 """Shared fixtures. The built-in model is loaded once per pytest session (from the cache after
-the first run ever); tiny random presets are cheap and built per test module."""
+the first run ever); tiny random presets are cheap and built per test module.
+
+The suite runs in two pytest-xdist workers (pyproject.toml): each worker and every process it
+starts uses one thread, so the two never compete for the machine's cores."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"  # CLI runs and torchrun ranks started by the tests
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "phase1_runner_enhanced.py"

@@ -25,6 +25,8 @@ from tests.test_advanced_perturbations import make_context
 from tests.test_faults import state_hash
 from tests.test_super_weights import PLANT_COL, PLANT_LAYER, PLANT_ROW, plant_super_weight
 
+pytestmark = pytest.mark.xdist_group("test_mediation")  # its module fixtures run once
+
 SOURCE = "model.layers.0.mlp.down_proj"
 
 
@@ -153,6 +155,7 @@ def test_pair_intervals_match_an_independent_bootstrap():
     assert np.quantile(ratios, 0.94) <= high <= np.quantile(ratios, 0.995)
 
 
+@pytest.mark.slow
 def test_cli_writes_mediation_json_and_leaves_the_model_untouched(cli, tmp_path):
     out = tmp_path / "run"
     result = cli("--model", "random:tiny-llama", "--max-length", "32", "--max-samples", "4",

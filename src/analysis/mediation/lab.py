@@ -51,6 +51,7 @@ class Lab:
         self.masks = [blocks.batch(i, batch_size)[1].bool() for i in batches]
         self.batches = batches
         self.evaluations = 0  # patched or damaged evaluations so far (progress)
+        self._peaks: dict[str, torch.Tensor] = {}
 
     @property
     def n_blocks(self) -> int:
@@ -95,7 +96,12 @@ class Lab:
         return LayerReplay(self.model, self.blocks, self.batch_size, self.layer_list, self.ranks)
 
     def channel_peaks(self, module_name: str) -> torch.Tensor:
-        """Per output channel, the peak |clean output| over real tokens."""
+        """Per output channel, the peak |clean output| over real tokens (computed once)."""
+        if module_name not in self._peaks:
+            self._peaks[module_name] = self._channel_peaks(module_name)
+        return self._peaks[module_name]
+
+    def _channel_peaks(self, module_name: str) -> torch.Tensor:
         peaks = torch.stack([torch.where(mask[..., None], out.abs().float(), 0.0).amax((0, 1))
                              for out, mask in zip(self.outputs[module_name], self.masks)])
         return self.ranks.reduced([peaks.amax(0)], "max")[0].float()
