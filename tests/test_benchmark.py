@@ -20,8 +20,6 @@ from src.sensitivity.metrics import METRICS
 from src.sensitivity.scoring import gradients_only_on, loss_sum
 from tests.conftest import ROOT, load
 
-pytestmark = pytest.mark.xdist_group("test_benchmark")  # its module fixtures run once
-
 SCRIPT = ROOT / "scripts" / "benchmark.py"
 
 

@@ -12,8 +12,6 @@ import pytest
 from src.cli import main
 from tests.conftest import RUNNER, ROOT, run_cli
 
-pytestmark = pytest.mark.xdist_group("test_cli")  # its module fixtures run once
-
 SMALL = ["--max-length", "32", "--max-samples", "3", "--batch-size", "3"]
 
 

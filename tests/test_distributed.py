@@ -23,8 +23,6 @@ from src.models.device_map import resolve_device_map
 from src.distributed import ranks as distributed
 from tests.conftest import ROOT, RUNNER, run_cli
 
-pytestmark = pytest.mark.xdist_group("test_distributed")  # its module fixtures run once
-
 TINY = ["--model", "random:tiny-llama", "--max-length", "32", "--max-samples", "4",
         "--batch-size", "1", "--topk", "5", "--seeds", "0,1", "--save-scores"]
 PROTOCOL = ["--metric", "grad_x_weight", "--perturb", "sign_flip", "--controls", "random_k,bottom_k",

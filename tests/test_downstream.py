@@ -19,8 +19,6 @@ from src.eval import downstream as ds
 from src.errors import UserError
 from src.data.task_items import TaskDataError
 
-pytestmark = pytest.mark.xdist_group("test_downstream")  # its module fixtures run once
-
 
 # ----------------------------------------------------------------------------- fixtures, helpers
 

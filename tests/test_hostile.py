@@ -22,8 +22,6 @@ from src.report.run_folder import read_runs
 from src.utils import output, signals
 from tests.conftest import ROOT, RUNNER
 
-pytestmark = pytest.mark.xdist_group("test_hostile")  # its module fixtures run once
-
 TINY = ["--model", "random:tiny-llama", "--device", "cpu", "--max-length", "32",
         "--max-samples", "4", "--topk", "3", "--mode", "global"]
 

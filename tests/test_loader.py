@@ -16,8 +16,6 @@ from src.models import builtin as builtin_model, loader
 from src.models.presets import PRESETS
 from tests.conftest import load, run_cli
 
-pytestmark = pytest.mark.xdist_group("test_loader")  # its module fixtures run once
-
 
 def test_builtin_model_loads_with_its_tokenizer(builtin):
     info = builtin.info

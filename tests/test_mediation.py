@@ -25,8 +25,6 @@ from tests.test_advanced_perturbations import make_context
 from tests.test_faults import state_hash
 from tests.test_super_weights import PLANT_COL, PLANT_LAYER, PLANT_ROW, plant_super_weight
 
-pytestmark = pytest.mark.xdist_group("test_mediation")  # its module fixtures run once
-
 SOURCE = "model.layers.0.mlp.down_proj"
 
 

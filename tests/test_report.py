@@ -25,8 +25,6 @@ from src.report.run_folder import RunFolder, unique_labels
 from src.utils.format import pct, times
 from tests.conftest import ROOT, run_cli
 
-pytestmark = pytest.mark.xdist_group("test_report")  # its module fixtures run once
-
 REPORT = ROOT / "scripts" / "generate_research_report.py"
 SMALL = ("--max-length", "32", "--max-samples", "2", "--topk", "5", "--mode", "global",
          "--perturb", "zero", "--seeds", "0,1")

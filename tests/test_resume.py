@@ -15,8 +15,6 @@ from src.sensitivity import score_store
 from src.utils.io import file_sha256
 from tests.test_hostile import MANY_SEEDS, TINY, files_of, start_run, strict_json, wait_for
 
-pytestmark = pytest.mark.xdist_group("test_resume")  # its module fixtures run once
-
 SEEDS = ["--seeds", MANY_SEEDS]
 PERTURB = [*TINY, "--max-samples", "16", "--perturb", "zero", *SEEDS]  # long enough to kill
 SCORED = [*TINY, "--max-samples", "16", "--perturb", "zero", "--seeds", "0"]

@@ -16,8 +16,6 @@ from src.models.components import describe_parameters
 from src.sensitivity.perturb import fingerprint, perturbed
 from tests.conftest import load
 
-pytestmark = pytest.mark.xdist_group("test_super_weights")  # its module fixtures run once
-
 PLANT_LAYER, PLANT_ROW, PLANT_COL, CONST_CHANNEL = 0, 5, 17, 3
 
 

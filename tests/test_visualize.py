@@ -19,8 +19,6 @@ from src.plots import style
 from src.report import experiment_plots, plotting, run_plots  # noqa: F401 - register plots
 from tests.conftest import run_cli
 
-pytestmark = pytest.mark.xdist_group("test_visualize")  # its module fixtures run once
-
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL_PLOTS = {**plotting.RUN_PLOTS, **registry.plots()}
 CORE_PLOTS = ("sensitivity_distribution", "layer_component_heatmap", "topk_location",
