@@ -36,14 +36,24 @@ class Source:
                 "channels": self.channels, "residual_channel": self.residual_channel}
 
 
-def weight_record(model, name: str, flat_index: int) -> dict:
-    meta = describe_parameters(model, [name])[name]
-    row, col = (int(v) for v in to_out_in(meta, torch.tensor([flat_index])))
-    value = dict(model.named_parameters())[name].detach().reshape(-1)[flat_index]
-    channel = col if meta.component in EMBEDDINGS else row
-    return {"parameter": name, "row": row, "col": col, "flat_index": int(flat_index),
-            "value": float(value), "layer": meta.layer, "component": meta.component,
-            "module": name.rsplit(".", 1)[0], "channel": channel}
+def weight_records(model, selection: dict[str, list[int]]) -> dict[tuple[str, int], dict]:
+    """(parameter, flat index) -> its record, for every selected weight: one tensor read and
+    one coordinate conversion per tensor."""
+    metas = describe_parameters(model, list(selection))
+    params = dict(model.named_parameters())
+    records = {}
+    for name, indices in selection.items():
+        meta, flat = metas[name], torch.as_tensor(indices, dtype=torch.long)
+        rows, cols = to_out_in(meta, flat)
+        values = params[name].detach().reshape(-1)[flat.to(params[name].device)].float().cpu()
+        channels = cols if meta.component in EMBEDDINGS else rows
+        for i, row, col, value, channel in zip(flat.tolist(), rows.tolist(), cols.tolist(),
+                                               values.tolist(), channels.tolist()):
+            records[name, i] = {"parameter": name, "row": row, "col": col, "flat_index": i,
+                                "value": value, "layer": meta.layer,
+                                "component": meta.component, "module": name.rsplit(".", 1)[0],
+                                "channel": channel}
+    return records
 
 
 def source_of(weights: list[dict], label: str) -> Source:
@@ -69,22 +79,22 @@ def short_label(w: dict) -> str:
 
 
 def from_super_weights(model, section: dict) -> list[dict]:
-    return [weight_record(model, c["parameter"], c["flat_index"])
-            for c in section.get("candidates", [])]
+    keys = [(c["parameter"], c["flat_index"]) for c in section.get("candidates", [])]
+    selection: dict[str, list[int]] = {}
+    for name, index in keys:
+        selection.setdefault(name, []).append(index)
+    records = weight_records(model, selection)
+    return [records[key] for key in keys]
 
 
-def from_top_k(model, scores, k: int, n_weights: int) -> list[dict]:
-    """The run's global top-K weights by |score|, the strongest first (at most ``n_weights``
-    of them: the single sources; the whole set is ``from_selection``)."""
+def from_top_k(model, scores, k: int) -> list[dict]:
+    """The run's global top-K weights, the largest |score| first (ties: parameter, index)."""
     chosen = top_k(scores, k, "global")
-    ranked = sorted(((float(scores[n].reshape(-1)[i].abs()), n, int(i))
-                     for n, idx in chosen.items() for i in idx), reverse=True)
-    return [weight_record(model, name, index) for _, name, index in ranked[:n_weights]]
-
-
-def selection_weights(model, scores, k: int) -> list[dict]:
-    chosen = top_k(scores, k, "global")
-    return [weight_record(model, name, int(i)) for name, idx in chosen.items() for i in idx]
+    records = weight_records(model, {n: idx.tolist() for n, idx in chosen.items()})
+    strength = {key: s for n, idx in chosen.items()
+                for key, s in zip(((n, i) for i in idx.tolist()),
+                                  scores[n].reshape(-1)[idx.to(scores[n].device)].abs().tolist())}
+    return [records[key] for key in sorted(records, key=lambda key: (-strength[key], key))]
 
 
 def sources(model, super_section: dict | None, scores, k: int,
@@ -94,9 +104,8 @@ def sources(model, super_section: dict | None, scores, k: int,
         whole = from_super_weights(model, super_section)
         weights, origin = whole[:n_weights], "super_weights"
     else:
-        weights = from_top_k(model, scores, k, n_weights)
-        origin = "top_k"
-        whole = selection_weights(model, scores, k)
+        whole = from_top_k(model, scores, k)
+        weights, origin = whole[:n_weights], "top_k"
     singles = [source_of([w], short_label(w)) for w in weights]
     if len(whole) > 1:
         return origin, singles, source_of(whole, f"all {len(whole)} weights")
