@@ -25,13 +25,18 @@
 # llama/mistral one run on $LLAMA_MODEL / $MISTRAL_MODEL (hub ids or local folders); skipped with
 #               a clear line when the model cannot be loaded here (offline, gated, not cached)
 #
+# Each phase is a bundled study file, scripts/studies/<phase>.yaml, run with the study runner
+# (python -m src.study run; src/study/): its runs are validated before any starts, scores are
+# computed once per metric and shared, and a suite cut short resumes where it stopped when it is
+# run again with the same CWA_RESULTS_DIR and CWA_SUITE_NAME.
+#
 # Environment: CWA_PYTHON (interpreter, default python), CWA_MODEL (model of the built-in phases,
 # default the built-in smollm2-135m), CWA_RESULTS_DIR (default results), CWA_DEVICE (default auto),
 # CWA_MAX_SAMPLES (calibration and evaluation blocks of the built-in phases, default 4),
-# LLAMA_MODEL (default meta-llama/Llama-3.1-8B), MISTRAL_MODEL (default mistralai/Mistral-7B-v0.1).
-# Runs go to $CWA_RESULTS_DIR/suite_<time>/<phase>/<run>/ with the console log next to each folder.
-# A run passes when the CLI exits 0 and its manifest records success. The built-in phases score
-# each metric once: the first run saves its scores, later runs of that metric use --scores-from.
+# CWA_SUITE_NAME (default suite_<time>), LLAMA_MODEL (default meta-llama/Llama-3.1-8B),
+# MISTRAL_MODEL (default mistralai/Mistral-7B-v0.1).
+# Phases go to $CWA_RESULTS_DIR/<suite>/<phase>/ (study folders: runs/<id>/, study.csv, report/)
+# with the study's console log as <phase>.log. A run passes when its manifest records success.
 set -uo pipefail
 
 PHASES="validation perturbation multi-metric faithfulness faults mediation hutchinson downstream compression llama mistral"
@@ -54,15 +59,8 @@ RESULTS_DIR="${CWA_RESULTS_DIR:-results}"
 case "$RESULTS_DIR" in /*) ;; *) RESULTS_DIR="$PWD/$RESULTS_DIR" ;; esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 2
-SUITE_DIR="$RESULTS_DIR/suite_$(date +%Y%m%d_%H%M%S)"
+SUITE_DIR="$RESULTS_DIR/${CWA_SUITE_NAME:-suite_$(date +%Y%m%d_%H%M%S)}"
 export PYTHONUNBUFFERED=1  # live progress through the tee
-
-# Small but meaningful settings for a 2-core CPU (each phase a few minutes): 64-token blocks,
-# 4 calibration and 4 evaluation blocks (252 evaluation tokens), global top-K. Raise
-# CWA_MAX_SAMPLES on a GPU.
-COMMON=(--model "$MODEL" --device "$DEVICE" --max-length 64 --max-samples "${CWA_MAX_SAMPLES:-4}"
-        --batch-size 4)
-SEEDS_20="$(seq -s, 0 19)"
 
 passed=0; failed=0; skipped=0
 failed_runs=(); skipped_runs=()
@@ -72,123 +70,38 @@ indent() {  # line by line, so progress shows as it happens
     while IFS= read -r line || [ -n "$line" ]; do printf '    %s\n' "$line"; done
 }
 
-run_case() {  # run_case PHASE NAME ARGS... : one CLI run into $SUITE_DIR/PHASE/NAME
-    local phase="$1" name="$2"; shift 2
-    local out="$SUITE_DIR/$phase/$name"
-    mkdir -p "$SUITE_DIR/$phase"
-    echo "=== [$phase] $name"
-    echo "    $PY phase1_runner_enhanced.py $* --out-dir $out"
+run_study() {  # run_study PHASE STUDY_FILE --set ... : one study into $SUITE_DIR/PHASE
+    local phase="$1" study="$2"; shift 2
+    local out="$SUITE_DIR/$phase"
+    mkdir -p "$SUITE_DIR"
+    echo "=== [$phase] $PY -m src.study run $study --out $out $*"
     local start=$SECONDS
-    "$PY" phase1_runner_enhanced.py "$@" --out-dir "$out" 2>&1 | tee "$out.log" | indent
-    local status=$?
-    if [ $status -eq 0 ] && grep -q '"success": true' "$out/experiment_manifest.json" 2>/dev/null; then
-        passed=$((passed + 1))
-        echo "--- PASS [$phase] $name ($((SECONDS - start)) s)"
-    else
-        failed=$((failed + 1))
-        failed_runs+=("$phase/$name (exit $status, log $out.log)")
-        echo "--- FAIL [$phase] $name: exit status $status ($((SECONDS - start)) s), log $out.log"
-    fi
-}
-
-# Scores are computed once per metric and suite: the first run with the COMMON settings saves
-# them (--save-scores), later runs of that metric read them (--scores-from) instead of scoring.
-declare -A SCORED_BY=()
-
-run_scored() {  # run_scored PHASE NAME METRIC ARGS... : run_case with COMMON and shared scores
-    local phase="$1" name="$2" metric="$3"; shift 3
-    local source="${SCORED_BY[$metric]:-}"
-    if [ -n "$source" ]; then
-        run_case "$phase" "$name" "${COMMON[@]}" --metric "$metric" --scores-from "$source" "$@"
+    "$PY" -m src.study run "$study" --out "$out" "$@" 2>&1 | tee "$out.log" | indent
+    local status=${PIPESTATUS[0]}
+    local done_runs other_runs
+    done_runs=$(grep -cE '^  [0-9a-f]{12}  done ' "$out.log")
+    other_runs=$(grep -cE '^  [0-9a-f]{12}  (running|failed|pending) ' "$out.log")
+    passed=$((passed + done_runs))
+    if [ "$status" -eq 0 ] && [ "$other_runs" -eq 0 ] && [ "$done_runs" -gt 0 ]; then
+        echo "--- PASS [$phase] $done_runs run(s) ($((SECONDS - start)) s)"
         return
     fi
-    run_case "$phase" "$name" "${COMMON[@]}" --metric "$metric" --save-scores "$@"
-    if grep -q '"success": true' "$SUITE_DIR/$phase/$name/experiment_manifest.json" 2>/dev/null; then
-        SCORED_BY[$metric]="$SUITE_DIR/$phase/$name"
-    fi
+    [ "$other_runs" -gt 0 ] || other_runs=1  # the study itself stopped (bad input, a crash)
+    failed=$((failed + other_runs))
+    failed_runs+=("$phase: $other_runs run(s) not done (exit $status, log $out.log)")
+    echo "--- FAIL [$phase] $done_runs done, $other_runs not done: exit status $status" \
+         "($((SECONDS - start)) s), log $out.log"
+}
+
+phase_builtin() {  # phase_builtin PHASE : its study file on the built-in phases' settings
+    run_study "$1" "scripts/studies/$1.yaml" --set "model=$MODEL" --set "device=$DEVICE" \
+        --set "max-samples=${CWA_MAX_SAMPLES:-4}"
 }
 
 skip_case() {  # skip_case PHASE NAME REASON
     skipped=$((skipped + 1))
     skipped_runs+=("$1/$2: $3")
     echo "--- SKIP [$1] $2: $3"
-}
-
-phase_validation() {
-    run_scored validation gxw_zero_k10_20seeds grad_x_weight --mode global \
-        --topk 10 --perturb zero --seeds "$SEEDS_20" --save-plots
-    run_scored validation gxw_stability_k10 grad_x_weight --mode global \
-        --topk 10 --seeds 0,1,2 --stability-check --stability-batches 3 --save-plots
-    run_scored validation random_null_k10 random --mode global --topk 10 \
-        --perturb zero --seeds "$(seq -s, 0 9)" --save-plots
-}
-
-phase_perturbation() {
-    local method
-    for method in zero sign_flip gauss_noise bit_flip; do
-        run_scored perturbation "gxw_${method}_k10" grad_x_weight \
-            --mode global --topk 10 --perturb "$method" --seeds 0,1,2 --save-plots
-    done
-    local k
-    for k in 1 100; do
-        run_scored perturbation "gxw_zero_k$k" grad_x_weight --mode global \
-            --topk "$k" --perturb zero --seeds 0,1,2 --save-plots
-    done
-}
-
-phase_multi_metric() {
-    local metric
-    for metric in grad_x_weight grad_squared act_mag magnitude random; do
-        run_scored multi-metric "${metric}_zero_k10" "$metric" \
-            --mode global --topk 10 --perturb zero --seeds 0,1,2 --save-plots
-    done
-}
-
-phase_faithfulness() {
-    run_case faithfulness all_metrics_zero "${COMMON[@]}" --metric grad_x_weight --topk 10 \
-        --mode global --perturb zero --seeds 0,1,2 --hutchinson-samples 4 --save-plots \
-        --faithfulness grad_x_weight,grad_squared,fisher_w2,hutchinson_diag,obd,act_mag,magnitude,random \
-        --faithfulness-sets 50
-}
-
-phase_faults() {
-    run_scored faults upsets_native grad_x_weight --topk 10 --fault-injection 1000 \
-        --fault-eval-samples 1 --save-plots
-    run_scored faults upsets_and_search_int8 grad_x_weight --topk 10 --bit-format int8 \
-        --fault-injection 1000 --fault-eval-samples 1 --bit-search 30 --save-plots
-}
-
-phase_mediation() {
-    run_scored mediation super_weights grad_x_weight --topk 10 --super-weights --mediation \
-        --save-plots
-}
-
-phase_hutchinson() {
-    run_case hutchinson hutchinson_zero_k10 "${COMMON[@]}" --metric hutchinson_diag \
-        --hutchinson-samples 2 --mode global --topk 10 --perturb zero --seeds 0,1,2 --save-plots
-    run_case hutchinson hutchinson_block_k10 "${COMMON[@]}" --metric hutchinson_diag \
-        --hutchinson-samples 2 --hutchinson-block --mode global --topk 10 --save-plots
-}
-
-phase_downstream() {
-    if ! "$PY" phase1_runner_enhanced.py --help 2>/dev/null | grep -q -- "--downstream-tasks"; then
-        skip_case downstream tasks "this version of phase1_runner_enhanced.py has no --downstream-tasks"
-        return
-    fi
-    run_scored downstream gxw_zero_k10_tasks grad_x_weight --mode global \
-        --topk 10 --perturb zero --seeds 0,1,2 --downstream-tasks hellaswag,lambada \
-        --task-samples 20 --save-plots
-}
-
-phase_compression() {
-    local bits metric
-    for bits in 3 4; do
-        for metric in grad_x_weight act_mag; do
-            run_scored compression "${metric}_rtn${bits}_keep100" "$metric" \
-                --mode global --topk 100 --quantize "$bits" --controls random_k --seeds 0,1,2 \
-                --save-plots
-        done
-    done
 }
 
 # Exit status of the preflight: 0 loadable, 3 not loadable here (skip), anything else: broken.
@@ -228,25 +141,15 @@ phase_hub_model() {  # phase_hub_model PHASE MODEL
         echo "--- FAIL [$phase] $model: preflight exit status $status: ${reason:0:200}"
         return
     fi
-    run_case "$phase" "$(basename "$model")_gxw_zero_k10" --model "$model" --device "$DEVICE" \
-        --max-length 128 --max-samples 4 --batch-size 2 --metric grad_x_weight --mode global \
-        --topk 10 --perturb zero --seeds 0,1,2 --save-plots
+    run_study "$phase" scripts/studies/hub-model.yaml --set "model=$model" --set "device=$DEVICE"
 }
 
 run_phase() {
     echo "##### phase $1"
     case "$1" in
-        validation) phase_validation ;;
-        perturbation) phase_perturbation ;;
-        multi-metric) phase_multi_metric ;;
-        faithfulness) phase_faithfulness ;;
-        faults) phase_faults ;;
-        mediation) phase_mediation ;;
-        hutchinson) phase_hutchinson ;;
-        downstream) phase_downstream ;;
-        compression) phase_compression ;;
         llama) phase_hub_model llama "${LLAMA_MODEL:-meta-llama/Llama-3.1-8B}" ;;
         mistral) phase_hub_model mistral "${MISTRAL_MODEL:-mistralai/Mistral-7B-v0.1}" ;;
+        *) phase_builtin "$1" ;;
     esac
 }
 
@@ -261,7 +164,7 @@ echo "##### summary: $passed passed, $failed failed, $skipped skipped ($SUITE_DI
 for item in "${failed_runs[@]+"${failed_runs[@]}"}"; do echo "  FAILED  $item"; done
 for item in "${skipped_runs[@]+"${skipped_runs[@]}"}"; do echo "  SKIPPED $item"; done
 if [ $passed -gt 0 ]; then
-    echo "report: $PY scripts/generate_research_report.py --input-dirs $SUITE_DIR" \
-         "--output $SUITE_DIR/report --format md,html"
+    echo "report of every run: $PY scripts/generate_research_report.py --input-dirs $SUITE_DIR" \
+         "--output $SUITE_DIR/report --format md,html (each phase has its own in <phase>/report/)"
 fi
 [ $failed -eq 0 ]

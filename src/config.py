@@ -21,6 +21,7 @@ from src.eval.downstream import TASKS
 from src.models.components import COMPONENTS
 from src.models.builtin import BUILTIN_NAME
 from src.models.device_map import resolve_device_map
+from src.report import tracking
 from src.options import (choice, folder, free_names, int_list, integer, integer_or_word,
                          name_list, number, option, parse_given, placed_options, text, text_file,
                          unused_options, unused_settings)
@@ -390,4 +391,4 @@ def settings_classes() -> list[type]:
     then the analyses' (src/analysis/registry.py)."""
     declared = [entry.settings for entry in (*METRICS.values(), *PERTURBATIONS.values())]
     return list(dict.fromkeys([cls for cls in declared if cls is not None] +
-                              registry.settings_classes()))
+                              registry.settings_classes() + [tracking.TrackingSettings]))

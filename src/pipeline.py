@@ -29,6 +29,7 @@ from src.eval import downstream_step, harness
 from src.eval.perplexity import evaluate
 from src.models.components import describe_parameters
 from src.models.loader import load_model
+from src.report import tracking
 from src.distributed import ranks as distributed, sharding
 from src.sensitivity import quantize, score_store
 from src.sensitivity.eligibility import (eligible_parameters, parse_layers, restriction)
@@ -71,7 +72,17 @@ def run(config: RunConfig) -> dict:
                 open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
             return run_steps_of(replace(config, out_dir=str(Path(scratch) / "run"),
                                         overwrite=False))
-    return run_steps_of(config)
+    results = run_steps_of(config)
+    tracked = config.settings(tracking.TrackingSettings)
+    if tracked.report_to != "none":
+        out_dir = Path(config.out_dir)
+        where = tracking.report(
+            tracked.report_to, out_dir, experiment=tracked.tracking_experiment,
+            location=tracked.tracking_uri or tracking.default_location(tracked.report_to,
+                                                                       out_dir.parent),
+            run_name=out_dir.name)
+        print(f"[cwa] tracked: {where}", file=sys.stderr)
+    return results
 
 
 def run_steps_of(config: RunConfig) -> dict:

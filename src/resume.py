@@ -18,7 +18,8 @@ import pandas as pd
 from src.sensitivity import score_store
 from src.sensitivity.experiment import BLOCK_FILES
 
-IGNORED_FLAGS = ("resume", "overwrite", "verbose", "quiet", "out_dir")  # may differ between the two runs
+IGNORED_FLAGS = ("resume", "overwrite", "verbose", "quiet", "out_dir", "report_to",
+                 "tracking_uri", "tracking_experiment")  # may differ between the two runs
 
 
 @dataclass

@@ -121,6 +121,33 @@ def test_report_command_parses(guide, line):
     assert report_formats(args.format)
 
 
+STUDY = "python -m src.study"
+
+
+def study_lines() -> list[tuple[str, str]]:
+    """Documented study commands of the guides and of the README."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    lines = [("README.md", line.strip()) for block in
+             re.findall(r"^```bash\n(.*?)^```", readme, re.M | re.S)
+             for line in block.splitlines() if line.strip().startswith(STUDY)]
+    return documented_lines(STUDY) + lines
+
+
+def test_guides_and_readme_document_study_commands():
+    assert {guide for guide, _ in study_lines()} >= {"README.md", "QUICK_RESEARCH_COMMANDS.md"}
+
+
+@pytest.mark.parametrize("guide, line", study_lines())
+def test_study_command_parses_and_its_study_validates(guide, line, tmp_path):
+    from src.study import spec
+    from src.study.cli import build_parser, executor_settings
+
+    args = build_parser().parse_args(_argv(line, STUDY))
+    study = spec.load(str(ROOT / args.study_file), args.set)
+    executor_settings(study, args)
+    spec.validate(study, tmp_path)
+
+
 def test_suite_commands_name_real_phases():
     lines = documented_lines(SUITE)
     assert lines

@@ -270,44 +270,47 @@ def run_suite(phase: str, tmp_path, python: str, **env) -> subprocess.CompletedP
                           text=True, timeout=1200, env=environment)
 
 
-def _wrapper(tmp_path, name: str, body: str) -> str:
-    path = tmp_path / name
-    path.write_text("#!/bin/sh\n" + body + "\n")
-    path.chmod(0o755)
-    return str(path)
-
-
 @pytest.mark.slow
-def test_suite_fails_when_a_run_fails(tmp_path):
-    failing = _wrapper(tmp_path, "failing_python", 'echo "crashed on purpose" >&2; exit 1')
-    done = run_suite("validation", tmp_path, failing)
-    assert done.returncode == 1
-    assert "summary: 0 passed, 3 failed, 0 skipped" in done.stdout
-    assert done.stdout.count("--- FAIL [validation]") == 3
-    # each run's console output is kept next to its folder
-    logs = list(tmp_path.glob("suite_*/validation/*.log"))
-    assert len(logs) == 3 and all("crashed on purpose" in p.read_text() for p in logs)
-
-
-@pytest.mark.slow
-def test_suite_exit_status_survives_the_log_pipe(tmp_path):
-    """A run that writes a successful manifest but exits 1 fails: the status of the runner, not
-    of tee, counts (set -o pipefail)."""
-    lying = _wrapper(tmp_path, "lying_python", """
-while [ $# -gt 0 ]; do [ "$1" = "--out-dir" ] && out="$2"; shift; done
-mkdir -p "$out" && echo '{"success": true}' > "$out/experiment_manifest.json"
-exit 1""")
-    done = run_suite("hutchinson", tmp_path, lying)
-    assert done.returncode == 1
+def test_suite_fails_when_its_runs_fail_and_when_a_study_is_refused(tmp_path):
+    short = tmp_path / "short_context.json"  # the phases' 64-token blocks do not fit its context
+    short.write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 1,
+                                 "n_head": 2, "n_positions": 32}))
+    done = run_suite("hutchinson", tmp_path, sys.executable, CWA_MODEL=f"random:{short}",
+                     CWA_SUITE_NAME="short")
+    assert done.returncode == 1, done.stdout[-3000:]
     assert "summary: 0 passed, 2 failed, 0 skipped" in done.stdout
+    assert "--- FAIL [hutchinson] 0 done, 2 not done" in done.stdout
+    logs = list((tmp_path / "short" / "hutchinson" / "runs").glob("*.log"))
+    assert len(logs) == 2 and all("max-length" in p.read_text() for p in logs)
+    refused = run_suite("mediation", tmp_path, sys.executable, CWA_MAX_SAMPLES="0",
+                        CWA_SUITE_NAME="refused")
+    assert refused.returncode == 1
+    assert "--max-samples must be at least 1" in refused.stdout
+    assert "summary: 0 passed, 1 failed, 0 skipped" in refused.stdout
 
 
-@pytest.mark.slow
-def test_suite_needs_a_successful_manifest_not_just_exit_0(tmp_path):
-    silent = _wrapper(tmp_path, "silent_python", "exit 0")  # exits 0, writes nothing
-    done = run_suite("hutchinson", tmp_path, silent)
-    assert done.returncode == 1
-    assert "summary: 0 passed, 2 failed, 0 skipped" in done.stdout
+SUITE_SETTINGS = ["model=smollm2-135m", "device=auto", "max-samples=4"]
+# phase -> (runs, runs that read the scores another run of the phase computed)
+SUITE_PHASES = {"validation": (3, 1), "perturbation": (6, 5), "multi-metric": (5, 0),
+                "faithfulness": (1, 0), "faults": (2, 1), "mediation": (1, 0),
+                "hutchinson": (2, 0), "downstream": (1, 0), "compression": (4, 2)}
+
+
+def test_every_bundled_study_of_the_suite_validates(tmp_path):
+    from src.study import execute, spec
+
+    script = SUITE.read_text()
+    phases = re.search(r'^PHASES="([^"]+)"', script, re.M).group(1).split()
+    assert sorted(SUITE_PHASES) == sorted(set(phases) - {"llama", "mistral"})
+    for phase, (n_runs, n_reading) in SUITE_PHASES.items():
+        study = spec.load(str(ROOT / "scripts" / "studies" / f"{phase}.yaml"), SUITE_SETTINGS)
+        spec.validate(study, tmp_path / phase)  # the real parser and validation of every run
+        assert len(study.runs) == n_runs, phase
+        assert sum(len(wave) for wave in execute.waves(study.runs)[1:]) == n_reading, phase
+    hub = spec.load(str(ROOT / "scripts" / "studies" / "hub-model.yaml"),
+                    ["model=random:tiny-llama", "device=cpu"])
+    spec.validate(hub, tmp_path / "hub")
+    assert [run.config.model for run in hub.runs] == ["random:tiny-llama"]
 
 
 @pytest.mark.slow
@@ -317,51 +320,6 @@ def test_suite_skips_hub_models_it_cannot_load(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SKIP [llama] nobody-has-this/model-xyz: cannot be loaded here" in done.stdout
     assert "summary: 0 passed, 0 failed, 1 skipped" in done.stdout
-
-
-RECORDER = """#!/bin/sh
-# Records every runner command (fields separated by \\037, commands by \\036) and writes a
-# successful manifest instead of running it; --help and the hub preflight go to {python}.
-if [ "$1" = phase1_runner_enhanced.py ] && [ "$2" != --help ]; then
-    out=
-    for arg in "$@"; do printf '%s\\037' "$arg" >> {record}; done
-    printf '\\036' >> {record}
-    while [ $# -gt 0 ]; do [ "$1" = --out-dir ] && out="$2"; shift; done
-    mkdir -p "$out" && echo '{{"success": true}}' > "$out/experiment_manifest.json"
-    exit 0
-fi
-exec {python} "$@"
-"""
-
-
-@pytest.mark.slow
-def test_every_suite_command_uses_real_flags(tmp_path):
-    from src.cli import config_from_argv
-
-    record = tmp_path / "commands"
-    wrapper = tmp_path / "recording_python"
-    wrapper.write_text(RECORDER.format(python=sys.executable, record=record))
-    wrapper.chmod(0o755)
-    done = run_suite("all", tmp_path, str(wrapper), HF_HUB_OFFLINE="1",
-                     LLAMA_MODEL="nobody-has-this/llama", MISTRAL_MODEL="nobody-has-this/mistral")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "summary: 25 passed, 0 failed, 2 skipped" in done.stdout
-    assert "SKIP [downstream]" not in done.stdout  # the runner's --help lists --downstream-tasks
-    commands = [c.split("\x1f")[1:-1] for c in record.read_text().split("\x1e") if c]
-    assert len(commands) == 25
-    saved = {}  # out-dir -> (metric, data flags) of runs that keep their scores
-    for argv in commands:  # the real parser and its validation (the recorder made each folder)
-        source = argv[argv.index("--scores-from") + 1] if "--scores-from" in argv else None
-        if source:  # the recorder wrote no scores: check the source instead of reading it
-            argv = [a for a in argv if a not in ("--scores-from", source)]
-        config = config_from_argv([*argv, "--overwrite"])
-        assert config.out_dir.startswith(str(tmp_path))
-        scored_with = (config.metric, config.model, config.max_length, config.max_samples)
-        if source:
-            assert saved[source] == scored_with, f"{config.out_dir} reuses unfitting scores"
-        elif config.save_scores:
-            saved[config.out_dir] = scored_with
-    assert sum("--scores-from" in argv for argv in commands) == 17  # 22 runs, 5 metrics
 
 
 def test_suite_rejects_unknown_phase(tmp_path):

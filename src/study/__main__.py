@@ -1,0 +1,3 @@
+from src.study.cli import main
+
+raise SystemExit(main())
