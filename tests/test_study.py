@@ -164,17 +164,18 @@ def test_a_study_killed_with_sigkill_resumes_only_unfinished_runs(tmp_path):
     spec.validate(study, folder.root)
     ids = [run.id for run in study.runs]
     deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:  # mid-way: 5 runs done and another one running
+    while time.monotonic() < deadline:  # mid-way: 5 runs done and another one in its steps
         states = [folder.state(i) for i in ids]
-        if states.count("done") >= 5 and "running" in states:
+        started = [i for i in ids if (folder.manifest(i) or {}).get("status") == "running"]
+        if states.count("done") >= 5 and started:
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
     killed.send_signal(signal.SIGKILL)
     killed.wait(timeout=60)
     _wait_until_no_run_is_running(folder, ids)
     done_before = {i for i in ids if folder.state(i) == "done"}
     cut_short = [i for i in ids if folder.has_partial_run(i)]
-    assert 5 <= len(done_before) < 12
+    assert 5 <= len(done_before) < 12 and len(cut_short) == 1
 
     # run again, by two study processes at once on the same folder
     again = [study_process("run", study_file, "--out", folder.root) for _ in range(2)]
@@ -319,3 +320,25 @@ def test_a_tracker_that_is_not_installed_is_a_clear_error(monkeypatch, capsys, t
     assert main(["--model", "random:tiny-llama", "--tracking-uri", "x", "--out-dir",
                  str(out)]) == 2
     assert "--tracking-uri has no effect without --report-to" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_torchrun_executor_runs_each_run_on_n_processes_sharded_where_asked(tmp_path):
+    document = {"name": "ranks", "base": {**TINY_RUN, "metric": "grad_x_weight", "topk": 3,
+                                          "perturb": "zero"},
+                "zip": [{"shard": False}, {"shard": True}],
+                "executor": {"kind": "torchrun", "nproc": 2}}
+    study_file = write_study(tmp_path, document)
+    assert study_main(["run", str(study_file), "--out", str(tmp_path / "ranks")]) == 0
+    study = spec.load(study_file)
+    spec.validate(study, tmp_path)
+    folder = StudyFolder(tmp_path / "ranks")
+    for run in study.runs:
+        assert "torch.distributed.run --standalone --nproc-per-node=2" in \
+            attempts(folder, run.id)[0]
+        manifest = folder.manifest(run.id)
+        assert manifest["status"] == "succeeded"
+        assert manifest["model"]["data_parallel"]["world_size"] == 2
+    plain, sharded = (pd.read_csv(folder.root / "study.csv").groupby("shard"))
+    assert plain[1]["perplexity"].to_numpy() == pytest.approx(
+        sharded[1]["perplexity"].to_numpy(), rel=1e-4)

@@ -22,6 +22,7 @@ import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -93,7 +94,7 @@ def _decide(folder: StudyFolder, run, scorer_of: dict[str, str], sharing: set[st
     scorer = scorer_of[run.id]
     if scorer != run.id and folder.state(scorer) == "done":
         argv += ["--scores-from", str(folder.run_dir(scorer))]
-        if "metric" not in run.flags:  # (else the scores would decide it, once they exist)
+        if "metric" not in run.flags:  # the default metric, said out loud (not read from them)
             argv += ["--metric", run.config.metric]
     elif run.id in sharing and not run.config.save_scores:
         argv.append("--save-scores")
@@ -122,14 +123,14 @@ def execute(root: str, run_id: str, launcher: list[str], extra: list[str] | None
         if launcher:
             with open(folder.log(run_id), "a", encoding="utf-8") as log:
                 code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                      preexec_fn=_die_with_parent).returncode
+                                      preexec_fn=die_with_parent).returncode
         else:
             code = _run_warm(argv, folder.log(run_id), env)
         write_text(folder.exit_file(run_id), f"{code}\n")
         return code
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: SIGTERM when the thread that started it (its process) dies."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -143,14 +144,22 @@ WARM_MODULES = ["src.study.warm"]
 _FORKS = None
 
 
-def _run_warm(argv: list[str], log: Path, env: dict | None) -> int:
+def start_fork_server():
+    """The fork server, started from the study's main thread (it dies with the thread that
+    starts it, and its runs with it)."""
     global _FORKS
-    import multiprocessing
+    import multiprocessing.forkserver
 
     if _FORKS is None:
         _FORKS = multiprocessing.get_context("forkserver")
         _FORKS.set_forkserver_preload(WARM_MODULES)
-    child = _FORKS.Process(target=_cli_child, args=(argv, str(log), env))
+    if threading.current_thread() is threading.main_thread():
+        multiprocessing.forkserver.ensure_running()
+    return _FORKS
+
+
+def _run_warm(argv: list[str], log: Path, env: dict | None) -> int:
+    child = start_fork_server().Process(target=_cli_child, args=(argv, str(log), env))
     child.start()
     child.join()
     return child.exitcode
@@ -158,7 +167,7 @@ def _run_warm(argv: list[str], log: Path, env: dict | None) -> int:
 
 def _cli_child(argv: list[str], log: str, env: dict | None) -> None:
     """The forked run: console into its log, dies with the fork server, the CLI's exit status."""
-    _die_with_parent()
+    die_with_parent()
     if env is not None:
         os.environ.clear()
         os.environ.update(env)
@@ -211,6 +220,8 @@ def run_local(root: str, run_ids: list[str], launcher_: list[str], extra: list[s
         for run_id in run_ids:
             one(run_id)
         return
+    if launcher_ is None:
+        start_fork_server()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for future in [pool.submit(one, run_id) for run_id in run_ids]:
             future.result()

@@ -4,7 +4,8 @@ SIGTERM and SIGHUP are turned into ``Interrupted`` (a BaseException, like the Ke
 that SIGINT raises), so that every ``finally`` runs: weights are restored, the manifest says
 ``interrupted``, the lock is released. Inside ``deferred()`` (the restore of perturbed weights)
 those signals and SIGINT are only recorded; the first one is raised when the section ends, so a
-second Ctrl-C cannot abort a restore half-way.
+second Ctrl-C cannot abort a restore half-way. Once one SIGTERM or SIGHUP has been raised, the
+next ones are ignored until ``as_exceptions`` ends: the stop they ask for is under way.
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ class Interrupted(BaseException):
 
 
 def _raise_interrupted(signum, frame):
+    # The run is stopping now: a repeated SIGTERM or SIGHUP (a supervisor that sends it again,
+    # a process group and its parent both told) must not cut that stop short.
+    for repeated in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(repeated, signal.SIG_IGN)
     raise Interrupted(signum)
 
 
