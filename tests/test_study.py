@@ -342,3 +342,28 @@ def test_the_torchrun_executor_runs_each_run_on_n_processes_sharded_where_asked(
     plain, sharded = (pd.read_csv(folder.root / "study.csv").groupby("shard"))
     assert plain[1]["perplexity"].to_numpy() == pytest.approx(
         sharded[1]["perplexity"].to_numpy(), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_reported_and_run_again_only_with_retry_failed(tmp_path, capsys):
+    short = tmp_path / "short.json"  # 16-token blocks do not fit an 8-token context
+    short.write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2,
+                                 "n_positions": 8}))
+    document = {"name": "fails", "base": {**TINY_RUN, "metric": "magnitude", "topk": 2},
+                "grid": {"model": ["random:tiny-llama", f"random:{short}"]}}
+    study_file = str(write_study(tmp_path, document))
+    out = str(tmp_path / "fails")
+    assert study_main(["run", study_file, "--out", out]) == 1
+    study = spec.load(study_file)
+    spec.validate(study, Path(out))
+    good, bad = (run.id for run in study.runs)
+    folder = StudyFolder(out)
+    assert (folder.state(good), folder.state(bad)) == ("done", "failed")
+    assert folder.last_exit(bad) == 2 and "max-length" in folder.log(bad).read_text()
+    capsys.readouterr()
+    assert study_main(["status", study_file, "--out", out]) == 1
+    assert f"{bad}  failed" in capsys.readouterr().out
+    assert study_main(["run", study_file, "--out", out]) == 1
+    assert len(attempts(folder, bad)) == 1  # a failure is not retried unasked
+    assert study_main(["run", study_file, "--out", out, "--retry-failed"]) == 1
+    assert len(attempts(folder, bad)) == 2 and len(attempts(folder, good)) == 1
