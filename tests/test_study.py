@@ -90,6 +90,30 @@ def test_corrections_cover_one_test_per_run_and_experiment():
     assert np.isnan(corrected["p_holm"].iloc[3])
 
 
+def test_compression_conditions_become_rows_with_their_kept_set_and_test():
+    from src.report.run_folder import RunFolder
+
+    baseline = {"perplexity": 10.0, "nll": 2.3, "token_accuracy": 0.4, "n_tokens": 30}
+    conditions = [{"condition": "rtn", "kept": "none", "seed": None, "perplexity": 12.0,
+                   "recovery": 0.0, "seconds": 1.5},
+                  {"condition": "rtn_keep_top_k", "kept": "top_k", "seed": None,
+                   "perplexity": 10.5, "recovery": 0.75, "delta_perplexity_ci95": [0.1, 0.9]},
+                  {"condition": "rtn_keep_random_k", "kept": "random_k", "seed": 3,
+                   "perplexity": 11.9, "recovery": 0.05}]
+    run = RunFolder(Path("x"), {}, quantization={
+        "baseline": baseline, "conditions": conditions,
+        "summary": {"top_vs_random": {"z_score": 4.0, "empirical_p_value": 0.25,
+                                      "difference": 0.7}}})
+    rows = aggregate.run_rows(run, "abc", "quantize=4", {"quantize": 4})
+    assert [(r["experiment"], r["condition"], r["selection"]) for r in rows] == [
+        ("baseline", "baseline", "baseline"), ("quantization", "rtn", "none"),
+        ("quantization", "rtn_keep_top_k", "top_k"),
+        ("quantization", "rtn_keep_random_k/seed3", "random_k")]
+    assert rows[2]["delta_perplexity_ci95_low"] == 0.1 and rows[2]["p"] == 0.25
+    assert rows[2]["recovery_difference"] == 0.7 and rows[0]["perplexity"] == 10.0
+    assert all("seconds" not in row for row in rows)  # no timing: resumed tables compare equal
+
+
 # ----------------------------------------------------------------------------- study file
 
 def test_study_file_expands_grid_zip_and_repeats_with_stable_content_ids(tmp_path):

@@ -47,10 +47,10 @@ def benjamini_hochberg(p_values) -> np.ndarray:
 def run_rows(run: RunFolder, run_id: str, label: str, varying: dict) -> list[dict]:
     head = {"run_id": run_id, "label": label, **{k: _cell(v) for k, v in varying.items()}}
     rows = []
-    if run.perturbation:
-        baseline = run.perturbation["baseline"]
+    evaluated = run.perturbation or run.quantization
+    if evaluated:
         rows.append({**head, "experiment": "baseline", "condition": "baseline",
-                     **_scalars(baseline)})
+                     "selection": "baseline", **_scalars(evaluated["baseline"])})
     for experiment, key in EXPERIMENTS:
         results = getattr(run, key)
         if not results:
@@ -59,8 +59,10 @@ def run_rows(run: RunFolder, run_id: str, label: str, varying: dict) -> list[dic
         tested = {column: test.get(field) for field, column in TEST_FIELDS.items()
                   if field in test}
         for row in results["conditions"]:
-            rows.append({**head, "experiment": experiment, "condition": _condition(row),
-                         **_scalars(row), **tested})
+            # a compression condition's selection is the set it keeps (none, top_k, random_k)
+            selection = row.get("selection", row.get("kept"))
+            rows.append({**head, **_scalars(row), "experiment": experiment,
+                         "condition": _condition(row), "selection": selection, **tested})
     return rows
 
 
@@ -98,6 +100,8 @@ def study_table(folder: StudyFolder, runs) -> pd.DataFrame:
     if table.empty:
         return table
     table = with_corrections(table)
+    if "seed" in table:  # integers with gaps (the deterministic conditions have none)
+        table["seed"] = table["seed"].astype("Int64")
     ordered = [c for c in LEADING if c in table] + [c for c in table if c not in LEADING]
     return table[ordered]
 

@@ -26,8 +26,7 @@ def tests_of(table: pd.DataFrame) -> pd.DataFrame:
     if table.empty or "p" not in table:
         return pd.DataFrame()
     tested = table.dropna(subset=["p"])
-    top = tested[tested["selection"].isin(["top_k"]) | (tested.get("kept") == "top_k")]
-    return top.drop_duplicates(["run_id", "experiment"])
+    return tested[tested["selection"] == "top_k"].drop_duplicates(["run_id", "experiment"])
 
 
 def test_rows(tests: pd.DataFrame) -> list[dict]:
@@ -44,10 +43,15 @@ def test_rows(tests: pd.DataFrame) -> list[dict]:
                       f"random-K")
         rows.append({"run": test["label"], "id": test["run_id"],
                      "experiment": test["experiment"], "effect (95% CI)": effect,
-                     "z": sig(test.get("z"), 3), "p": sig(test["p"], 3),
+                     "z": _z_text(test.get("z")), "p": sig(test["p"], 3),
                      "p Holm": sig(test["p_holm"], 3), "p BH": sig(test["p_bh"], 3),
                      f"BH < {ALPHA}": "yes" if test["p_bh"] < ALPHA else "no"})
     return rows
+
+
+def _z_text(z) -> str:
+    """A z that the run left undefined (random-K spread below what the evaluation resolves)."""
+    return sig(z, 3) if z is not None and np.isfinite(z) else "undefined"
 
 
 def axis_plot(table: pd.DataFrame, axis: str, out_stem: Path) -> list[str]:
@@ -91,7 +95,7 @@ def write_report(root: Path, name: str, axes: list[str], states: dict[str, int],
                       f"An empirical p cannot fall below 1/(draws + 1): with few random-K seeds "
                       f"no correction can reach significance.")
         doc.table(test_rows(tests))
-    if not table.empty and "selection" in table:
+    if not table.empty:
         baseline = table[table["experiment"] == "baseline"]
         if not baseline.empty:
             doc.paragraph(f"Baseline perplexity: {ppl(baseline['perplexity'].iloc[0])} "
