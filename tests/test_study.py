@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,6 +173,11 @@ def test_study_cli_bad_input_exits_2_without_traceback(tmp_path, capsys):
     assert err.startswith("error: study file") and "Traceback" not in err
     good = write_study(tmp_path, {"name": "g", "base": TINY_RUN})
     assert study_main(["run", str(good), "--executor", "nowhere"]) == 2
+    if shutil.which("sbatch") is None:
+        capsys.readouterr()
+        assert study_main(["run", str(good), "--executor", "slurm", "--out",
+                           str(tmp_path / "s")]) == 2
+        assert "the slurm executor needs Slurm" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
 
 

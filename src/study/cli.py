@@ -12,6 +12,7 @@ elsewhere, 2 on bad input, 130/143 when interrupted.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -84,6 +85,10 @@ def executor_settings(study: spec.Study, args) -> dict:
     for name in ("jobs", "nproc"):
         if int(settings.get(name, 1)) < 1:
             raise UserError(f"executor {name} must be at least 1")
+    if settings["kind"] == "slurm" and shutil.which("sbatch") is None:
+        raise UserError("the slurm executor needs Slurm (no sbatch on this machine's PATH): run "
+                        "the study from a Slurm login node, or use --executor local, torchrun or "
+                        "submitit-local")
     return settings
 
 
