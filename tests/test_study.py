@@ -383,7 +383,7 @@ def test_a_failed_run_is_reported_and_run_again_only_with_retry_failed(tmp_path,
                 "grid": {"model": ["random:tiny-llama", f"random:{short}"]}}
     study_file = str(write_study(tmp_path, document))
     out = str(tmp_path / "fails")
-    assert study_main(["run", study_file, "--out", out]) == 1
+    assert study_main(["run", study_file, "--out", out, "--jobs", "2"]) == 1  # both at once
     study = spec.load(study_file)
     spec.validate(study, Path(out))
     good, bad = (run.id for run in study.runs)
