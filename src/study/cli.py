@@ -85,11 +85,15 @@ def executor_settings(study: spec.Study, args) -> dict:
     for name in ("jobs", "nproc"):
         if int(settings.get(name, 1)) < 1:
             raise UserError(f"executor {name} must be at least 1")
+    return settings
+
+
+def check_executor_here(settings: dict) -> None:
+    """The chosen engine exists on this machine (UserError if not)."""
     if settings["kind"] == "slurm" and shutil.which("sbatch") is None:
         raise UserError("the slurm executor needs Slurm (no sbatch on this machine's PATH): run "
                         "the study from a Slurm login node, or use --executor local, torchrun or "
                         "submitit-local")
-    return settings
 
 
 def states_of(folder: StudyFolder, study: spec.Study) -> dict[str, str]:
@@ -213,6 +217,8 @@ def _main(argv) -> int:
         raise UserError(f"--out {problem}")
     folder = StudyFolder(root)
     settings = executor_settings(study, args)
+    if args.command == "run":
+        check_executor_here(settings)
     missing = tracking.missing_client(args.report_to)
     if missing:
         raise UserError(missing)
