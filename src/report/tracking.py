@@ -158,7 +158,7 @@ def _tensorboard(location, experiment, run_name, group, params, metrics, files) 
     from matplotlib.image import imread
     from torch.utils.tensorboard import SummaryWriter
 
-    log_dir = Path(location) / experiment / run_name
+    log_dir = Path(location) / experiment / run_name.replace("/", "_")  # labels may hold paths
     with SummaryWriter(log_dir=str(log_dir)) as writer:
         writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in params.items()))
         for name, value in metrics.items():
