@@ -17,7 +17,7 @@ from src.report.run_folder import RunFolder
 from src.study.state import StudyFolder
 from src.utils.io import write_text
 
-EXPERIMENTS = (("perturbation", "perturbation"), ("quantization", "quantization"))
+EXPERIMENTS = ("perturbation", "quantization")  # RunFolder attributes, named as in the table
 TEST_FIELDS = {"z_score": "z", "empirical_p_value": "p", "effect_ratio": "effect_ratio",
                "log_ppl_ratio_to_random": "log_ppl_ratio_to_random",
                "difference": "recovery_difference"}
@@ -51,8 +51,8 @@ def run_rows(run: RunFolder, run_id: str, label: str, varying: dict) -> list[dic
     if evaluated:
         rows.append({**head, "experiment": "baseline", "condition": "baseline",
                      "selection": "baseline", **_scalars(evaluated["baseline"])})
-    for experiment, key in EXPERIMENTS:
-        results = getattr(run, key)
+    for experiment in EXPERIMENTS:
+        results = getattr(run, experiment)
         if not results:
             continue
         test = (results.get("summary") or {}).get("top_vs_random") or {}

@@ -119,7 +119,7 @@ def run_study(study: spec.Study, folder: StudyFolder, settings: dict, args) -> N
     kind = settings["kind"]
     launcher = execute.launcher(kind, int(settings.get("nproc", 2 if kind == "torchrun" else 1)))
     scorer_of = execute.scorers(study.runs)
-    sharing = {s for s in scorer_of.values() if list(scorer_of.values()).count(s) > 1}
+    sharing = {scorer for scorer, n in Counter(scorer_of.values()).items() if n > 1}
     tracker = _tracker(study, folder, args)
     wanted = {"pending"} | ({"failed"} if args.retry_failed else set())
 

@@ -62,7 +62,7 @@ class StudyFolder:
         if self.lock_held(run_id) or holder(str(self.run_dir(run_id))) is not None:
             return "running"
         code = self.last_exit(run_id)
-        if code is not None and code != 0 and code not in STOPPED_FROM_OUTSIDE and code > 0:
+        if code is not None and code > 0 and code not in STOPPED_FROM_OUTSIDE:
             return "failed"
         return "pending"
 
